@@ -1,0 +1,73 @@
+"""`QuantizedTensor`: a blockwise-quantized array as a JAX pytree value.
+
+Invariant: ``dequantize(qt) ≈ original``, with the error of the code table (NF4, FP4 or bitsandbytes'
+signed dynamic 8-bit map) times each block's absmax. The layout is bitsandbytes' own, so that
+`to_bnb_state_dict` is a reshape and a rename, never a conversion:
+
+* the original tensor is flattened in C order; block ``i // blocksize`` holds element ``i`` (blocks span
+  rows);
+* 4-bit codes are packed two to a byte, the first element in the HIGH nibble; an odd count is padded
+  with one zero element;
+* 8-bit codes (``quant_type="dynamic8"``) are one byte per element;
+* ``absmax`` holds one float32 scale per block, or, when double-quantized (``compress_statistics``),
+  the uint8 codes of ``absmax - offset`` in bitsandbytes' signed dynamic map, blocks of
+  ``nested_blocksize`` (256) scaled by ``nested_absmax``.
+
+A linear layer's weight is stored in PyTorch's ``(out_features, in_features)`` layout, as bitsandbytes
+stores it, so quantized bytes are identical to a `bnb.nn.Linear4bit`'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+QuantType = Literal["nf4", "fp4", "dynamic8"]
+QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "dynamic8")
+# bitsandbytes' blocksize set for 4-bit and 8-bit blockwise quantization (functional.py asserts it).
+BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# bitsandbytes double-quantizes absmax in blocks of 256 (functional.quantize_4bit).
+NESTED_BLOCKSIZE = 256
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """A blockwise-quantized tensor: array leaves plus static metadata (see the module docstring)."""
+
+    codes: jax.Array  # uint8; 4-bit: ((numel + 1) // 2,) packed, high nibble first; 8-bit: (numel,)
+    absmax: jax.Array  # (nblocks,) float32, or uint8 when double-quantized
+    nested_absmax: jax.Array | None  # (ceil(nblocks / 256),) float32 when double-quantized, else None
+    offset: jax.Array | None  # () float32 mean of absmax when double-quantized, else None
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True))  # dtype of the original tensor
+    blocksize: int = dataclasses.field(metadata=dict(static=True))
+    quant_type: str = dataclasses.field(metadata=dict(static=True))  # one of QUANT_TYPES
+    nested_blocksize: int = dataclasses.field(default=NESTED_BLOCKSIZE, metadata=dict(static=True))
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def bits(self) -> int:
+        return 8 if self.quant_type == "dynamic8" else 4
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of storage: codes, scales and nested scales (what the frozen base costs in memory)."""
+        leaves = (self.codes, self.absmax, self.nested_absmax, self.offset)
+        return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in leaves if a is not None)
