@@ -1,0 +1,68 @@
+"""The causal-LM loss and the jitted train / eval steps. Only `nnx.LoRAParam` variables receive gradients.
+
+A batch is a dict of numpy or jax arrays, all (batch, seq):
+  input_ids       int32  token ids
+  attention_mask  int32  1 for real tokens, 0 for padding
+  loss_mask       bool   aligned to targets: loss_mask[b, t] says whether token t is predicted with loss
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def causal_lm_loss(
+    logits: jax.Array,  # (batch, seq, vocab)
+    input_ids: jax.Array,  # (batch, seq)
+    loss_mask: jax.Array,  # (batch, seq) bool, aligned to targets
+) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the masked targets, and the number of those targets.
+
+    Position t predicts token t+1, so the last logit and the first mask entry drop out (transformers'
+    `ForCausalLMLoss` shifts the same way). Computed in float32 whatever the logits' dtype.
+    """
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    n = jnp.sum(mask)
+    # max(n, 1): a batch with no target gives loss 0 rather than NaN.
+    return jnp.sum((logz - picked) * mask) / jnp.maximum(n, 1.0), n
+
+
+def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+
+@nnx.jit
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
+    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`)."""
+
+    def loss_fn(m):
+        loss, n = _forward_loss(m, batch)
+        return loss, n
+
+    # DiffState(0, LoRAParam): gradients exist for adapters only; the frozen base never gets one.
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    (loss, n), grads = grad_fn(model)
+    # optax mixes its int32 step count with floats (bias correction, schedules): keep the user's strict
+    # promotion mode for the model, but let optax's own arithmetic promote as it was written to.
+    with jax.numpy_dtype_promotion("standard"):
+        optimizer.update(model, grads)
+    return {"loss": loss, "tokens": n, "grad_norm": _global_norm(grads)}
+
+
+@nnx.jit
+def eval_step(model: nnx.Module, batch: dict) -> dict:
+    """Summed loss and target count, so eval batches of different fill combine exactly."""
+    loss, n = _forward_loss(model, batch)
+    return {"loss_sum": loss * n, "tokens": n}
+
+
+def _global_norm(grads) -> jax.Array:
+    leaves = jax.tree.leaves(grads)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))

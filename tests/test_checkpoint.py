@@ -1,0 +1,88 @@
+"""Checkpoints restore training exactly, are written atomically, and reject files that do not fit."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxlora.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from jaxlora.train.optim import OptimizerConfig, make_optimizer
+from jaxlora.train.step import train_step
+from tests.test_train_step import ToyLM, _batch
+
+
+class DropoutLM(ToyLM):
+    """ToyLM with dropout, so the model carries an RNG stream that a resume must restore."""
+
+    def __init__(self, rngs):
+        super().__init__(rngs)
+        self.drop = nnx.Dropout(0.3, rngs=rngs)
+
+    def __call__(self, ids, attention_mask=None):
+        return self.proj(self.drop(self.embed(ids)))
+
+
+def _fresh(dropout_seed=1):
+    model = DropoutLM(nnx.Rngs(params=0, dropout=dropout_seed))
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=10)), wrt=nnx.LoRAParam)
+    return model, opt
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    batches = [_batch(i) for i in range(6)]
+    model, opt = _fresh()
+    straight = [float(train_step(model, opt, b)["loss"]) for b in batches]
+
+    model, opt = _fresh()
+    resumed = [float(train_step(model, opt, b)["loss"]) for b in batches[:3]]
+    save_checkpoint(tmp_path, step=3, model=model, optimizer=opt, trainer_state={"data": {"index": 3}})
+    # Same frozen base (it is reloaded from its own checkpoint), but another dropout stream and
+    # scrambled adapters: everything training changes must come from the file.
+    model, opt = _fresh(dropout_seed=7)
+    nnx.update(model, jax.tree.map(lambda v: v + 1.0, nnx.state(model, nnx.LoRAParam)))
+    meta = load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt)
+    assert meta == {"step": 3, "data": {"index": 3}}
+    resumed += [float(train_step(model, opt, b)["loss"]) for b in batches[meta["data"]["index"]:]]
+    np.testing.assert_array_equal(np.array(resumed), np.array(straight))
+
+
+def test_save_is_atomic_and_keeps_the_newest(tmp_path, monkeypatch):
+    model, opt = _fresh()
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step=step, model=model, optimizer=opt, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000002", "checkpoint-000003"]
+
+    def boom(path):
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_checkpoint(tmp_path, step=4, model=model, optimizer=opt, write_adapter=boom)
+    # The failed save left no checkpoint-4 and did not move `latest`.
+    assert latest_checkpoint(tmp_path).name == "checkpoint-000003"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-000002", "checkpoint-000003"]
+
+
+def test_mismatched_or_corrupt_checkpoints_are_rejected(tmp_path):
+    model, opt = _fresh()
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=opt)
+
+    class Wider(DropoutLM):
+        def __init__(self, rngs):
+            super().__init__(rngs)
+            self.proj = nnx.LoRALinear(8, 17, lora_rank=3, rngs=rngs)
+
+    other = Wider(nnx.Rngs(params=0, dropout=1))
+    other_opt = nnx.Optimizer(other, make_optimizer(OptimizerConfig()), wrt=nnx.LoRAParam)
+    with pytest.raises(ValueError, match=r"lora_a has shape \(8, 2\)"):
+        load_checkpoint(path, model=other, optimizer=other_opt)
+
+    state_file = path / "train_state.safetensors"
+    data = state_file.read_bytes()
+    state_file.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_checkpoint(path, model=model, optimizer=opt)
+    os.remove(path / "trainer_state.json")
+    with pytest.raises(FileNotFoundError, match="trainer_state.json is missing"):
+        load_checkpoint(path, model=model, optimizer=opt)

@@ -1,0 +1,138 @@
+"""The train step touches adapters only, its loss is the masked causal-LM mean, the schedules equal
+transformers' formulas, and gradient accumulation averages micro-batches."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxlora.train.step import causal_lm_loss, eval_step, train_step
+
+VOCAB, D = 17, 8
+# LoRAParam subclasses Param: the frozen weights are the Params that are not LoRAParams.
+FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+class ToyLM(nnx.Module):
+    """Embedding → flax LoRA-adapted dense → logits: enough to exercise the step without the model."""
+
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
+        self.proj = nnx.LoRALinear(D, VOCAB, lora_rank=2, rngs=rngs)
+
+    def __call__(self, ids, attention_mask=None):
+        return self.proj(self.embed(ids))
+
+
+def _batch(seed, b=4, s=6):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, VOCAB, (b, s)).astype(np.int32)
+    mask = rng.random((b, s)) < 0.7
+    return {"input_ids": ids, "attention_mask": np.ones((b, s), np.int32), "loss_mask": mask}
+
+
+def test_loss_matches_hand_computation():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    ids = rng.integers(0, 7, (2, 5)).astype(np.int32)
+    mask = rng.random((2, 5)) < 0.6
+    mask[0, 3] = True
+    total, n = 0.0, 0
+    for b in range(2):
+        for t in range(1, 5):
+            if mask[b, t]:
+                lp = logits[b, t - 1] - np.log(np.sum(np.exp(logits[b, t - 1])))
+                total -= lp[ids[b, t]]
+                n += 1
+    loss, count = causal_lm_loss(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask))
+    assert int(count) == n
+    np.testing.assert_allclose(float(loss), total / n, rtol=1e-6)
+
+
+def test_train_step_moves_only_adapters_and_lowers_loss():
+    model = ToyLM(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=5e-2, max_steps=30)), wrt=nnx.LoRAParam)
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, FROZEN))
+    lora_before = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    batch = _batch(1)
+    first = float(train_step(model, opt, batch)["loss"])
+    for _ in range(29):
+        last = float(train_step(model, opt, batch)["loss"])
+    assert last < first * 0.8
+    frozen_after = jax.tree.map(np.asarray, nnx.state(model, FROZEN))
+    jax.tree.map(np.testing.assert_array_equal, frozen_before, frozen_after)
+    lora_after = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), lora_before, lora_after))
+    assert all(moved)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_schedules_equal_transformers_formulas(kind):
+    cfg = OptimizerConfig(learning_rate=1e-3, lr_scheduler_type=kind, warmup_steps=3, max_steps=10)
+    sched = make_schedule(cfg)
+    for k in range(11):
+        if k < 3:
+            want = 1e-3 * k / 3
+        else:
+            progress = (k - 3) / 7
+            want = {
+                "cosine": 1e-3 * 0.5 * (1 + math.cos(math.pi * progress)),
+                "linear": 1e-3 * (1 - progress),
+                "constant": 1e-3,
+            }[kind]
+        np.testing.assert_allclose(float(sched(k)), want, rtol=1e-5, atol=1e-12)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    # Two micro-batches with equal target counts accumulate to the update of their union.
+    full = _batch(2, b=4)
+    full["loss_mask"][:] = True
+    halves = [{k: v[:2] for k, v in full.items()}, {k: v[2:] for k, v in full.items()}]
+    cfg = dict(optim="sgd", momentum=0.0, learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=None)
+    m1 = ToyLM(nnx.Rngs(0))
+    o1 = nnx.Optimizer(m1, make_optimizer(OptimizerConfig(**cfg)), wrt=nnx.LoRAParam)
+    train_step(m1, o1, full)
+    m2 = ToyLM(nnx.Rngs(0))
+    o2 = nnx.Optimizer(m2, make_optimizer(OptimizerConfig(**cfg, gradient_accumulation_steps=2)), wrt=nnx.LoRAParam)
+    train_step(m2, o2, halves[0])
+    unchanged = jax.tree.map(np.asarray, nnx.state(m2, nnx.LoRAParam))
+    train_step(m2, o2, halves[1])
+    jax.tree.map(
+        np.testing.assert_allclose,
+        jax.tree.map(lambda x: np.asarray(x), nnx.state(m1, nnx.LoRAParam)),
+        jax.tree.map(lambda x: np.asarray(x), nnx.state(m2, nnx.LoRAParam)),
+        jax.tree.map(lambda x: 1e-6, unchanged),  # rtol
+    )
+    # The first micro-step alone must not have applied an update.
+    m3 = ToyLM(nnx.Rngs(0))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(m3, nnx.LoRAParam)), unchanged)
+
+
+def test_eval_step_sums():
+    model = ToyLM(nnx.Rngs(0))
+    batch = _batch(3)
+    out = eval_step(model, batch)
+    logits = model(jnp.asarray(batch["input_ids"]))
+    loss, n = causal_lm_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["loss_mask"]))
+    np.testing.assert_allclose(float(out["loss_sum"]), float(loss * n), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(optim="lion"), "optim='lion'"),
+        (dict(lr_scheduler_type="poly"), "lr_scheduler_type='poly'"),
+        (dict(learning_rate=0.0), "learning_rate=0.0"),
+        (dict(warmup_steps=20, max_steps=10), "warmup_steps=20"),
+        (dict(gradient_accumulation_steps=0), "gradient_accumulation_steps=0"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm=-1.0"),
+    ],
+)
+def test_bad_optimizer_config_names_the_value(kwargs, needle):
+    with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        OptimizerConfig(**kwargs)
