@@ -136,3 +136,22 @@ def test_eval_step_sums():
 def test_bad_optimizer_config_names_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle.replace("(", r"\(").replace(".", r"\.")):
         OptimizerConfig(**kwargs)
+
+
+def test_offloaded_optimizer_state_stays_on_host_and_trains_identically():
+    from jaxlora.train.step import offload_optimizer_state
+
+    batch = _batch(5)
+    cfg = OptimizerConfig(learning_rate=1e-2, max_steps=5)
+    m1 = ToyLM(nnx.Rngs(0))
+    o1 = nnx.Optimizer(m1, make_optimizer(cfg), wrt=nnx.LoRAParam)
+    plain = [float(train_step(m1, o1, batch)["loss"]) for _ in range(4)]
+    m2 = ToyLM(nnx.Rngs(0))
+    o2 = nnx.Optimizer(m2, make_optimizer(cfg), wrt=nnx.LoRAParam)
+    offload_optimizer_state(o2)
+    offloaded = [float(train_step(m2, o2, batch, offload_optimizer=True)["loss"]) for _ in range(4)]
+    np.testing.assert_array_equal(offloaded, plain)
+    kinds = {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(o2, nnx.OptState))}
+    assert kinds == {"pinned_host"}
+    # Adapters stay in device memory; only the optimizer state moved.
+    assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(m2, nnx.LoRAParam))} == {"device"}

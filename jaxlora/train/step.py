@@ -8,6 +8,8 @@ A batch is a dict of numpy or jax arrays, all (batch, seq):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -38,9 +40,13 @@ def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]
     return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 
-@nnx.jit
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict:
-    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`)."""
+@functools.partial(nnx.jit, static_argnames=("offload_optimizer",))
+def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, offload_optimizer: bool = False) -> dict:
+    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`).
+
+    offload_optimizer: the optimizer state lives in host memory between steps (see
+    `offload_optimizer_state`); it is copied to the device for the update and back after it.
+    """
 
     def loss_fn(m):
         loss, n = _forward_loss(m, batch)
@@ -51,8 +57,12 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> dict
     (loss, n), grads = grad_fn(model)
     # optax mixes its int32 step count with floats (bias correction, schedules): keep the user's strict
     # promotion mode for the model, but let optax's own arithmetic promote as it was written to.
+    if offload_optimizer:
+        _move_optimizer_state(optimizer, jax.memory.Space.Device)
     with jax.numpy_dtype_promotion("standard"):
         optimizer.update(model, grads)
+    if offload_optimizer:
+        _move_optimizer_state(optimizer, jax.memory.Space.Host)
     return {"loss": loss, "tokens": n, "grad_norm": _global_norm(grads)}
 
 
@@ -66,3 +76,24 @@ def eval_step(model: nnx.Module, batch: dict) -> dict:
 def _global_norm(grads) -> jax.Array:
     leaves = jax.tree.leaves(grads)
     return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
+
+
+def offload_optimizer_state(optimizer: nnx.Optimizer) -> None:
+    """Keep the optimizer state (Adam's two moments: 2x the adapter size in fp32) in pinned host memory.
+
+    JAX's answer to QLoRA's paged optimizers: device memory then holds only the weights and the step's
+    activations, at the price of a host<->device copy of the state every step (PCIe-bound on a GPU;
+    a copy within RAM on the CPU backend). Use with `train_step(..., offload_optimizer=True)`.
+    """
+
+    def to_host(x):
+        if not isinstance(x, jax.Array):
+            return x
+        return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+
+    nnx.update(optimizer, jax.tree.map(to_host, nnx.state(optimizer, nnx.OptState)))
+
+
+def _move_optimizer_state(optimizer: nnx.Optimizer, space) -> None:
+    state = nnx.state(optimizer, nnx.OptState)
+    nnx.update(optimizer, jax.tree.map(lambda x: jax.device_put(x, space), state))

@@ -1,0 +1,78 @@
+"""Multi-device training on JAX's own engine: a ("data", "fsdp") mesh and one partition rule.
+
+Every array of the model — dense base weights, packed quantized codes and their scales, adapters —
+is split along its largest axis that the "fsdp" size divides, or replicated when none does; the batch is
+split over both axes. jit then compiles the collectives (GSPMD): weights are all-gathered where a
+matmul needs them and gradients reduce-scattered, which is FSDP, with "data" as plain data parallelism.
+
+Multi-host: call `jax.distributed.initialize()` (coordinator address, process count and id from the
+cluster, or auto-detected on TPU / SLURM) in every process before building the mesh; `make_mesh` then
+spans all processes' devices, and each process feeds the batch rows of its own devices
+(`jax.make_array_from_process_local_data`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXES = ("data", "fsdp")
+
+
+def make_mesh(*, data: int = 1, fsdp: int | None = None, devices=None) -> Mesh:
+    """A (data, fsdp) mesh; `fsdp=None` takes all devices that `data` leaves."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data < 1:
+        raise ValueError(f"data={data} must be >= 1")
+    if fsdp is None:
+        if len(devices) % data:
+            raise ValueError(f"data={data} does not divide the {len(devices)} devices")
+        fsdp = len(devices) // data
+    if fsdp < 1 or data * fsdp > len(devices):
+        raise ValueError(f"data={data} x fsdp={fsdp} needs {data * fsdp} devices; {len(devices)} are available")
+    grid = np.array(devices[: data * fsdp]).reshape(data, fsdp)
+    return Mesh(grid, AXES)
+
+
+def param_spec(shape: tuple[int, ...], fsdp_size: int) -> PartitionSpec:
+    """Shard the largest axis that `fsdp_size` divides; replicate scalars and indivisible arrays."""
+    if fsdp_size == 1 or not shape:
+        return PartitionSpec()
+    candidates = [i for i, n in enumerate(shape) if n % fsdp_size == 0]
+    if not candidates:
+        return PartitionSpec()
+    axis = max(candidates, key=lambda i: shape[i])
+    return PartitionSpec(*[("fsdp" if i == axis else None) for i in range(len(shape))])
+
+
+def shard_model(model: nnx.Module, mesh: Mesh) -> None:
+    """Place every array of `model` (adapters, frozen base, quantized storage, RNG keys) on `mesh`."""
+    fsdp_size = mesh.shape["fsdp"]
+    state = nnx.state(model)
+
+    def place(x):
+        if not isinstance(x, jax.Array):
+            return x
+        spec = PartitionSpec() if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else param_spec(x.shape, fsdp_size)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    nnx.update(model, jax.tree.map(place, state))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Split the leading (batch) axis of every array over all mesh devices."""
+    n = math.prod(mesh.shape.values())
+    sharding = NamedSharding(mesh, PartitionSpec(AXES))
+    out = {}
+    for key, value in batch.items():
+        if value.shape[0] % n:
+            raise ValueError(
+                f"batch[{key!r}] has {value.shape[0]} rows, which the {n} devices of the mesh "
+                f"{dict(mesh.shape)} do not divide; use a batch size that is a multiple of {n}"
+            )
+        out[key] = jax.device_put(value, sharding)
+    return out
