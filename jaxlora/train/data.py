@@ -1,0 +1,151 @@
+"""The training data pipeline: JSONL -> examples -> deterministic, resumable fixed-shape batches.
+
+    config = DataConfig(path="train.jsonl", max_seq_len=512, batch_size=8)
+    data = load_data(config, tokenizer)
+    for batch, state in train_batches(data.train, config, pad_token_id=tokenizer.pad_token_id):
+        ...  # train on batch; checkpoint state.to_dict() with the weights
+    # resume: train_batches(..., start=DataState.from_dict(saved)) yields the batches that followed.
+
+Record formats, masks and bos/eos: `jaxlora.train.records`. Padding and packing: `jaxlora.train.batching`.
+Host-side numpy only; the train step moves batches to devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxlora.tokenizer import Tokenizer
+from jaxlora.train.batching import Batch, make_batch, plan_rows
+from jaxlora.train.records import FORMATS, OVERLONG, Example, Format, Overlong, load_examples
+
+# Separate random streams per purpose, so the eval split never moves with the epoch shuffles.
+_SHUFFLE, _SPLIT = 0, 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    path: str  # training JSONL file
+    max_seq_len: int  # tokens per row; at most what the model allows (its max_position_embeddings)
+    batch_size: int  # rows per batch
+    format: Format = "auto"  # "text" | "prompt_completion" | "chat"; "auto" detects from the first record
+    packing: bool = False  # lay several whole examples in a row (see batching.py for segment_ids)
+    eval_path: str | None = None  # a separate eval JSONL; excludes eval_fraction
+    eval_fraction: float = 0.0  # else hold out this fraction of the training examples, chosen by seed
+    seed: int = 0  # drives the eval split and every epoch's shuffle
+    overlong: Overlong = "error"  # an example over max_seq_len: "error", "truncate" (keep the head), "drop"
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
+        if self.format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.eval_path is not None and self.eval_fraction > 0:
+            raise ValueError("give eval_path or eval_fraction, not both")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataState:
+    """Where the training stream stands: `index` batches of epoch `epoch` have been consumed."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DataState:
+        return cls(epoch=int(d["epoch"]), index=int(d["index"]))
+
+
+class Data(NamedTuple):
+    train: list[Example]
+    eval: list[Example]  # empty when neither eval_path nor eval_fraction is set
+    dropped: int  # examples dropped by the overlong policy (or left without any target)
+
+
+def load_data(config: DataConfig, tokenizer: Tokenizer) -> Data:
+    """Read, validate and tokenize the training (and eval) JSONL; errors name the file and line."""
+    kw = dict(tokenizer=tokenizer, format=config.format, max_seq_len=config.max_seq_len, overlong=config.overlong)
+    train, dropped = load_examples(config.path, **kw)
+    evals: list[Example] = []
+    if config.eval_path is not None:
+        evals, dropped_eval = load_examples(config.eval_path, **kw)
+        dropped += dropped_eval
+    elif config.eval_fraction > 0:
+        n_eval = max(1, round(config.eval_fraction * len(train)))
+        if n_eval >= len(train):
+            raise ValueError(
+                f"{config.path}: eval_fraction={config.eval_fraction} of {len(train)} examples leaves none to train on"
+            )
+        held = np.random.default_rng([config.seed, _SPLIT, 0]).permutation(len(train))[:n_eval]
+        is_eval = np.zeros(len(train), dtype=bool)
+        is_eval[held] = True
+        evals = [ex for ex, e in zip(train, is_eval) if e]  # both splits keep file order
+        train = [ex for ex, e in zip(train, is_eval) if not e]
+    return Data(train, evals, dropped)
+
+
+def _epoch_rows(examples: Sequence[Example], config: DataConfig, epoch: int | None) -> list[list[int]]:
+    """Row plan of one epoch; `epoch=None` keeps file order (eval)."""
+    if epoch is None:
+        order = np.arange(len(examples))
+    else:
+        order = np.random.default_rng([config.seed, _SHUFFLE, epoch]).permutation(len(examples))
+    return plan_rows([len(ex.input_ids) for ex in examples], order, config.max_seq_len, config.packing)
+
+
+def batches_per_epoch(examples: Sequence[Example], config: DataConfig, epoch: int = 0) -> int:
+    """Batches in `epoch` (with packing it can vary a little between epochs, as the shuffle does)."""
+    return -(-len(_epoch_rows(examples, config, epoch)) // config.batch_size)
+
+
+def train_batches(
+    examples: Sequence[Example], config: DataConfig, *, pad_token_id: int, start: DataState = DataState()
+) -> Iterator[tuple[Batch, DataState]]:
+    """Shuffled batches, epoch after epoch, without end. Each comes with the state *after* it: save that
+    state with a checkpoint and pass it back as `start` to get exactly the batches that would have
+    followed. Each epoch is reshuffled by (seed, epoch); its last batch is topped up with empty rows."""
+    if not examples:
+        raise ValueError("no training examples")
+    if start.epoch < 0 or start.index < 0:
+        raise ValueError(f"invalid {start}")
+    epoch, first = start.epoch, start.index
+    while True:
+        rows = _epoch_rows(examples, config, epoch)
+        n = -(-len(rows) // config.batch_size)
+        if first > n:
+            raise ValueError(f"{start} is past the {n} batches of epoch {epoch}")
+        for b in range(first, n):
+            batch = make_batch(
+                rows[b * config.batch_size : (b + 1) * config.batch_size],
+                examples,
+                batch_size=config.batch_size,
+                seq_len=config.max_seq_len,
+                pad_token_id=pad_token_id,
+            )
+            yield batch, (DataState(epoch=epoch, index=b + 1) if b + 1 < n else DataState(epoch=epoch + 1))
+        epoch, first = epoch + 1, 0
+
+
+def eval_batches(examples: Sequence[Example], config: DataConfig, *, pad_token_id: int) -> Iterator[Batch]:
+    """One pass in file order (packed if `config.packing`); the last batch is topped up with empty rows."""
+    rows = _epoch_rows(examples, config, None)
+    for b in range(0, len(rows), config.batch_size):
+        yield make_batch(
+            rows[b : b + config.batch_size],
+            examples,
+            batch_size=config.batch_size,
+            seq_len=config.max_seq_len,
+            pad_token_id=pad_token_id,
+        )
