@@ -1,0 +1,199 @@
+"""The fused 4-bit dequantize-matmul kernels, run in Pallas interpret mode on CPU.
+
+Reference: the jnp path, ``x @ dequantize_4bit(qt, qt.dtype).astype(cd).T`` (what jaxlora.qmatmul
+computes). Shapes are small because the interpreter executes the grid one program at a time; tiles
+are chosen so that tile counts are odd and double-quantization blocks start mid-row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from jaxlora.kernels import nf4_matmul, nf4_matmul_t, supports
+from jaxlora.quant import codes
+from jaxlora.quant.blockwise import dequantize_4bit, quantize_4bit
+from jaxlora.quant.tensor import QuantizedTensor
+
+# (48, 384), blocksize 64: 6 blocks per row, 288 blocks, so the nested block boundary (block 256) falls
+# in the middle of row 42; block_n = 16 and block_k = 128 give 3 × 3 tiles (odd counts both ways).
+OUT, IN, BLOCKSIZE = 48, 384, 64
+TILES = dict(block_n=16, block_k=128)
+
+
+def _weight(seed: int, dtype=jnp.float32, shape=(OUT, IN)) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(dtype)
+
+
+def _quantized(double_quant: bool, quant_type: str = "nf4", dtype=jnp.float32, seed: int = 0,
+               shape=(OUT, IN), blocksize: int = BLOCKSIZE) -> QuantizedTensor:
+    return quantize_4bit(_weight(seed, dtype, shape), blocksize=blocksize, quant_type=quant_type,
+                         compress_statistics=double_quant)
+
+
+def _dense(qt: QuantizedTensor, compute_dtype) -> np.ndarray:  # (out, in)
+    return np.asarray(dequantize_4bit(qt, qt.dtype).astype(compute_dtype))
+
+
+def _matmul_tolerance(x: np.ndarray, w: np.ndarray, compute_dtype) -> np.ndarray:
+    """Elementwise bound on |kernel - reference| for y = x @ w.T.
+
+    Both sides multiply the same compute-dtype operands (bit-identical: see the identity test) and
+    accumulate in float32, in a different order (block_k tiles vs XLA's dot). Reordering a float32 sum of K terms moves it by at most ~K·2⁻²³·Σ|x·w| (the standard
+    γ_K bound; in practice ~√K smaller). A bf16 result is then rounded once more on each side, and
+    two nearby float32 sums can round to neighbouring bf16 values: one bf16 ulp, ≤ 2⁻⁷·|y|.
+    """
+    k = x.shape[-1]
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    tol = 2 * k * 2.0**-23 * mag
+    if compute_dtype == jnp.bfloat16:
+        tol = tol + 2.0**-7 * (np.abs(x.astype(np.float64) @ w.astype(np.float64).T) + tol)
+    return tol
+
+
+def _assert_close(got: jax.Array, want: np.ndarray, tol: np.ndarray) -> None:
+    err = np.abs(np.asarray(got, np.float64) - want.astype(np.float64))
+    assert np.all(err <= tol), f"max excess {np.max(err - tol)}"
+
+
+# --- the dequantized tile is bit-exact ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_identity_exposes_exact_dequantization(double_quant: bool, quant_type: str) -> None:
+    # x = I makes y = W.T exactly: each output is one product w·1 plus exact zeros, so any difference
+    # is the dequantization's (codes, nibble order, scale indexing, the nested two-rounding rule).
+    qt = _quantized(double_quant, quant_type)
+    dense = _dense(qt, jnp.float32)
+    y = nf4_matmul(jnp.eye(IN, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True, **TILES)
+    np.testing.assert_array_equal(np.asarray(y), dense.T)
+    dx = nf4_matmul_t(jnp.eye(OUT, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True,
+                      **TILES)
+    np.testing.assert_array_equal(np.asarray(dx), dense)
+
+
+def test_double_quant_rounds_twice() -> None:
+    # The test above can fail on the nested rule: a fused multiply-add (one rounding) gives other
+    # scales for some of these blocks, hence another dequantized weight.
+    qt = _quantized(double_quant=True)
+    code8 = codes.table("dynamic8")[np.asarray(qt.absmax)]
+    nested = np.asarray(qt.nested_absmax)[np.arange(qt.nblocks) // qt.nested_blocksize]
+    offset = np.asarray(qt.offset, np.float32)
+    two = (code8 * nested).astype(np.float32) + offset  # numpy float32: two roundings, no FMA
+    fused = (code8.astype(np.float64) * nested + offset).astype(np.float32)  # one rounding
+    y = nf4_matmul(jnp.eye(IN, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True, **TILES)
+    seen = np.asarray(y).T.reshape(qt.nblocks, qt.blocksize)
+    np.testing.assert_array_equal(seen, _dense_from_scales(qt, two))
+    assert np.any(seen != _dense_from_scales(qt, fused))
+
+
+def _dense_from_scales(qt: QuantizedTensor, absmax: np.ndarray) -> np.ndarray:  # (nblocks, blocksize)
+    packed = np.asarray(qt.codes)
+    code4 = np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(qt.nblocks, qt.blocksize)
+    return (codes.table(qt.quant_type)[code4] * absmax[:, None]).astype(np.float32)
+
+
+# --- the matmul equals the jnp path within the stated tolerance -----------------------------------
+
+SHAPES = [(1,), (2, 5), (3, 40)]  # decode; batch × seq padded to a row tile; several row tiles
+
+
+@pytest.mark.parametrize("lead", SHAPES)
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_forward_matches_jnp_path(lead, compute_dtype, double_quant: bool) -> None:
+    qt = _quantized(double_quant, dtype=jnp.bfloat16, seed=1)
+    x = jax.random.normal(jax.random.key(2), (*lead, IN), jnp.float32)
+    w = _dense(qt, compute_dtype)
+    xc = x.astype(compute_dtype)
+    want = np.asarray(xc @ jnp.asarray(w).T, np.float64)
+    got = nf4_matmul(x, qt, compute_dtype=compute_dtype, interpret=True, **TILES)
+    assert got.shape == (*lead, OUT) and got.dtype == compute_dtype
+    xn = np.asarray(xc.astype(jnp.float32)).reshape(-1, IN)
+    wn = w.astype(np.float32)
+    _assert_close(got.reshape(-1, OUT), want.reshape(-1, OUT), _matmul_tolerance(xn, wn, compute_dtype))
+
+
+@pytest.mark.parametrize("lead", [(1,), (3, 40)])
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_input_gradient_matches_jnp_path(lead, compute_dtype, double_quant: bool) -> None:
+    qt = _quantized(double_quant, seed=3)
+    dy = jax.random.normal(jax.random.key(4), (*lead, OUT), jnp.float32)
+    w = _dense(qt, compute_dtype)
+    dyc = dy.astype(compute_dtype)
+    want = np.asarray(dyc @ jnp.asarray(w), np.float64)
+    got = nf4_matmul_t(dy, qt, compute_dtype=compute_dtype, interpret=True, **TILES)
+    assert got.shape == (*lead, IN) and got.dtype == compute_dtype
+    dyn = np.asarray(dyc.astype(jnp.float32)).reshape(-1, OUT)
+    tol = _matmul_tolerance(dyn, w.astype(np.float32).T, compute_dtype)
+    _assert_close(got.reshape(-1, IN), want.reshape(-1, IN), tol)
+
+
+def test_default_tiles_and_blocks_wider_than_a_tile() -> None:
+    # blocksize 256 > block_k 64: one scale per tile row, shared by four tiles.
+    qt = _quantized(double_quant=True, shape=(32, 512), blocksize=256)
+    x = jax.random.normal(jax.random.key(5), (4, 512), jnp.float32)
+    for tiles in ({}, {"block_k": 64}):
+        got = nf4_matmul(x, qt, compute_dtype=jnp.float32, interpret=True, **tiles)
+        w = _dense(qt, jnp.float32)
+        _assert_close(got, np.asarray(x) @ w.T, _matmul_tolerance(np.asarray(x), w, jnp.float32))
+        dx = nf4_matmul_t(got, qt, compute_dtype=jnp.float32, interpret=True, **tiles)
+        _assert_close(dx, np.asarray(got) @ w, _matmul_tolerance(np.asarray(got), w.T, jnp.float32))
+
+
+# --- the kernels can fail --------------------------------------------------------------------------
+
+
+def test_corrupted_code_byte_changes_only_its_output() -> None:
+    qt = _quantized(double_quant=True, seed=6)
+    x = jax.random.normal(jax.random.key(7), (2, IN), jnp.float32)
+    row, byte = 37, 101  # weight row 37: output feature 37
+    flat = row * IN // 2 + byte
+    bad = QuantizedTensor(qt.codes.at[flat].set(qt.codes[flat] ^ 0x88), qt.absmax, qt.nested_absmax,
+                          qt.offset, qt.shape, qt.dtype, qt.blocksize, qt.quant_type)
+    y = np.asarray(nf4_matmul(x, qt, compute_dtype=jnp.float32, interpret=True, **TILES))
+    y_bad = np.asarray(nf4_matmul(x, bad, compute_dtype=jnp.float32, interpret=True, **TILES))
+    changed = np.any(y != y_bad, axis=0)
+    assert changed[row] and changed.sum() == 1
+
+
+# --- what the kernels do not take ------------------------------------------------------------------
+
+
+def test_supports_rejects_and_kernels_raise() -> None:
+    qt = _quantized(double_quant=False)
+    x = jnp.ones((2, IN), jnp.float32)
+    assert supports(qt, x, **TILES) and supports(qt, x)
+    narrow = _quantized(double_quant=False, shape=(24, 128))  # out 24: no power-of-two tile >= 16
+    spanning = _quantized(double_quant=False, shape=(16, 96))  # 96 % 64: blocks span rows
+    eight_bit = QuantizedTensor(qt.codes, qt.absmax, None, None, qt.shape, qt.dtype, qt.blocksize,
+                                "dynamic8")
+    cases = [
+        (narrow, jnp.ones((1, 128)), {}),
+        (spanning, jnp.ones((1, 96)), {}),
+        (eight_bit, x, {}),
+        (qt, jnp.ones((2, IN + 2)), {}),  # wrong in_features
+        (qt, x, {"block_k": 96}),  # not a power of two
+        (qt, x, {"block_n": 8}),  # below Triton's dot minimum
+        (qt, x, {"block_k": 256}),  # does not divide 384
+    ]
+    for q, xx, tiles in cases:
+        assert not supports(q, xx, **tiles)
+        with pytest.raises(ValueError, match="does not support"):
+            nf4_matmul(xx, q, interpret=True, **tiles)
+
+
+def test_lowers_to_triton_for_gpu() -> None:
+    # No GPU here: lowering for CUDA checks that the kernel stays within what Pallas' Triton lowering
+    # accepts (power-of-two tensors, gathers, inline PTX); the Triton compilation itself runs on GPU.
+    qt = _quantized(double_quant=True)
+    for fn, shape in ((nf4_matmul, (1, IN)), (nf4_matmul_t, (3, 5, OUT))):
+        lowered = jax.jit(lambda a, q: fn(a, q, compute_dtype=jnp.bfloat16)).trace(
+            jax.ShapeDtypeStruct(shape, jnp.bfloat16), qt
+        ).lower(lowering_platforms=("cuda",))
+        assert "xla.gpu.triton" in lowered.as_text()
