@@ -1,0 +1,193 @@
+"""The llama family (Llama 2/3, Mistral, Qwen2) in Flax NNX.
+
+The module tree mirrors transformers' attribute names exactly, so a checkpoint key such as
+``model.layers.3.self_attn.q_proj.weight`` is a path in this tree and PEFT ``target_modules`` names
+(``q_proj``, ``down_proj``, ...) find the same layers. Linear layers are plain `nnx.Linear` (kernel
+(in, out), the transpose of transformers' weight); attention and MLP only ever call them, so adapters
+or quantized layers can replace them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora.models import attention as attn
+from jaxlora.models.config import LlamaConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys and values of every layer in a fixed number of slots, filled left to right.
+
+    All rows share `end` (slots filled so far); `valid` marks which filled slots hold real tokens, so a
+    left-padded prompt's pads are never attended to. A row's next position is its count of valid slots.
+    """
+
+    keys: tuple[jax.Array, ...]  # per layer (batch, slots, kv_heads, head_dim)
+    values: tuple[jax.Array, ...]  # per layer (batch, slots, kv_heads, head_dim)
+    valid: jax.Array  # (batch, slots) bool
+    end: jax.Array  # () int32
+
+    @classmethod
+    def empty(cls, config: LlamaConfig, batch: int, slots: int, dtype) -> KVCache:
+        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps, self.dtype = eps, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return attn.rms_norm(x.astype(self.dtype), self.weight[...], self.eps)
+
+
+def _linear(d_in: int, d_out: int, bias: bool, config: LlamaConfig, dtype, param_dtype, rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(config.initializer_range)
+    return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=init,
+                      rngs=rngs)
+
+
+class LlamaAttention(nnx.Module):
+    def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        h, kvh, d, hidden = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
+        self.q_proj = _linear(hidden, h * d, config.qkv_bias, config, dtype, param_dtype, rngs)
+        self.k_proj = _linear(hidden, kvh * d, config.qkv_bias, config, dtype, param_dtype, rngs)
+        self.v_proj = _linear(hidden, kvh * d, config.qkv_bias, config, dtype, param_dtype, rngs)
+        self.o_proj = _linear(h * d, hidden, config.o_bias, config, dtype, param_dtype, rngs)
+        self.heads, self.kv_heads, self.head_dim = h, kvh, d
+        self.window = config.window(layer)
+
+    def __call__(self, x, cos, sin, q_slots, kv_valid, kv=None):
+        """x: (batch, seq, hidden); cos, sin: (batch, seq, head_dim); q_slots: (seq,) cache slots of x;
+        kv_valid: (batch, kv) which key slots hold tokens; kv: (cached keys, cached values, end) or None.
+        Returns the output (batch, seq, hidden) and the keys and values attended to (the updated cache)."""
+        b, t, _ = x.shape
+        q = attn.apply_rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
+        k = attn.apply_rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        if kv is not None:
+            cached_k, cached_v, end = kv
+            k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), end, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), end, axis=1)
+        mask = attn.attention_mask_matrix(q_slots, kv_valid, self.window)
+        out = attn.grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
+
+
+class LlamaMLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = _linear(hidden, inter, bias, config, dtype, param_dtype, rngs)
+        self.up_proj = _linear(hidden, inter, bias, config, dtype, param_dtype, rngs)
+        self.down_proj = _linear(inter, hidden, bias, config, dtype, param_dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (batch, seq, hidden)
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(dim=config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.self_attn = LlamaAttention(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(**norm)
+        self.post_attention_layernorm = RMSNorm(**norm)
+
+    def __call__(self, x, cos, sin, q_slots, kv_valid, kv=None):
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, kv_valid, kv)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+
+
+def _run_layer(layer, x, cos, sin, q_slots, kv_valid, kv):
+    return layer(x, cos, sin, q_slots, kv_valid, kv)
+
+
+class LlamaModel(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [LlamaDecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+             for i in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.config, self.dtype, self.remat = config, dtype, remat
+
+    def __call__(self, input_ids, attention_mask, positions, cache: KVCache | None):
+        b, t = input_ids.shape
+        x = self.embed_tokens(input_ids)
+        # The frequencies are a trace-time numpy constant, not a Variable: never trained, never saved.
+        cos, sin = attn.rope_cos_sin(positions, attn.rope_inv_freq(self.config), self.dtype)
+        new_valid = attention_mask.astype(bool)
+        if cache is None:
+            q_slots, kv_valid = jnp.arange(t, dtype=jnp.int32), new_valid
+        else:
+            q_slots = cache.end + jnp.arange(t, dtype=jnp.int32)
+            kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.end, axis=1)
+        # nnx.remat recomputes each block's activations in the backward pass instead of storing them.
+        run = nnx.remat(_run_layer) if self.remat else _run_layer
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
+            x, (k, v) = run(layer, x, cos, sin, q_slots, kv_valid, kv)
+            keys.append(k)
+            values.append(v)
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(keys), tuple(values), kv_valid, cache.end + t)
+
+
+class LlamaForCausalLM(nnx.Module):
+    """A causal language model: ``model(input_ids) -> logits`` of (batch, seq, vocab).
+
+    dtype is the compute dtype, param_dtype the storage dtype (e.g. float32 master weights with
+    bfloat16 compute). remat wraps every decoder layer in `nnx.remat` to trade compute for memory.
+    With tied embeddings there is no ``lm_head``; the logits reuse ``model.embed_tokens``.
+    """
+
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
+                 rngs: nnx.Rngs):
+        self.config = config
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else _linear(
+            config.hidden_size, config.vocab_size, False, config, dtype, param_dtype, rngs
+        )
+
+    def __call__(
+        self,
+        input_ids: jax.Array,  # (batch, seq) int
+        attention_mask: jax.Array | None = None,  # (batch, seq) 1 for tokens, 0 for padding
+        *,
+        positions: jax.Array | None = None,  # (batch, seq) int; default counts real tokens only
+        cache: KVCache | None = None,
+    ):
+        """Returns logits (batch, seq, vocab); with a `cache`, returns (logits, updated cache).
+
+        Without positions, positions count real tokens: from 0 on each row's first unpadded token, or
+        continuing from the cache's count of real tokens.
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if positions is None:
+            positions = attn.positions_from_mask(attention_mask)
+            if cache is not None:
+                positions = positions + jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
+        h, new_cache = self.model(input_ids, attention_mask, positions, cache)
+        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits if cache is None else (logits, new_cache)
+
+    def init_cache(self, batch: int, slots: int) -> KVCache:
+        """An empty KV cache of `slots` positions, in the compute dtype."""
+        return KVCache.empty(self.config, batch, slots, self.model.dtype)

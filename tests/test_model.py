@@ -1,0 +1,263 @@
+"""The llama family, its checkpoint I/O and generation, in JAX alone (parity with transformers is in
+parity_tests/test_model_parity.py)."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jaxlora.generate import generate
+from jaxlora.models.config import LlamaConfig, RopeScaling
+from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.loading import from_pretrained, save_pretrained
+
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2)
+CONFIGS = {
+    "llama": LlamaConfig(**TINY),
+    "llama3_tied": LlamaConfig(**TINY, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=RopeScaling(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16)),
+    "mistral_window": LlamaConfig(**TINY, model_type="mistral", sliding_window=3),
+    "qwen2": LlamaConfig(**TINY, model_type="qwen2"),
+}
+
+
+def make(config, seed=0, **kw):
+    # initializer_range 0.3: O(1) activations, so that wrong indexing shows in the logits.
+    return LlamaForCausalLM(dataclasses.replace(config, initializer_range=0.3), rngs=nnx.Rngs(seed), **kw)
+
+
+def tokens(shape, seed=0):
+    return jax.random.randint(jax.random.key(seed), shape, 3, TINY["vocab_size"], dtype=jnp.int32)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shapes_and_tree_names(name):
+    model = make(CONFIGS[name])
+    assert model(tokens((2, 5))).shape == (2, 5, 128)
+    assert model.model.layers[1].self_attn.q_proj.kernel.shape == (32, 32)  # (in, out)
+    assert model.model.layers[1].self_attn.k_proj.kernel.shape == (32, 16)  # 2 kv heads of 8
+    assert (model.lm_head is None) == CONFIGS[name].tie_word_embeddings
+    assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (name == "qwen2")
+    assert model.model.layers[0].self_attn.o_proj.bias is None
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_kv_cache_decoding_equals_full_forward(name):
+    """Prefill 5 left-padded tokens, decode 4 one at a time: the same logits as one padded forward."""
+    model = make(CONFIGS[name])
+    ids = tokens((2, 9))
+    mask = jnp.ones((2, 9), jnp.int32).at[0, :2].set(0)  # row 0 has two pads on the left
+    full = model(ids, mask)
+    logits, cache = model(ids[:, :5], mask[:, :5], cache=model.init_cache(2, 12))
+    steps = [logits]
+    for t in range(5, 9):
+        logits, cache = model(ids[:, t:t + 1], mask[:, t:t + 1], cache=cache)
+        steps.append(logits)
+    real = np.asarray(mask, bool)
+    assert rel_err(jnp.concatenate(steps, axis=1)[real], full[real]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])  # not a window: transformers counts pads in it
+def test_left_padding_does_not_change_logits(name):
+    model = make(CONFIGS[name])
+    ids = tokens((1, 6))
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), ids], axis=1)
+    mask = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 6), jnp.int32)], axis=1)
+    assert rel_err(model(padded, mask)[:, 3:], model(ids)) < 1e-5
+
+
+def test_sliding_window_limits_attention():
+    """With window 3 the first token cannot influence position 3 onward; without a window it does."""
+    ids = tokens((1, 6))
+    changed = ids.at[0, 0].set(ids[0, 0] + 1)
+    windowed = make(CONFIGS["mistral_window"])
+    delta = np.abs(np.asarray(windowed(ids) - windowed(changed))).max(axis=-1)[0]
+    # 2 layers of window 3 reach back 4 positions; position 5 is out of reach of position 0.
+    assert delta[0] > 0 and delta[5] == 0
+    full = make(CONFIGS["llama"])
+    assert np.abs(np.asarray(full(ids) - full(changed)))[0, 5].max() > 0
+
+
+def test_remat_gives_same_output_and_grads():
+    ids = tokens((2, 6))
+    plain, remat = make(CONFIGS["qwen2"]), make(CONFIGS["qwen2"], remat=True)
+
+    def loss(m):
+        return jnp.mean(m(ids) ** 2)
+
+    assert np.array_equal(plain(ids), remat(ids))
+    g1, g2 = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert rel_err(a, b) < 1e-6
+
+
+def test_dtype_policy():
+    """float32 storage with bfloat16 compute: bfloat16 logits, float32 params, within bf16 rounding."""
+    ids = tokens((2, 6))
+    fp32 = make(CONFIGS["llama"])
+    mixed = make(CONFIGS["llama"], dtype=jnp.bfloat16)
+    assert mixed.model.layers[0].mlp.up_proj.kernel.dtype == jnp.float32
+    assert mixed(ids).dtype == jnp.bfloat16
+    # bf16 keeps 8 bits of mantissa (2^-8 ~ 0.4%); through 2 layers the logits drift a few of those.
+    assert rel_err(mixed(ids), fp32(ids)) < 5e-2
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_save_load_round_trip(tmp_path, name):
+    model = make(CONFIGS[name])
+    save_pretrained(model, tmp_path / "ckpt")
+    loaded = from_pretrained(tmp_path / "ckpt")
+    assert loaded.config == model.config
+    ids = tokens((2, 5))
+    assert np.array_equal(loaded(ids), model(ids))
+    keys = set(load_file(tmp_path / "ckpt" / "model.safetensors"))
+    assert ("lm_head.weight" in keys) != CONFIGS[name].tie_word_embeddings
+    assert "model.layers.1.self_attn.q_proj.weight" in keys
+    # Saving again into the existing directory replaces the files (no stale index is left to shadow them).
+    save_pretrained(model, tmp_path / "ckpt", dtype=jnp.bfloat16)
+    assert from_pretrained(tmp_path / "ckpt").model.norm.weight.dtype == jnp.float32
+    assert load_file(tmp_path / "ckpt" / "model.safetensors")["model.norm.weight"].dtype.name == "bfloat16"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+
+
+def test_sharded_checkpoint(tmp_path):
+    model = make(CONFIGS["llama"])
+    save_pretrained(model, tmp_path / "one")
+    tensors = load_file(tmp_path / "one" / "model.safetensors")
+    shard = tmp_path / "sharded"
+    shard.mkdir()
+    (shard / "config.json").write_text((tmp_path / "one" / "config.json").read_text())
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in parts.items():
+        save_file({k: tensors[k] for k in keys}, shard / file)
+    weight_map = {k: f for f, keys in parts.items() for k in keys}
+    (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = tokens((1, 4))
+    assert np.array_equal(from_pretrained(shard)(ids), model(ids))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    save_pretrained(make(CONFIGS["llama"]), tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def rewrite(path, change):
+    tensors = load_file(path / "model.safetensors")
+    change(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_error_no_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        from_pretrained(tmp_path / "absent")
+
+
+def test_error_unsupported_model_type(saved):
+    config = json.loads((saved / "config.json").read_text()) | {"model_type": "gpt2"}
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="'gpt2'.*supported: llama, mistral, qwen2"):
+        from_pretrained(saved)
+
+
+def test_error_unsupported_rope(saved):
+    config = json.loads((saved / "config.json").read_text()) | {"rope_scaling": {"type": "yarn", "factor": 4.0}}
+    (saved / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rope"):
+        from_pretrained(saved)
+
+
+def test_error_missing_tensor(saved):
+    rewrite(saved, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(ValueError, match="missing.*model.layers.1.mlp.down_proj.weight"):
+        from_pretrained(saved)
+
+
+def test_error_extra_tensor(saved):
+    rewrite(saved, lambda t: t.update({"model.layers.2.mlp.down_proj.weight": np.ones((2, 2), np.float32)}))
+    with pytest.raises(ValueError, match="unexpected.*model.layers.2.mlp.down_proj.weight"):
+        from_pretrained(saved)
+
+
+def test_error_misshaped_tensor(saved):
+    rewrite(saved, lambda t: t.update({"model.norm.weight": np.ones((31,), np.float32)}))
+    with pytest.raises(ValueError, match=r"model.norm.weight.*\(31,\).*\(32,\)"):
+        from_pretrained(saved)
+
+
+def test_error_integer_dtype(saved):
+    rewrite(saved, lambda t: t.update({"model.norm.weight": np.ones((32,), np.int32)}))
+    with pytest.raises(ValueError, match="model.norm.weight.*I32"):
+        from_pretrained(saved)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header"])
+def test_error_corrupt_file(saved, damage):
+    file = saved / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:-100] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
+    with pytest.raises(ValueError, match="model.safetensors.*corrupt or truncated"):
+        from_pretrained(saved)
+
+
+def test_quantization_seam_is_explicit(saved):
+    with pytest.raises(NotImplementedError, match="loading.py"):
+        from_pretrained(saved, quantization="nf4")
+
+
+def test_config_reads_both_rope_formats():
+    base = dict(model_type="llama", **TINY)
+    v4 = LlamaConfig.from_hf_dict(base | {"rope_theta": 5e5, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}})
+    v5 = LlamaConfig.from_hf_dict(base | {"rope_parameters": {
+        "rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}})
+    assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling.rope_type == "llama3"
+    assert LlamaConfig.from_hf_dict(base | {"rope_scaling": None}).rope_scaling is None
+    assert LlamaConfig.from_hf_dict(v4.to_hf_dict()) == v4
+
+
+def test_generate_greedy_matches_argmax_loop():
+    model = make(CONFIGS["mistral_window"])
+    ids = tokens((2, 4))
+    mask = jnp.ones((2, 4), jnp.int32).at[1, 0].set(0)
+    out = generate(model, ids, attention_mask=mask, max_new_tokens=5)
+    seq, m = ids, mask
+    for _ in range(5):  # no cache: the full forward on the growing sequence
+        nxt = jnp.argmax(model(seq, m)[:, -1], axis=-1).astype(jnp.int32)
+        seq, m = jnp.concatenate([seq, nxt[:, None]], 1), jnp.concatenate([m, jnp.ones((2, 1), jnp.int32)], 1)
+    assert np.array_equal(out, seq)
+
+
+def test_generate_eos_and_sampling():
+    model = make(CONFIGS["llama"])
+    ids = tokens((2, 4))
+    greedy = generate(model, ids, max_new_tokens=6)
+    eos = int(greedy[0, 5])  # row 0's second new token
+    assert eos != int(greedy[0, 4])
+    out = generate(model, ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    assert np.array_equal(out[0, :6], greedy[0, :6]) and np.all(out[0, 6:] == 0)
+    # top_p this small keeps only the most likely token: sampling becomes greedy.
+    nucleus = generate(model, ids, max_new_tokens=6, temperature=1.0, top_p=1e-6, rng=jax.random.key(0))
+    assert np.array_equal(nucleus, greedy)
+    a = generate(model, ids, max_new_tokens=6, temperature=1.0, rng=jax.random.key(1))
+    assert np.array_equal(a, generate(model, ids, max_new_tokens=6, temperature=1.0, rng=jax.random.key(1)))
+    with pytest.raises(ValueError, match="rng"):
+        generate(model, ids, max_new_tokens=2, temperature=1.0)
