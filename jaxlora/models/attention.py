@@ -67,18 +67,21 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 def attention_mask_matrix(
-    q_slots: jax.Array, kv_valid: jax.Array, window: int | None
+    q_slots: jax.Array, q_segments: jax.Array, kv_segments: jax.Array, window: int | None
 ) -> jax.Array:  # (batch, 1, 1, q, kv) bool
-    """Which key slots each query slot may see: valid, not in the future, inside the sliding window.
+    """Which key slots each query slot may see: same segment, not in the future, inside the window.
 
-    q_slots: (q,) int32 cache slots of the queries; kv_valid: (batch, kv) bool. Slots count padding,
-    as transformers' sliding_window_overlay counts cache indices, so a window covers the same keys.
+    q_slots: (q,) int32 cache slots of the queries; q_segments: (batch, q) and kv_segments: (batch, kv)
+    int32 segment ids, 0 on padding. An unpacked row is the single segment 1 (its attention mask); a
+    packed row numbers its examples 1, 2, ..., so no example sees another. Slots count padding, as
+    transformers' sliding_window_overlay counts cache indices, so a window covers the same keys.
     """
-    kv_slots = jnp.arange(kv_valid.shape[-1], dtype=jnp.int32)
+    kv_slots = jnp.arange(kv_segments.shape[-1], dtype=jnp.int32)
     allowed = kv_slots[None, :] <= q_slots[:, None]  # (q, kv)
     if window is not None:
         allowed = allowed & (kv_slots[None, :] > q_slots[:, None] - window)
-    return allowed[None, None, None, :, :] & kv_valid[:, None, None, None, :]
+    same = (q_segments[:, :, None] == kv_segments[:, None, :]) & (kv_segments[:, None, :] != 0)  # (batch, q, kv)
+    return allowed[None, None, None, :, :] & same[:, None, None, :, :]
 
 
 def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

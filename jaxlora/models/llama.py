@@ -65,9 +65,10 @@ class LlamaAttention(nnx.Module):
         self.heads, self.kv_heads, self.head_dim = h, kvh, d
         self.window = config.window(layer)
 
-    def __call__(self, x, cos, sin, q_slots, kv_valid, kv=None):
+    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None):
         """x: (batch, seq, hidden); cos, sin: (batch, seq, head_dim); q_slots: (seq,) cache slots of x;
-        kv_valid: (batch, kv) which key slots hold tokens; kv: (cached keys, cached values, end) or None.
+        q_segments (batch, seq) / kv_segments (batch, kv): segment ids of queries and key slots, 0 on
+        padding (see attention_mask_matrix); kv: (cached keys, cached values, end) or None.
         Returns the output (batch, seq, hidden) and the keys and values attended to (the updated cache)."""
         b, t, _ = x.shape
         q = attn.apply_rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
@@ -77,7 +78,7 @@ class LlamaAttention(nnx.Module):
             cached_k, cached_v, end = kv
             k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), end, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), end, axis=1)
-        mask = attn.attention_mask_matrix(q_slots, kv_valid, self.window)
+        mask = attn.attention_mask_matrix(q_slots, q_segments, kv_segments, self.window)
         out = attn.grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
 
@@ -101,14 +102,14 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(**norm)
         self.post_attention_layernorm = RMSNorm(**norm)
 
-    def __call__(self, x, cos, sin, q_slots, kv_valid, kv=None):
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, kv_valid, kv)
+    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None):
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, q_segments, kv_segments, kv)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
-def _run_layer(layer, x, cos, sin, q_slots, kv_valid, kv):
-    return layer(x, cos, sin, q_slots, kv_valid, kv)
+def _run_layer(layer, x, cos, sin, q_slots, q_segments, kv_segments, kv):
+    return layer(x, cos, sin, q_slots, q_segments, kv_segments, kv)
 
 
 class LlamaModel(nnx.Module):
@@ -124,23 +125,25 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.config, self.dtype, self.remat = config, dtype, remat
 
-    def __call__(self, input_ids, attention_mask, positions, cache: KVCache | None):
+    def __call__(self, input_ids, segment_ids, positions, cache: KVCache | None):
         b, t = input_ids.shape
         x = self.embed_tokens(input_ids)
         # The frequencies are a trace-time numpy constant, not a Variable: never trained, never saved.
         cos, sin = attn.rope_cos_sin(positions, attn.rope_inv_freq(self.config), self.dtype)
-        new_valid = attention_mask.astype(bool)
         if cache is None:
-            q_slots, kv_valid = jnp.arange(t, dtype=jnp.int32), new_valid
-        else:
+            q_slots, kv_segments = jnp.arange(t, dtype=jnp.int32), segment_ids
+        else:  # a cache holds one segment per row: its valid slots are segment 1
             q_slots = cache.end + jnp.arange(t, dtype=jnp.int32)
-            kv_valid = jax.lax.dynamic_update_slice_in_dim(cache.valid, new_valid, cache.end, axis=1)
+            kv_segments = jax.lax.dynamic_update_slice_in_dim(
+                cache.valid.astype(jnp.int32), segment_ids, cache.end, axis=1
+            )
+        kv_valid = kv_segments != 0
         # nnx.remat recomputes each block's activations in the backward pass instead of storing them.
         run = nnx.remat(_run_layer) if self.remat else _run_layer
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
-            x, (k, v) = run(layer, x, cos, sin, q_slots, kv_valid, kv)
+            x, (k, v) = run(layer, x, cos, sin, q_slots, segment_ids, kv_segments, kv)
             keys.append(k)
             values.append(v)
         x = self.norm(x)
@@ -171,20 +174,26 @@ class LlamaForCausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,  # (batch, seq) 1 for tokens, 0 for padding
         *,
         positions: jax.Array | None = None,  # (batch, seq) int; default counts real tokens only
+        segment_ids: jax.Array | None = None,  # (batch, seq) int; packed rows: 1, 2, ... per example, 0 on padding
         cache: KVCache | None = None,
     ):
         """Returns logits (batch, seq, vocab); with a `cache`, returns (logits, updated cache).
 
         Without positions, positions count real tokens: from 0 on each row's first unpadded token, or
-        continuing from the cache's count of real tokens.
+        continuing from the cache's count of real tokens. With segment_ids (sequence packing, no cache),
+        a token attends only to earlier tokens of its own segment; pass the per-example `positions` too.
         """
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        if segment_ids is None:
+            segment_ids = attention_mask.astype(jnp.int32)
+        elif cache is not None:
+            raise ValueError("segment_ids (sequence packing) is for training; it cannot be combined with a cache")
         if positions is None:
             positions = attn.positions_from_mask(attention_mask)
             if cache is not None:
                 positions = positions + jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
-        h, new_cache = self.model(input_ids, attention_mask, positions, cache)
+        h, new_cache = self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache)
         logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
         return logits if cache is None else (logits, new_cache)
 

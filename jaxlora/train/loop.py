@@ -58,7 +58,7 @@ def evaluate(model: nnx.Module, examples, data_cfg: DataConfig, *, pad_token_id:
     model.eval()
     try:
         for batch in eval_batches(examples, data_cfg, pad_token_id=pad_token_id):
-            out = eval_step(model, _device_batch(batch, mesh))
+            out = eval_step(model, _device_batch(batch, mesh, data_cfg.packing))
             total += float(out["loss_sum"])
             count += float(out["tokens"])
     finally:
@@ -130,7 +130,7 @@ def train(
         for _ in range(accum):
             batch, data_state = next(stream)
             tokens += int(np.sum(batch.attention_mask))
-            res = train_step(model, optimizer, _device_batch(batch, mesh), offload_optimizer=train_cfg.offload_optimizer)
+            res = train_step(model, optimizer, _device_batch(batch, mesh, data_cfg.packing), offload_optimizer=train_cfg.offload_optimizer)
             losses.append(float(res["loss"]))
         step += 1
         loss = float(np.mean(losses))
@@ -214,8 +214,10 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     return png
 
 
-def _device_batch(batch, mesh) -> dict:
+def _device_batch(batch, mesh, packing: bool = False) -> dict:
     arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
+    if packing:  # several examples per row: the model must keep them apart
+        arrays.update(positions=batch.positions, segment_ids=batch.segment_ids)
     return shard_batch(arrays, mesh) if mesh is not None else arrays
 
 

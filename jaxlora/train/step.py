@@ -4,6 +4,8 @@ A batch is a dict of numpy or jax arrays, all (batch, seq):
   input_ids       int32  token ids
   attention_mask  int32  1 for real tokens, 0 for padding
   loss_mask       bool   aligned to targets: loss_mask[b, t] says whether token t is predicted with loss
+and, for packed rows only, `positions` and `segment_ids` (see jaxlora.train.batching), which are passed
+on to the model.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def causal_lm_loss(
 
 
 def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    packing = {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **packing)
     return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 
