@@ -1,0 +1,108 @@
+"""`LoRAAdapter`: one named adapter's trainable state -- A, B, DoRA's magnitude -- and its settings.
+
+A `LoRALinear` holds several of these in an ``nnx.Dict``; each is a module, not a dict of settings.
+Weights are ``nnx.LoRAParam`` (float32 by default, as PEFT keeps them), so
+``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` moves them and nothing else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora import lora
+
+
+class DoraNorm(nnx.Variable):
+    """The weight norm DoRA used when merging; unmerging divides by the same norm. Not trainable."""
+
+
+class LoRAAdapter(nnx.Module):
+    """Adapter ``scale * (dropout(x) @ lora_a) @ lora_b``; lora_a ``(in, r)``, lora_b ``(r, out)``."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: lora.InitLoraWeights = True,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        lora.check_rank(r, in_features, out_features)
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
+        if init_lora_weights not in (True, False, "gaussian", "pissa", "loftq"):
+            raise ValueError(
+                f"init_lora_weights={init_lora_weights!r}; expected True, False, 'gaussian', 'pissa' or 'loftq'"
+            )
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.lora_alpha, self.use_rslora, self.use_dora = lora_alpha, use_rslora, use_dora
+        self.scaling = lora.scaling(r, lora_alpha, use_rslora=use_rslora)
+        # PiSSA / LoftQ draw nothing: the layer overwrites A and B from the base weight (`set_weights`).
+        random_init = init_lora_weights if init_lora_weights in (True, False, "gaussian") else True
+        self.lora_a = nnx.LoRAParam(lora.init_a(rngs.params(), in_features, r, random_init, param_dtype))
+        self.lora_b = nnx.LoRAParam(lora.init_b(rngs.params(), r, out_features, random_init, param_dtype))
+        self.magnitude = nnx.data(None)  # DoRA's m (out,); set by the layer from the base weight (`init_dora`)
+        self.dora_norm = nnx.data(None)
+        self.dropout = nnx.data(nnx.Dropout(lora_dropout, rngs=rngs) if lora_dropout > 0 else None)
+
+    @property
+    def dtype(self):
+        return self.lora_a.value.dtype
+
+    def init_dora(self, kernel: jax.Array) -> None:
+        """m = ||W + scale * A B|| per output feature, from the base kernel ``(in, out)`` (PEFT's init)."""
+        norm = lora.dora_weight_norm(kernel, self.lora_a.value, self.lora_b.value, self.scaling)
+        self.magnitude = nnx.LoRAParam(norm)
+
+    def dropped(self, x: jax.Array) -> jax.Array:
+        """x cast to the adapter dtype (PEFT's ``_cast_input_dtype``), then dropout (train mode only)."""
+        x = x.astype(self.dtype)
+        return x if self.dropout is None else self.dropout(x)
+
+    def dropout_active(self) -> bool:
+        return self.dropout is not None and not self.dropout.deterministic
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The LoRA delta ``(..., out)`` in the adapter dtype; x ``(..., in)``."""
+        return lora.delta(self.dropped(x), self.lora_a.value, self.lora_b.value, self.scaling)
+
+    def delta_weight(self) -> jax.Array:
+        return lora.delta_weight(self.lora_a.value, self.lora_b.value, self.scaling)  # (in, out)
+
+    def set_weights(self, a: jax.Array, b: jax.Array) -> None:
+        """Replace A ``(in, r)`` and B ``(r, out)``, checking shapes; kept in the adapter dtype."""
+        for name, new, old in (("lora_a", a, self.lora_a.value), ("lora_b", b, self.lora_b.value)):
+            if new.shape != old.shape:
+                raise ValueError(f"{name} has shape {new.shape}, expected {old.shape}")
+        self.lora_a.value = jnp.asarray(a, self.dtype)
+        self.lora_b.value = jnp.asarray(b, self.dtype)
+
+    # PEFT layout: lora_A.weight (r, in), lora_B.weight (out, r), lora_magnitude_vector (out,).
+
+    def to_peft(self) -> dict[str, jax.Array]:
+        out = {"lora_A.weight": self.lora_a.value.T, "lora_B.weight": self.lora_b.value.T}
+        if self.magnitude is not None:
+            out["lora_magnitude_vector"] = self.magnitude.value
+        return out
+
+    def load_peft(self, tensors: dict[str, jax.Array]) -> None:
+        """Load ``{"lora_A.weight", "lora_B.weight"[, "lora_magnitude_vector"]}`` in PEFT layout."""
+        expected = {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
+        if self.use_dora:
+            expected["lora_magnitude_vector"] = (self.out_features,)
+        if set(tensors) != set(expected):
+            raise ValueError(f"adapter tensors {sorted(tensors)} do not match the expected {sorted(expected)}")
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}")
+        self.set_weights(jnp.asarray(tensors["lora_A.weight"]).T, jnp.asarray(tensors["lora_B.weight"]).T)
+        if self.use_dora:
+            self.magnitude = nnx.LoRAParam(jnp.asarray(tensors["lora_magnitude_vector"], self.dtype))

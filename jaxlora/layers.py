@@ -1,0 +1,279 @@
+"""NNX layers: `LoRALinear` / `QLoRALinear`, a frozen base plus named adapters.
+
+Trainability is a type: adapter weights are ``nnx.LoRAParam``; a quantized base (`QuantizedLinear`,
+jaxlora/qlinear.py) stores `QuantizedWeight` / `FrozenBias`, neither an ``nnx.Param``. A dense base stays
+the user's ``nnx.Linear`` (its kernel an ``nnx.Param``), so train with ``wrt=nnx.LoRAParam``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora import lora
+from jaxlora.adapter import DoraNorm, LoRAAdapter
+from jaxlora.qlinear import QuantizedLinear, quantize_weight
+from jaxlora.qmatmul import dequantize
+
+
+Base = nnx.Linear | QuantizedLinear
+
+
+def _kernel(base: Base, dtype) -> jax.Array:
+    """The base weight as a dense kernel ``(in, out)``."""
+    if isinstance(base, QuantizedLinear):
+        return base.dequantize(base.weight.value.dtype).astype(dtype).T
+    return base.kernel.value.astype(dtype)
+
+
+def _set_kernel(base: Base, kernel: jax.Array) -> None:
+    if isinstance(base, QuantizedLinear):
+        base.requantize(kernel.T)
+    else:
+        base.kernel.value = kernel.astype(base.kernel.value.dtype)
+
+
+def _bias(base: Base) -> jax.Array | None:
+    return None if base.bias is None else base.bias.value
+
+
+class LoRALinear(nnx.Module):
+    """A frozen linear base plus named LoRA adapters; one active at a time.
+
+    ``y = base(x) + scale * (dropout(x) @ A) @ B`` (DoRA rescales per output feature). Knobs are named
+    as PEFT's ``LoraConfig``. The sum is formed in the promoted dtype of the base output and the adapter
+    (float32) and cast back to the base output's dtype, as PEFT's ``lora.Linear``.
+    """
+
+    def __init__(self, base: Base, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, use_dora: bool = False, init_lora_weights: lora.InitLoraWeights = True,
+                 loftq_iter: int = 1, adapter_name: str = "default", param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.base = base
+        self.adapters = nnx.Dict()
+        self.active_adapter: str | None = adapter_name
+        self.disabled = False
+        self.merged_adapters: tuple[str, ...] = ()
+        self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
+                         loftq_iter=loftq_iter, param_dtype=param_dtype, rngs=rngs)
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    # --- adapters -------------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, use_dora: bool = False,
+                    init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
+                    param_dtype=jnp.float32, rngs: nnx.Rngs) -> LoRAAdapter:
+        """Add an adapter (not activated, as PEFT; the constructor's first one is). PiSSA and LoftQ
+        rewrite the base weight and need it dense: for a quantized base use `QLoRALinear`."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists")
+        adapter = LoRAAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
+                              lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+                              init_lora_weights=init_lora_weights, param_dtype=param_dtype, rngs=rngs)
+        if init_lora_weights in ("pissa", "loftq"):
+            if not isinstance(self.base, nnx.Linear):
+                raise ValueError(f"init_lora_weights={init_lora_weights!r} needs the dense weight; build the "
+                                 "layer with QLoRALinear(dense_linear, ...), which quantizes after the init")
+            kernel = self.base.kernel.value
+            if init_lora_weights == "pissa":
+                a, b, kernel = lora.pissa(kernel, r, adapter.scaling)
+            else:  # PEFT's LoftQ quantizes with NF4, blocksize 64, no double quantization
+                def quantize(w, dtype=kernel.dtype):
+                    return quantize_weight(w.astype(dtype), quant_type="nf4", blocksize=64, double_quant=False)
+
+                qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
+                kernel = dequantize(qt, jnp.float32).T.astype(kernel.dtype)
+            self.base.kernel.value = kernel
+            adapter.set_weights(a, b)
+        if use_dora:
+            adapter.init_dora(_kernel(self.base, adapter.dtype))
+        self.adapters[name] = adapter
+        return adapter
+
+    def _adapter(self, name: str) -> LoRAAdapter:
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.adapters)}")
+        return self.adapters[name]
+
+    def set_adapter(self, name: str) -> None:
+        self._adapter(name)
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged; unmerge before switching")
+        self.active_adapter = name
+
+    def disable_adapter_layers(self) -> None:
+        """Base output only. Unmerges first, as PEFT does."""
+        if self.merged_adapters:
+            self.unmerge()
+        self.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        self.disabled = False
+
+    def delete_adapter(self, name: str) -> None:
+        self._adapter(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
+        del self.adapters[name]
+        if self.active_adapter == name:  # PEFT activates the first remaining adapter
+            self.active_adapter = next(iter(self.adapters), None)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: lora.CombinationType = "svd", svd_rank: int | None = None) -> None:
+        """PEFT's ``add_weighted_adapter`` ("linear" or "svd"): a new adapter, scale 1 (r = lora_alpha)."""
+        sources = [self._adapter(n) for n in adapters]
+        if any(s.use_dora for s in sources):
+            raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
+        triples = [(s.lora_a.value, s.lora_b.value, s.scaling) for s in sources]
+        if combination_type == "linear" or len(adapters) == 1:  # PEFT: one adapter always combines linearly
+            a, b = lora.combine_linear(triples, weights)
+        elif combination_type == "svd":
+            a, b = lora.combine_svd(triples, weights, svd_rank)
+        else:
+            raise ValueError(f"combination_type={combination_type!r}; expected 'linear' or 'svd'")
+        rank = a.shape[1]
+        new = self.add_adapter(adapter_name, r=rank, lora_alpha=rank, init_lora_weights=False,
+                               param_dtype=sources[0].dtype, rngs=nnx.Rngs(0))
+        new.set_weights(a, b)
+
+    def _active(self) -> LoRAAdapter | None:
+        if self.disabled or self.merged_adapters or self.active_adapter is None:
+            return None
+        return self.adapters[self.active_adapter]
+
+    # --- forward --------------------------------------------------------------------------------------
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
+        y = self.base(x)
+        adapter = self._active()
+        if adapter is None:
+            return y
+        if adapter.use_dora:
+            h = adapter.dropped(x)
+            kernel = _kernel(self.base, adapter.dtype)
+            if adapter.dropout_active():  # PEFT recomputes the base term on the dropped-out input
+                base_out = h @ jax.lax.stop_gradient(kernel)
+            else:
+                bias = _bias(self.base)
+                base_out = y.astype(adapter.dtype)
+                if bias is not None:
+                    base_out = base_out - jnp.broadcast_to(bias.astype(adapter.dtype), base_out.shape)
+            extra = lora.dora_delta(h, base_out, kernel, adapter.lora_a.value, adapter.lora_b.value,
+                                    adapter.magnitude.value, adapter.scaling)
+        else:
+            extra = adapter(x)
+        dtype = jnp.promote_types(y.dtype, extra.dtype)
+        return (y.astype(dtype) + extra.astype(dtype)).astype(y.dtype)
+
+    # --- merging --------------------------------------------------------------------------------------
+
+    def merge(self) -> None:
+        """Fold the active adapter into the base. A quantized base is re-quantized (as PEFT does): the
+        merged weight carries a fresh quantization error, measured in tests/test_layers.py."""
+        if self.merged_adapters:
+            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
+        adapter = self._adapter(self.active_adapter)
+        kernel = _kernel(self.base, adapter.dtype)
+        if adapter.use_dora:
+            kernel, norm = lora.dora_merge(kernel, adapter.lora_a.value, adapter.lora_b.value,
+                                           adapter.magnitude.value, adapter.scaling)
+            adapter.dora_norm = DoraNorm(norm)
+        else:
+            kernel = lora.merge(kernel, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
+        _set_kernel(self.base, kernel)
+        self.merged_adapters = (self.active_adapter,)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged")
+        adapter = self.adapters[self.merged_adapters[0]]
+        kernel = _kernel(self.base, adapter.dtype)
+        a, b = adapter.lora_a.value, adapter.lora_b.value
+        if adapter.use_dora:
+            kernel = lora.dora_unmerge(kernel, a, b, adapter.magnitude.value, adapter.dora_norm.value, adapter.scaling)
+            adapter.dora_norm = None
+        else:
+            kernel = lora.unmerge(kernel, a, b, adapter.scaling)
+        _set_kernel(self.base, kernel)
+        self.merged_adapters = ()
+
+    def unload(self) -> Base:
+        """The base layer without adapters (nothing merged into it)."""
+        if self.merged_adapters:
+            self.unmerge()
+        return self.base
+
+    def merge_and_unload(self, *, requantize: bool = True) -> Base:
+        """The base with the active adapter folded in. For a quantized base, ``requantize=False`` returns
+        an ``nnx.Linear`` holding dequantize(W) + delta in W's original dtype (no new quantization error)."""
+        if isinstance(self.base, QuantizedLinear) and not requantize:
+            adapter = self._adapter(self.active_adapter)
+            kernel = _kernel(self.base, adapter.dtype)
+            if adapter.use_dora:
+                kernel, _ = lora.dora_merge(kernel, adapter.lora_a.value, adapter.lora_b.value,
+                                            adapter.magnitude.value, adapter.scaling)
+            else:
+                kernel = lora.merge(kernel, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
+            dtype = self.base.weight.value.dtype
+            dense = nnx.Linear(self.in_features, self.out_features, use_bias=self.base.bias is not None,
+                               param_dtype=dtype, rngs=nnx.Rngs(0))
+            dense.kernel.value = kernel.astype(dtype)
+            if self.base.bias is not None:
+                dense.bias.value = self.base.bias.value.astype(dtype)
+            return dense
+        if not self.merged_adapters:
+            self.merge()
+        return self.base
+
+    # --- PEFT layout ----------------------------------------------------------------------------------
+
+    def peft_state(self, name: str | None = None) -> dict[str, jax.Array]:
+        """``{"lora_A.weight": (r, in), "lora_B.weight": (out, r)[, "lora_magnitude_vector": (out,)]}``."""
+        return self._adapter(name or self.active_adapter).to_peft()
+
+    def load_peft_state(self, tensors: dict[str, jax.Array], name: str | None = None) -> None:
+        self._adapter(name or self.active_adapter).load_peft(tensors)
+
+
+class QLoRALinear(LoRALinear):
+    """LoRA over a 4-bit base. Given an ``nnx.Linear`` it quantizes explicitly (NF4 + double
+    quantization by default, QLoRA's recipe). PiSSA runs on the dense weight and the base stores the
+    quantized residual; LoftQ quantizes with this layer's settings and keeps its own last quantization
+    (no second rounding); DoRA's magnitude is taken from the quantized weight, as PEFT does."""
+
+    def __init__(self, base: Base, *, r: int = 8, quant_type: str = "nf4", blocksize: int = 64,
+                 double_quant: bool = True, compute_dtype=jnp.bfloat16,
+                 init_lora_weights: lora.InitLoraWeights = True, use_dora: bool = False, loftq_iter: int = 1,
+                 **lora_kwargs):
+        if isinstance(base, QuantizedLinear):
+            super().__init__(base, r=r, init_lora_weights=init_lora_weights, use_dora=use_dora, **lora_kwargs)
+            return
+        settings = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        if init_lora_weights == "loftq":
+            kernel = base.kernel.value
+            quantize = lambda w: quantize_weight(w.astype(kernel.dtype), **settings)  # noqa: E731
+            qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
+            qbase = QuantizedLinear(qt, _bias(base), compute_dtype=compute_dtype)
+            super().__init__(qbase, r=r, init_lora_weights=True, **lora_kwargs)
+            self.adapters[self.active_adapter].set_weights(a, b)
+        else:  # PiSSA (if asked) rewrites the dense kernel; the residual is what gets quantized
+            super().__init__(base, r=r, init_lora_weights=init_lora_weights, **lora_kwargs)
+            self.base = QuantizedLinear.from_linear(base, compute_dtype=compute_dtype, **settings)
+        if use_dora:
+            adapter = self.adapters[self.active_adapter]
+            adapter.use_dora = True
+            adapter.init_dora(_kernel(self.base, adapter.dtype))
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, **kwargs) -> QLoRALinear:
+        """``QLoRALinear(linear, **kwargs)``: quantize an ``nnx.Linear`` and attach an adapter."""
+        return cls(linear, **kwargs)

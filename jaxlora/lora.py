@@ -1,0 +1,179 @@
+"""LoRA arithmetic as plain jnp functions: init, scaling, delta, merge, DoRA, PiSSA, LoftQ, combinations.
+
+Layout: JAX's. A linear layer computes ``y = x @ kernel``, kernel ``(in, out)``; an adapter is
+``a (in, r)`` and ``b (r, out)``, so its delta is ``scale * (x @ a) @ b`` and its weight ``scale * a @ b``.
+PEFT stores the transposes, ``lora_A.weight (r, in)`` and ``lora_B.weight (out, r)``, and the base
+weight ``(out, in)``; the layers convert at the boundary (`LoRAAdapter.load_peft` / `to_peft`).
+Every formula here follows peft 0.21 (``tuners/lora/layer.py``, ``dora.py``, ``model.py``,
+``utils/loftq_utils.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+InitLoraWeights = bool | Literal["gaussian", "pissa", "loftq"]
+CombinationType = Literal["linear", "svd"]
+
+
+def check_rank(r: int, in_features: int, out_features: int) -> None:
+    if not isinstance(r, int) or r <= 0 or r > min(in_features, out_features):
+        raise ValueError(f"r={r!r} must be an int in [1, min(in, out)] = [1, {min(in_features, out_features)}]")
+
+
+def scaling(r: int, lora_alpha: float, *, use_rslora: bool = False) -> float:
+    """PEFT's ``scaling``: alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    if lora_alpha <= 0:
+        raise ValueError(f"lora_alpha={lora_alpha!r} must be > 0")
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def init_a(key: jax.Array, in_features: int, r: int, init: InitLoraWeights, dtype=jnp.float32) -> jax.Array:
+    """A ``(in, r)`` as PEFT draws ``lora_A.weight``: kaiming_uniform(a=sqrt 5) on an (r, in) weight is
+    U(-1/sqrt(in), 1/sqrt(in)); "gaussian" is N(0, (1/r)^2) (PEFT's std=1/r); False gives zeros... of B
+    only, A keeps the kaiming draw, as in PEFT where False skips the reset of nn.Linear's own init."""
+    if init is True or init is False:
+        bound = 1.0 / math.sqrt(in_features)
+        return jax.random.uniform(key, (in_features, r), dtype, -bound, bound)
+    if init == "gaussian":
+        return jax.random.normal(key, (in_features, r), dtype) * jnp.asarray(1.0 / r, dtype)
+    raise ValueError(f"init_lora_weights={init!r} has no random A; expected True, False or 'gaussian'")
+
+
+def init_b(key: jax.Array, r: int, out_features: int, init: InitLoraWeights, dtype=jnp.float32) -> jax.Array:
+    """B ``(r, out)``: zeros (the adapter starts as the identity), except init_lora_weights=False where
+    PEFT leaves nn.Linear's default init (the same kaiming-uniform bound over fan-in r)."""
+    if init is False:
+        bound = 1.0 / math.sqrt(r)
+        return jax.random.uniform(key, (r, out_features), dtype, -bound, bound)
+    return jnp.zeros((r, out_features), dtype)
+
+
+def delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale * (x @ a) @ b``; x ``(..., in)``, a ``(in, r)``, b ``(r, out)`` -> ``(..., out)``.
+    The scale multiplies last, as PEFT's ``lora_B(lora_A(x)) * scaling``."""
+    return ((x @ a) @ b) * jnp.asarray(scale, b.dtype)
+
+
+def delta_weight(a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``scale * a @ b`` -> ``(in, out)``: PEFT's ``get_delta_weight`` transposed."""
+    return (a @ b) * jnp.asarray(scale, b.dtype)
+
+
+def merge(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """kernel ``(in, out)`` + the delta weight, computed in the adapter dtype, cast back to the kernel's."""
+    return (kernel.astype(a.dtype) + delta_weight(a, b, scale)).astype(kernel.dtype)
+
+
+def unmerge(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    return (kernel.astype(a.dtype) - delta_weight(a, b, scale)).astype(kernel.dtype)
+
+
+# DoRA (Liu et al. 2024): W' = m * (W + dW) / ||W + dW||, the norm taken per output feature -- over the
+# input axis. PEFT writes it ``torch.linalg.norm(W_(out,in) + s*B@A, dim=1)``; in (in, out) layout that
+# is axis 0. The norm is detached (DoRA section 4.3), so gradients reach m, A and B but not through it.
+
+
+def dora_weight_norm(kernel: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """``||kernel + scale * a @ b||`` over the input axis -> ``(out,)``, no gradient."""
+    w = kernel.astype(a.dtype) + delta_weight(a, b, scale)
+    return jax.lax.stop_gradient(jnp.linalg.norm(w, axis=0))
+
+
+def dora_delta(
+    x: jax.Array,  # (..., in), already dropped-out when dropout is active
+    base_out: jax.Array,  # (..., out) the base layer's output on x WITHOUT bias
+    kernel: jax.Array,  # (in, out)
+    a: jax.Array,
+    b: jax.Array,
+    magnitude: jax.Array,  # (out,)
+    scale: float,
+) -> jax.Array:
+    """What DoRA adds to the base output: ``(m/n - 1) * base_out + (m/n) * scale * (x @ a) @ b``."""
+    mag_norm = magnitude / dora_weight_norm(kernel, a, b, scale)
+    mag_norm = mag_norm.reshape((1,) * (base_out.ndim - 1) + mag_norm.shape)  # explicit: rank promotion is off
+    return (mag_norm - 1) * base_out.astype(a.dtype) + mag_norm * delta(x, a, b, scale)
+
+
+def dora_merge(kernel: jax.Array, a: jax.Array, b: jax.Array, magnitude: jax.Array, scale: float):
+    """Merged DoRA kernel ``(in, out)`` and the norm it used (keep it: unmerging needs the same norm)."""
+    norm = dora_weight_norm(kernel, a, b, scale)
+    merged = (magnitude / norm)[None, :] * (kernel.astype(a.dtype) + delta_weight(a, b, scale))
+    return merged.astype(kernel.dtype), norm
+
+
+def dora_unmerge(kernel: jax.Array, a, b, magnitude: jax.Array, norm: jax.Array, scale: float) -> jax.Array:
+    return (kernel.astype(a.dtype) / (magnitude / norm)[None, :] - delta_weight(a, b, scale)).astype(kernel.dtype)
+
+
+def pissa(kernel: jax.Array, r: int, scale: float):
+    """PiSSA (Meng et al. 2024), PEFT's ``pissa_init`` with the exact SVD: W = U S Vh in (out, in)
+    layout; B = U_r sqrt(S_r/scale), A = sqrt(S_r/scale) Vh_r, residual W - scale * B A, in float32.
+    Returns ``a (in, r)``, ``b (r, out)``, residual kernel ``(in, out)`` in the kernel's dtype. Singular
+    vectors are unique only up to a sign per pair, which flips a row of A and the matching column of B."""
+    w = kernel.astype(jnp.float32).T  # (out, in), as PEFT decomposes it
+    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    sr = jnp.sqrt(s[:r] / jnp.float32(scale))
+    b_peft = u[:, :r] * sr[None, :]  # (out, r)
+    a_peft = sr[:, None] * vh[:r]  # (r, in)
+    residual = w - jnp.float32(scale) * (b_peft @ a_peft)
+    return a_peft.T, b_peft.T, residual.T.astype(kernel.dtype)
+
+
+def loftq(
+    weight: jax.Array,  # (out, in): LoftQ quantizes the PyTorch layout so codes match bitsandbytes
+    r: int,
+    quantize: Callable,  # (out, in) float32 -> QuantizedTensor
+    dequantize: Callable,  # QuantizedTensor -> (out, in) float32
+    *,
+    num_iter: int = 1,
+):
+    """LoftQ (Li et al. 2023) as PEFT's ``loftq_init``: alternate Q = quant(W - B A) and the rank-r SVD of
+    W - deq(Q). Returns the last QuantizedTensor, ``a (in, r)`` and ``b (r, out)``. Like PEFT it ignores
+    ``scaling``: W ~= deq(Q) + B A holds for the adapter's output only when lora_alpha == r."""
+    if num_iter <= 0:
+        raise ValueError(f"num_iter={num_iter!r} must be > 0")
+    w = weight.astype(jnp.float32)
+    res = w
+    for i in range(num_iter):
+        qt = quantize(res)
+        u, s, vh = jnp.linalg.svd(w - dequantize(qt), full_matrices=False)
+        sr = jnp.sqrt(s[:r])
+        b_peft, a_peft = u[:, :r] * sr[None, :], sr[:, None] * vh[:r]
+        if i + 1 < num_iter:
+            res = w - b_peft @ a_peft
+    return qt, a_peft.T, b_peft.T
+
+
+def combine_linear(adapters: Sequence[tuple[jax.Array, jax.Array, float]], weights: Sequence[float]):
+    """PEFT ``add_weighted_adapter(combination_type="linear")``: A = sum sign_i sqrt|w_i s_i| A_i and
+    B = sum sqrt|w_i s_i| B_i over ``(a, b, scale)`` triples of equal rank; the result has scale 1.
+    Not the weighted sum of deltas (cross terms A_i B_j appear) -- PEFT calls it a rough approximation."""
+    ranks = {a.shape[1] for a, _, _ in adapters}
+    if len(ranks) != 1:
+        raise ValueError(f"combination_type='linear' needs equal ranks, got {sorted(ranks)}")
+    a_sum = b_sum = None
+    for (a, b, scale), w in zip(adapters, weights, strict=True):
+        ws = w * scale
+        wa, wb = math.copysign(math.sqrt(abs(ws)), ws), math.sqrt(abs(ws))
+        a_sum = a * jnp.asarray(wa, a.dtype) if a_sum is None else a_sum + a * jnp.asarray(wa, a.dtype)
+        b_sum = b * jnp.asarray(wb, b.dtype) if b_sum is None else b_sum + b * jnp.asarray(wb, b.dtype)
+    return a_sum, b_sum
+
+
+def combine_svd(
+    adapters: Sequence[tuple[jax.Array, jax.Array, float]], weights: Sequence[float], rank: int | None = None
+):
+    """PEFT ``add_weighted_adapter(combination_type="svd")``: the rank-``rank`` truncated SVD of
+    sum_i w_i * delta_weight_i (default rank: the largest input rank); B = U S, A = Vh; scale 1."""
+    rank = rank or max(a.shape[1] for a, _, _ in adapters)
+    pairs = zip(adapters, weights, strict=True)
+    total = sum(delta_weight(a, b, s) * jnp.asarray(w, a.dtype) for (a, b, s), w in pairs)
+    u, s, vh = jnp.linalg.svd(total.T, full_matrices=False)  # (out, in), as PEFT decomposes it
+    b_peft, a_peft = u[:, :rank] * s[None, :rank], vh[:rank]
+    return a_peft.T, b_peft.T

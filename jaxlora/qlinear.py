@@ -1,0 +1,85 @@
+"""`QuantizedLinear`: a frozen 4-bit linear layer, bitsandbytes' Linear4bit in NNX.
+
+Trainability is a type: the quantized weight lives in `QuantizedWeight` and the bias in `FrozenBias`,
+neither an ``nnx.Param``, so no optimizer selects them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora.qmatmul import dequantize, qmatmul
+from jaxlora.quant.tensor import QuantizedTensor
+
+
+class QuantizedWeight(nnx.Variable):
+    """Frozen quantized storage (a `QuantizedTensor`); not an ``nnx.Param``, so no optimizer selects it."""
+
+
+class FrozenBias(nnx.Variable):
+    """A quantized layer's bias: frozen, as bitsandbytes' Linear4bit under QLoRA."""
+
+
+def quantize_weight(w: jax.Array, *, quant_type: str, blocksize: int, double_quant: bool) -> QuantizedTensor:
+    from jaxlora.quant.blockwise import quantize_4bit
+
+    return quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+
+
+class QuantizedLinear(nnx.Module):
+    """``y = x @ dequantize(W).T + bias`` in ``compute_dtype``, cast back to x's dtype (bnb Linear4bit).
+
+    W is a QuantizedTensor in PyTorch's ``(out, in)`` layout, byte-identical to ``bnb.nn.Linear4bit``.
+    """
+
+    def __init__(self, weight: QuantizedTensor, bias: jax.Array | None = None, *, compute_dtype=jnp.bfloat16,
+                 use_kernel: bool = False):
+        if len(weight.shape) != 2:
+            raise ValueError(f"a linear weight must be 2-D (out, in), got shape {weight.shape}")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+        self.weight = QuantizedWeight(weight)
+        self.bias = nnx.data(None if bias is None else FrozenBias(jnp.asarray(bias)))
+        self.compute_dtype = jnp.dtype(compute_dtype)
+        self.use_kernel = use_kernel
+
+    @classmethod
+    def from_weight(cls, weight: jax.Array, bias: jax.Array | None = None, *, quant_type: str = "nf4",
+                    blocksize: int = 64, double_quant: bool = True, compute_dtype=jnp.bfloat16):
+        """Quantize a dense ``(out, in)`` weight (a checkpoint tensor) -- explicitly, here, once."""
+        qt = quantize_weight(weight, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        return cls(qt, bias, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nnx.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype=jnp.bfloat16):
+        """Quantize an ``nnx.Linear``; its kernel ``(in, out)`` is transposed to ``(out, in)`` first."""
+        bias = None if linear.bias is None else linear.bias.value
+        return cls.from_weight(linear.kernel.value.T, bias, quant_type=quant_type, blocksize=blocksize,
+                               double_quant=double_quant, compute_dtype=compute_dtype)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.value.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.value.shape[0]
+
+    def dequantize(self, dtype=None) -> jax.Array:
+        """The dense ``(out, in)`` weight."""
+        return dequantize(self.weight.value, dtype)
+
+    def requantize(self, weight: jax.Array) -> None:
+        """Store a new dense ``(out, in)`` weight with this layer's quant type, blocksize and dtype."""
+        qt = self.weight.value
+        self.weight.value = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type, blocksize=qt.blocksize,
+                                      double_quant=qt.double_quant)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
+        y = qmatmul(x, self.weight.value, compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)
+        if self.bias is not None:  # bias in the compute dtype, added before the one rounding (addmm)
+            y = y + jnp.broadcast_to(self.bias.value.astype(self.compute_dtype).astype(jnp.float32), y.shape)
+        return y.astype(self.compute_dtype).astype(x.dtype)

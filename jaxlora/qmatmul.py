@@ -1,0 +1,93 @@
+"""``x @ dequantize(W).T`` for a frozen quantized weight, with a backward that keeps only the packed codes.
+
+bitsandbytes' ``MatMul4Bit`` saves the packed weight for backward and dequantizes it again there; plain
+autodiff of ``x @ dequantize(qt).T`` would instead keep every layer's dequantized weight alive from the
+forward pass to the backward pass. ``jax.custom_vjp`` reproduces bitsandbytes: the residual is the
+QuantizedTensor itself, the backward re-dequantizes, and no gradient is formed for the weight.
+
+dtype order, as bitsandbytes' Linear4bit on CPU (spec "Linear4bit forward / backward"):
+forward ``y = x.astype(cd) @ dequantize(W, W.dtype).astype(cd).T`` accumulated in float32 and returned
+unrounded, so the caller adds the bias before the single rounding to ``cd`` (torch's addmm);
+backward ``dx = (dy.astype(cd) @ dequantize(W, W.dtype).astype(cd)).astype(cd)``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlora.quant.tensor import QuantizedTensor
+
+
+def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
+    """Dequantize a 4-bit or 8-bit QuantizedTensor (default dtype: the original tensor's)."""
+    from jaxlora.quant import blockwise  # the quantization core; imported late so lora math loads without it
+
+    if qt.bits == 8:
+        return blockwise.dequantize_blockwise(qt, dtype=dtype)
+    return blockwise.dequantize_4bit(qt, dtype=dtype)
+
+
+def _weight(qt: QuantizedTensor, dtype) -> jax.Array:
+    # Dequantize to the stored dtype first, then cast: bitsandbytes' ``dequantize_4bit(W).to(cd)``; a
+    # bf16 weight dequantized straight to float32 would skip one rounding and differ.
+    return dequantize(qt, qt.dtype).astype(dtype)
+
+
+def _reference(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
+    if use_kernel:
+        from jaxlora.kernels.nf4_matmul import nf4_matmul
+
+        return nf4_matmul(x, qt, compute_dtype=compute_dtype)
+    # float32 accumulator out, as torch's addmm: the caller adds the bias before the one rounding to cd
+    return jnp.matmul(x, _weight(qt, compute_dtype).T, preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _qmatmul(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
+    return _reference(x, qt, compute_dtype, use_kernel)
+
+
+def _fwd(x, qt, compute_dtype, use_kernel):
+    return _reference(x, qt, compute_dtype, use_kernel), qt
+
+
+def _bwd(compute_dtype, use_kernel, qt, dy):
+    # The barrier ties the re-dequantization to dy: without it XLA's CSE merges it with the forward's
+    # dequantization and the dense weight lives across the whole step again.
+    qt, dy = jax.lax.optimization_barrier((qt, dy))
+    # bitsandbytes: grad_x = grad_out @ W, both in the compute dtype (dy holds compute-dtype values here)
+    dx = jnp.matmul(dy.astype(compute_dtype), _weight(qt, compute_dtype), preferred_element_type=jnp.float32)
+    dx = dx.astype(compute_dtype)
+    # The base is frozen: integer leaves get float0 cotangents, float leaves (scales) zeros.
+    dqt = jax.tree.map(
+        lambda leaf: (
+            np.zeros(leaf.shape, jax.dtypes.float0)
+            if not jnp.issubdtype(leaf.dtype, jnp.floating)
+            else jnp.zeros_like(leaf)
+        ),
+        qt,
+    )
+    return dx, dqt
+
+
+_qmatmul.defvjp(_fwd, _bwd)
+
+
+def qmatmul(x: jax.Array, qt: QuantizedTensor, *, compute_dtype=jnp.bfloat16, use_kernel: bool = False) -> jax.Array:
+    """``x.astype(cd) @ dequantize(qt).astype(cd).T`` -> ``(..., out)`` float32 accumulator (round it to
+    ``cd`` after adding any bias, as torch's addmm does); x ``(..., in)``, qt ``(out, in)``. Gradient
+    flows to x only. ``use_kernel`` runs the forward in the fused Pallas kernel
+    (jaxlora/kernels/nf4_matmul.py); the jnp path is its reference."""
+    if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
+        raise ValueError(f"x {x.shape} does not match a quantized weight of shape (out, in) = {qt.shape}")
+    return _qmatmul(x.astype(compute_dtype), qt, jnp.dtype(compute_dtype), use_kernel)
+
+
+def qmatmul_autodiff(x: jax.Array, qt: QuantizedTensor, *, compute_dtype=jnp.bfloat16) -> jax.Array:
+    """The same product under plain autodiff: the baseline the memory test compares against."""
+    w = jax.lax.stop_gradient(_weight(qt, compute_dtype))
+    return jnp.matmul(x.astype(compute_dtype), w.T, preferred_element_type=jnp.float32)

@@ -1,0 +1,220 @@
+"""NNX layers (jaxlora/layers.py, adapter.py): forward, trainability, modes, adapters, merging, errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from jaxlora import lora
+from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
+
+IN, OUT, R = 64, 48, 4
+
+
+def _x(key=0, shape=(3, IN)):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32)
+
+
+def _nonzero_b(layer, name=None, key=7):
+    ad = layer.adapters[name or layer.active_adapter]
+    ad.lora_b.value = jax.random.normal(jax.random.key(key), ad.lora_b.value.shape, jnp.float32) * 0.1
+    return ad
+
+
+def _layer(**kw):
+    layer = LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, lora_alpha=8, rngs=nnx.Rngs(1), **kw)
+    _nonzero_b(layer)
+    return layer
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+def test_forward_is_base_plus_delta_and_differs_from_base():
+    layer, x = _layer(), _x()
+    ad = layer.adapters["default"]
+    expected = layer.base(x) + lora.delta(x, ad.lora_a.value, ad.lora_b.value, 2.0)
+    assert _rel(layer(x), expected) < 1e-6
+    assert _rel(layer(x), layer.base(x)) > 1e-2  # the adapter is really there
+
+
+def test_fresh_adapter_is_identity():
+    layer = LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, rngs=nnx.Rngs(1))
+    np.testing.assert_array_equal(layer(_x()), layer.base(_x()))
+
+
+def test_only_adapters_train():
+    layer, x = _layer(use_dora=True), _x()
+    base_before = layer.base.kernel.value
+    ad_before = jax.tree.map(jnp.copy, nnx.state(layer, nnx.LoRAParam))
+
+    def loss(m):
+        return jnp.sum(m(x) ** 2)
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+    paths = {p for p, _ in nnx.to_flat_state(nnx.state(grads))}
+    assert paths == {("adapters", "default", n) for n in ("lora_a", "lora_b", "magnitude")}
+    # sgd: optax.adam trips the strict dtype-promotion mode (its bias correction mixes int32 and float)
+    opt = nnx.Optimizer(layer, optax.sgd(1e-1), wrt=nnx.LoRAParam)
+    opt.update(layer, grads)
+    np.testing.assert_array_equal(layer.base.kernel.value, base_before)
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), nnx.state(layer, nnx.LoRAParam), ad_before)
+    assert all(jax.tree.leaves(moved))
+
+
+def test_dropout_on_adapter_input_only_and_off_in_eval():
+    layer, x = _layer(lora_dropout=0.5), _x()
+    layer.train()
+    y1, y2 = layer(x), layer(x)
+    assert _rel(y1, y2) > 1e-3  # fresh masks
+    layer.disable_adapter_layers()
+    np.testing.assert_array_equal(layer(x), layer.base(x))  # the base never sees dropout
+    layer.enable_adapter_layers()
+    layer.eval()
+    ad = layer.adapters["default"]
+    np.testing.assert_allclose(layer(x), layer.base(x) + lora.delta(x, ad.lora_a.value, ad.lora_b.value, 2.0),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merge_unmerge_dense(use_dora):
+    layer, x = _layer(use_dora=use_dora), _x()
+    if use_dora:
+        layer.adapters["default"].magnitude.value = layer.adapters["default"].magnitude.value * 1.1
+    y, k = layer(x), layer.base.kernel.value
+    layer.merge()
+    assert _rel(layer(x), y) < 1e-6  # fp32 merge: one rounding per weight element
+    with pytest.raises(ValueError, match="'default' is already merged"):
+        layer.merge()
+    layer.unmerge()
+    assert _rel(layer.base.kernel.value, k) < 1e-6
+    dense = layer.merge_and_unload()
+    assert isinstance(dense, nnx.Linear) and _rel(dense(x), y) < 1e-6
+
+
+def test_dora_starts_at_base():
+    layer = LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, use_dora=True, rngs=nnx.Rngs(1))
+    assert _rel(layer(_x()), layer.base(_x())) < 1e-6
+
+
+def test_named_adapters():
+    layer, x = _layer(), _x()
+    y_default = layer(x)
+    layer.add_adapter("other", r=2, lora_alpha=4, rngs=nnx.Rngs(2))
+    _nonzero_b(layer, "other", key=9)
+    np.testing.assert_array_equal(layer(x), y_default)  # adding does not activate (PEFT)
+    layer.set_adapter("other")
+    assert _rel(layer(x), y_default) > 1e-2
+    layer.disable_adapter_layers()
+    np.testing.assert_array_equal(layer(x), layer.base(x))
+    layer.enable_adapter_layers()
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        layer.set_adapter("nope")
+    layer.delete_adapter("other")
+    assert layer.active_adapter == "default" and list(layer.adapters) == ["default"]
+    np.testing.assert_array_equal(layer(x), y_default)
+
+
+def test_weighted_adapters():
+    layer, x = _layer(), _x()
+    layer.add_adapter("b", r=R, lora_alpha=4, rngs=nnx.Rngs(2))
+    _nonzero_b(layer, "b", key=9)
+    deltas = [layer.adapters[n].delta_weight() for n in ("default", "b")]
+    layer.add_weighted_adapter(["default", "b"], [0.6, 0.4], "mix", combination_type="svd", svd_rank=2 * R)
+    layer.set_adapter("mix")
+    assert _rel(layer(x), layer.base(x) + x @ (0.6 * deltas[0] + 0.4 * deltas[1])) < 1e-5
+    layer.add_weighted_adapter(["b"], [0.5], "half", combination_type="linear")
+    layer.set_adapter("half")
+    assert _rel(layer(x), layer.base(x) + x @ (0.5 * deltas[1])) < 1e-6
+
+
+def test_peft_layout_roundtrip_and_errors():
+    layer = _layer()
+    sd = layer.peft_state()
+    assert sd["lora_A.weight"].shape == (R, IN) and sd["lora_B.weight"].shape == (OUT, R)
+    other = LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, lora_alpha=8, rngs=nnx.Rngs(5))
+    other.load_peft_state(sd)
+    np.testing.assert_array_equal(other(_x()), layer(_x()))
+    with pytest.raises(ValueError, match=r"lora_A.weight has shape \(48, 64\), expected \(4, 64\)"):
+        other.load_peft_state({"lora_A.weight": jnp.zeros((OUT, IN)), "lora_B.weight": sd["lora_B.weight"]})
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    (dict(r=0), "r=0"), (dict(r=IN), f"r={IN}"), (dict(r=4, lora_alpha=-1.0), "lora_alpha=-1.0"),
+    (dict(r=4, init_lora_weights="olora"), "init_lora_weights='olora'"),
+])
+def test_bad_knobs(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), **kw)
+
+
+# --- quantized base -----------------------------------------------------------------------------------
+
+
+def test_quantized_linear_is_frozen_storage():
+    q = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+    assert isinstance(q.weight, QuantizedWeight) and isinstance(q.bias, FrozenBias)
+    assert not jax.tree.leaves(nnx.state(q, nnx.Param))
+    assert q.weight.value.shape == (OUT, IN) and q.weight.value.double_quant
+
+
+@pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
+def test_qlora_forward_and_grads(compute_dtype):
+    dense = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
+    layer = QLoRALinear.from_linear(dense, r=R, lora_alpha=8, compute_dtype=compute_dtype,
+                                    rngs=nnx.Rngs(1))
+    ad = _nonzero_b(layer)
+    x = _x()
+    w = layer.base.dequantize(jnp.float32)  # (out, in)
+    expected = x.astype(compute_dtype) @ w.astype(compute_dtype).T + layer.base.bias.value.astype(compute_dtype)[None, :]
+    expected = expected.astype(jnp.float32) + lora.delta(x, ad.lora_a.value, ad.lora_b.value, 2.0)
+    assert _rel(layer(x), expected) < 1e-6
+    assert _rel(layer(x), layer.base(x)) > 1e-2
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)))(layer)
+    assert {p[-1] for p, _ in nnx.to_flat_state(nnx.state(grads))} == {"lora_a", "lora_b"}
+
+
+def test_qlora_merge_error_is_a_requantization():
+    # Merging into a 4-bit base re-quantizes W + dW (as PEFT). The added error is of the order of
+    # quantizing W itself; measured, not zero. The dense merge_and_unload adds no quantization.
+    dense = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
+    layer = QLoRALinear.from_linear(dense, r=8, lora_alpha=16, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    ad = _nonzero_b(layer)
+    ad.lora_b.value = ad.lora_b.value * 0.1
+    x = _x(shape=(16, 256))
+    y = layer(x)
+    exact = layer.base.dequantize(jnp.float32).T + ad.delta_weight()
+    unloaded = layer.merge_and_unload(requantize=False)
+    assert _rel(unloaded.kernel.value, exact) < 1e-6 and _rel(unloaded(x), y) < 1e-5
+    layer.merge()
+    merged_err = _rel(layer.base.dequantize(jnp.float32).T, exact)
+    quant_err = _rel(layer.base.dequantize(jnp.float32).T, dense.kernel.value)  # vs the original W
+    print(f"requantized merge: weight rel err {merged_err:.4f}, output rel err {_rel(layer(x), y):.4f}")
+    assert 0 < merged_err < 0.15  # NF4: |error| <= half a code gap (~0.08 of absmax) per element
+    assert quant_err > 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "loftq"])
+def test_qlora_inits_from_the_dense_weight(init):
+    # PiSSA quantizes the residual, LoftQ fits B A to the quantization error: either way the adapted
+    # layer is closer to the dense one than quantizing W and adding a zero adapter.
+    def dense():
+        return nnx.Linear(128, 64, rngs=nnx.Rngs(0))
+
+    w = dense().kernel.value
+    plain = QLoRALinear.from_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    layer = QLoRALinear.from_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, init_lora_weights=init,
+                                    use_dora=True, rngs=nnx.Rngs(1))
+    ad = layer.adapters["default"]
+    effective = layer.base.dequantize(jnp.float32).T + ad.delta_weight()
+    def frob(a):
+        return float(jnp.linalg.norm(a - w))
+
+    assert frob(effective) < frob(plain.base.dequantize(jnp.float32).T)
+    x = _x(shape=(4, 128))
+    assert _rel(layer(x), x @ effective + layer.base.bias.value[None, :]) < 1e-5  # DoRA at init: m = ||W'||

@@ -1,0 +1,97 @@
+"""Pure LoRA math (jaxlora/lora.py): closed forms, init statistics, DoRA, PiSSA, combinations."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlora import lora
+
+
+def _rand(key, shape, scale=1.0):
+    return jax.random.normal(jax.random.key(key), shape, jnp.float32) * jnp.float32(scale)
+
+
+def _close(actual, expected, rtol):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    err = np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
+    assert err <= rtol, f"relative error {err:.3g} > {rtol}"
+
+
+def test_scaling_plain_and_rslora():
+    assert lora.scaling(8, 16) == 2.0
+    assert lora.scaling(16, 16, use_rslora=True) == 4.0  # alpha / sqrt(r)
+    with pytest.raises(ValueError, match="lora_alpha=0"):
+        lora.scaling(8, 0)
+
+
+@pytest.mark.parametrize("r", [0, -1, 9, 2.0])
+def test_check_rank_rejects(r):
+    with pytest.raises(ValueError, match=f"r={r!r}"):
+        lora.check_rank(r, 8, 12)
+
+
+def test_init_statistics_match_peft():
+    # kaiming_uniform(a=sqrt 5) on (r, in) is U(+-1/sqrt(in)): std bound/sqrt(3). gaussian: std 1/r.
+    # Bounds are statistical: the sample std of n draws has relative sd ~ 1/sqrt(2n); allow 6 of them.
+    in_f, r = 1024, 16
+    n = in_f * r
+    tol = 6 / math.sqrt(2 * n)
+    a = np.asarray(lora.init_a(jax.random.key(0), in_f, r, True))
+    bound = 1 / math.sqrt(in_f)
+    assert a.shape == (in_f, r) and np.abs(a).max() <= bound
+    assert abs(a.std() / (bound / math.sqrt(3)) - 1) < tol
+    g = np.asarray(lora.init_a(jax.random.key(1), in_f, r, "gaussian"))
+    assert abs(g.std() * r - 1) < tol
+    assert not np.any(np.asarray(lora.init_b(jax.random.key(2), r, 64, True)))
+    assert np.any(np.asarray(lora.init_b(jax.random.key(2), r, 64, False)))  # PEFT's False keeps nn.Linear init
+
+
+def test_delta_and_merge_closed_form():
+    x, a, b, k = _rand(0, (5, 32)), _rand(1, (32, 4)), _rand(2, (4, 24)), _rand(3, (32, 24))
+    s = 2.5
+    _close(lora.delta(x, a, b, s), x @ (s * (a @ b)), 1e-6)
+    merged = lora.merge(k, a, b, s)
+    _close(x @ merged, x @ k + lora.delta(x, a, b, s), 1e-6)
+    _close(lora.unmerge(merged, a, b, s), k, 1e-6)
+
+
+def test_dora_merge_has_magnitude_as_column_norms_and_matches_forward():
+    x, a, b, k = _rand(0, (5, 32)), _rand(1, (32, 4)), _rand(2, (4, 24), 0.1), _rand(3, (32, 24))
+    s = 2.0
+    m = lora.dora_weight_norm(k, a, b, s) * jnp.float32(1.3)  # a magnitude that moved away from its init
+    merged, norm = lora.dora_merge(k, a, b, m, s)
+    _close(jnp.linalg.norm(merged, axis=0), m, 1e-6)  # DoRA: each output feature's weight has norm m
+    base_out = x @ k
+    _close(x @ merged, base_out + lora.dora_delta(x, base_out, k, a, b, m, s), 1e-6)
+    _close(lora.dora_unmerge(merged, a, b, m, norm, s), k, 1e-5)
+
+
+def test_dora_norm_has_no_gradient():
+    k, a, b = _rand(3, (32, 24)), _rand(1, (32, 4)), _rand(2, (4, 24))
+    g = jax.grad(lambda k: lora.dora_weight_norm(k, a, b, 1.0).sum())(k)
+    assert not np.any(np.asarray(g))
+
+
+def test_pissa_reconstructs_and_takes_top_singular_values():
+    k = _rand(0, (48, 32))
+    r, s = 4, 2.0
+    a, b, res = lora.pissa(k, r, s)
+    _close(res + s * (a @ b), k, 1e-5)
+    top = np.linalg.svd(np.asarray(k, np.float64), compute_uv=False)[:r]
+    _close(np.linalg.svd(np.asarray(s * (a @ b), np.float64), compute_uv=False)[:r], top, 1e-5)
+
+
+def test_combinations():
+    a1, b1, a2, b2 = _rand(1, (32, 4)), _rand(2, (4, 24)), _rand(3, (32, 4)), _rand(4, (4, 24))
+    triples = [(a1, b1, 2.0), (a2, b2, 0.5)]
+    # svd at rank >= rank of the sum (8) is exact: the weighted sum of the deltas
+    a, b = lora.combine_svd(triples, [0.7, -1.2], rank=8)
+    _close(a @ b, 0.7 * lora.delta_weight(a1, b1, 2.0) - 1.2 * lora.delta_weight(a2, b2, 0.5), 1e-5)
+    # linear with one adapter is exact: sqrt|w s| on both sides, sign on A
+    a, b = lora.combine_linear(triples[:1], [-0.3])
+    _close(a @ b, -0.3 * lora.delta_weight(a1, b1, 2.0), 1e-6)
+    with pytest.raises(ValueError, match=r"equal ranks, got \[2, 4\]"):
+        lora.combine_linear([(a1, b1, 1.0), (a1[:, :2], b1[:2], 1.0)], [1, 1])
