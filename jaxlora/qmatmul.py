@@ -37,11 +37,26 @@ def _weight(qt: QuantizedTensor, dtype) -> jax.Array:
     return dequantize(qt, qt.dtype).astype(dtype)
 
 
-def _reference(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
-    if use_kernel:
-        from jaxlora.kernels.nf4_matmul import nf4_matmul
+def _fused(qt: QuantizedTensor, operand: jax.Array, use_kernel: bool, *, transpose: bool = False):
+    """The Pallas kernels module when asked for and able to run this case, else None (the jnp path).
+    operand: x (..., in) for the forward, dy (..., out) for the input gradient (transpose=True)."""
+    if not use_kernel or qt.bits != 4:
+        return None
+    from jaxlora import kernels
 
-        return nf4_matmul(x, qt, compute_dtype=compute_dtype)
+    able = kernels.supports_t(qt, operand) if transpose else kernels.supports(qt, operand)
+    return kernels if able else None
+
+
+def _interpret() -> bool:
+    # The kernels are written for the GPU (Triton); elsewhere Pallas interprets the same kernel body.
+    return jax.default_backend() != "gpu"
+
+
+def _reference(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
+    fused = _fused(qt, x, use_kernel)
+    if fused is not None:
+        return fused.nf4_matmul(x, qt, compute_dtype=compute_dtype, out_dtype=jnp.float32, interpret=_interpret())
     # float32 accumulator out, as torch's addmm: the caller adds the bias before the one rounding to cd
     return jnp.matmul(x, _weight(qt, compute_dtype).T, preferred_element_type=jnp.float32)
 
@@ -60,8 +75,12 @@ def _bwd(compute_dtype, use_kernel, qt, dy):
     # dequantization and the dense weight lives across the whole step again.
     qt, dy = jax.lax.optimization_barrier((qt, dy))
     # bitsandbytes: grad_x = grad_out @ W, both in the compute dtype (dy holds compute-dtype values here)
-    dx = jnp.matmul(dy.astype(compute_dtype), _weight(qt, compute_dtype), preferred_element_type=jnp.float32)
-    dx = dx.astype(compute_dtype)
+    fused = _fused(qt, dy, use_kernel, transpose=True)
+    if fused is not None:
+        dx = fused.nf4_matmul_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype, interpret=_interpret())
+    else:
+        dx = jnp.matmul(dy.astype(compute_dtype), _weight(qt, compute_dtype), preferred_element_type=jnp.float32)
+        dx = dx.astype(compute_dtype)
     # The base is frozen: integer leaves get float0 cotangents, float leaves (scales) zeros.
     dqt = jax.tree.map(
         lambda leaf: (
@@ -80,8 +99,9 @@ _qmatmul.defvjp(_fwd, _bwd)
 def qmatmul(x: jax.Array, qt: QuantizedTensor, *, compute_dtype=jnp.bfloat16, use_kernel: bool = False) -> jax.Array:
     """``x.astype(cd) @ dequantize(qt).astype(cd).T`` -> ``(..., out)`` float32 accumulator (round it to
     ``cd`` after adding any bias, as torch's addmm does); x ``(..., in)``, qt ``(out, in)``. Gradient
-    flows to x only. ``use_kernel`` runs the forward in the fused Pallas kernel
-    (jaxlora/kernels/nf4_matmul.py); the jnp path is its reference."""
+    flows to x only. ``use_kernel`` runs the forward and the input gradient in the fused Pallas kernels
+    (jaxlora/kernels/nf4_matmul.py) where they support the case (4-bit, tile-divisible shapes), and the
+    jnp path otherwise; the jnp path is their reference. Off the GPU the kernels run interpreted."""
     if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
         raise ValueError(f"x {x.shape} does not match a quantized weight of shape (out, in) = {qt.shape}")
     return _qmatmul(x.astype(compute_dtype), qt, jnp.dtype(compute_dtype), use_kernel)

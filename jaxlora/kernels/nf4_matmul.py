@@ -64,23 +64,33 @@ def supports(qt: QuantizedTensor, x: jax.Array, **tiles: int | None) -> bool:
     return tiling.why_unsupported(qt, x.shape[-1], rows=_rows(x), **tiles) is None
 
 
+def supports_t(qt: QuantizedTensor, dy: jax.Array, **tiles: int | None) -> bool:
+    """Whether `nf4_matmul_t(dy, qt)` can run this case (``dy`` ends in out_features)."""
+    if dy.ndim == 0 or len(qt.shape) != 2 or dy.shape[-1] != qt.shape[0]:
+        return False
+    return tiling.why_unsupported(qt, qt.shape[1], rows=_rows(dy), **tiles) is None
+
+
 def nf4_matmul(
     x: jax.Array,  # (..., in_features)
     qt: QuantizedTensor,  # (out_features, in_features), PyTorch layout
     *,
     compute_dtype: jnp.dtype = jnp.bfloat16,
+    out_dtype: jnp.dtype | None = None,
     interpret: bool = False,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
-) -> jax.Array:  # (..., out_features) in compute_dtype
+) -> jax.Array:  # (..., out_features) in out_dtype (default: compute_dtype)
     """``x.astype(compute_dtype) @ dequantize_4bit(qt, compute_dtype).T``, fused; float32 accumulation.
 
     ``block_n`` tiles ``out_features`` (one program each), ``block_k`` tiles ``in_features`` (the
-    loop inside a program); ``None`` picks a default (see the module docstring). Raises ValueError
-    for a case the kernel does not handle; check `supports` first to fall back to the jnp path.
+    loop inside a program); ``None`` picks a default (see the module docstring). ``out_dtype=float32``
+    returns the accumulator unrounded (`jaxlora.qmatmul` adds the bias before rounding, as torch's
+    addmm does). Raises ValueError for a case the kernel does not handle; check `supports` first to
+    fall back to the jnp path.
     """
     t = tiling.choose(qt, x.shape[-1], block_m=block_m, block_n=block_n, block_k=block_k, rows=_rows(x))
     n_out, n_in = qt.shape
@@ -94,7 +104,7 @@ def nf4_matmul(
     ]
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((x2.shape[0], n_out), compute_dtype),
+        out_shape=jax.ShapeDtypeStruct((x2.shape[0], n_out), out_dtype or compute_dtype),
         grid=(x2.shape[0] // t.block_m, n_out // t.block_n),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j)),
