@@ -71,3 +71,33 @@ class QuantizedTensor:
         """Bytes of storage: codes, scales and nested scales (what the frozen base costs in memory)."""
         leaves = (self.codes, self.absmax, self.nested_absmax, self.offset)
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in leaves if a is not None)
+
+    def validate(self) -> QuantizedTensor:
+        """Check that the leaves agree with the metadata (shapes and dtypes only, so it works on traced
+        values); raise ValueError naming the disagreement. Returns self."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if self.numel == 0:
+            raise ValueError(f"shape {self.shape} has no elements")
+        ncodes = (self.numel + 1) // 2 if self.bits == 4 else self.numel
+        _expect("codes", self.codes, (ncodes,), np.uint8, self.shape)
+        if (self.nested_absmax is None) != (self.offset is None):
+            raise ValueError("nested_absmax and offset must both be set (double quantization) or both None")
+        if self.double_quant:
+            nnested = -(-self.nblocks // self.nested_blocksize)
+            _expect("absmax", self.absmax, (self.nblocks,), np.uint8, self.shape)
+            _expect("nested_absmax", self.nested_absmax, (nnested,), np.float32, self.shape)
+            _expect("offset", self.offset, (), np.float32, self.shape)
+        else:
+            _expect("absmax", self.absmax, (self.nblocks,), np.float32, self.shape)
+        return self
+
+
+def _expect(name: str, a, shape: tuple[int, ...], dtype, of_shape: tuple[int, ...]) -> None:
+    if tuple(a.shape) != shape or np.dtype(a.dtype) != np.dtype(dtype):
+        raise ValueError(
+            f"{name} must be {np.dtype(dtype).name}{list(shape)} for a tensor of shape {of_shape}, "
+            f"got {np.dtype(a.dtype).name}{list(a.shape)}"
+        )
