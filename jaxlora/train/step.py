@@ -43,9 +43,15 @@ def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]
     return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 
-@functools.partial(nnx.jit, static_argnames=("offload_optimizer",))
-def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, offload_optimizer: bool = False) -> dict:
+@functools.partial(nnx.jit, static_argnames=("offload_optimizer", "wrt"))
+def train_step(
+    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, offload_optimizer: bool = False, wrt=nnx.LoRAParam
+) -> dict:
     """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`).
+
+    wrt: which variables get gradients — adapters (`nnx.LoRAParam`) for LoRA training; `nnx.Param`
+    for full training of a dense model (the demo pretrains its base that way). It must match the
+    optimizer's own `wrt`.
 
     offload_optimizer: the optimizer state lives in host memory between steps (see
     `offload_optimizer_state`); it is copied to the device for the update and back after it.
@@ -56,7 +62,7 @@ def train_step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, offl
         return loss, n
 
     # DiffState(0, LoRAParam): gradients exist for adapters only; the frozen base never gets one.
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam), has_aux=True)
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
     (loss, n), grads = grad_fn(model)
     # optax mixes its int32 step count with floats (bias correction, schedules): keep the user's strict
     # promotion mode for the model, but let optax's own arithmetic promote as it was written to.
