@@ -1,0 +1,266 @@
+"""Adapters at model level: inject `LoRALinear` / `QLoRALinear` by `LoraConfig`, switch, combine, merge.
+
+A module's path is its attribute path joined by dots (``model.layers.0.self_attn.q_proj``): the
+transformers module name, so PEFT's ``target_modules`` select the same layers here. The model records
+its adapters' configs in ``model.lora_configs`` (``(name, LoraConfig)`` pairs: static, hashable graph
+data, so a jitted function may take the model) and the active one in ``model.active_adapter``; each
+layer holds its own adapters (`jaxlora.layers`). Nothing here knows file formats (`jaxlora.peft_io`).
+
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32), rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)  # adapters move, nothing else
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from flax import nnx
+
+from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.qlinear import QuantizedLinear
+from jaxlora.lora import CombinationType
+from jaxlora.lora_config import LoraConfig
+
+OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
+_LINEAR = (nnx.Linear, QuantizedLinear, LoRALinear)
+
+
+class Target(NamedTuple):
+    """A linear layer an adapter goes to: where it sits and what it gets."""
+
+    path: tuple[str | int, ...]  # attribute path, ints index nnx.List
+    name: str  # the dotted path, PEFT's module name
+    module: nnx.Module  # nnx.Linear, QuantizedLinear, or a LoRALinear that gets one more adapter
+    r: int
+    lora_alpha: float
+
+
+def _dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers."""
+    found = {_dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, _LINEAR)}
+    lora_paths = [name for name, (_, m) in found.items() if isinstance(m, LoRALinear)]
+    return {name: v for name, v in found.items() if not any(name.startswith(lp + ".") for lp in lora_paths)}
+
+
+def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
+    """Dotted path -> every `LoRALinear` (and `QLoRALinear`) in the model."""
+    return {name: m for name, (_, m) in linear_modules(model).items() if isinstance(m, LoRALinear)}
+
+
+def adapter_configs(model: nnx.Module) -> dict[str, LoraConfig]:
+    """Adapter name -> its `LoraConfig`, in the order the adapters were added."""
+    return dict(getattr(model, "lora_configs", ()))
+
+
+def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
+    """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
+    targets = []
+    for name, (path, module) in linear_modules(model).items():
+        if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
+            continue
+        r = config.r_for(name)
+        in_f, out_f = module.in_features, module.out_features
+        if r > min(in_f, out_f):
+            raise ValueError(f"{name}: r={r} exceeds min(in_features, out_features) = {min(in_f, out_f)}")
+        if config.init_lora_weights in ("pissa", "loftq") and isinstance(_base(module), QuantizedLinear):
+            raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
+                             "this layer is already quantized; inject into the dense model and quantize with "
+                             "QLoRALinear.from_linear")
+        targets.append(Target(path, name, module, r, config.alpha_for(name)))
+    if not targets:
+        names = list(linear_modules(model))
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+                         f"matches no linear layer; available names: {suffixes}, e.g. paths {names[:4]}")
+    return targets
+
+
+def _base(module):
+    return module.base if isinstance(module, LoRALinear) else module
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = new
+    else:
+        setattr(parent, path[-1], new)
+
+
+def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Adds adapter `adapter_name` to the layers `config` selects; the active adapter stays active (PEFT).
+    All checks run before the model is touched."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a jaxlora LoraConfig, got {type(config).__name__}")
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; have {list(configs)}")
+    targets = find_targets(model, config)
+    for t in targets:
+        kw = dict(r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
+                  use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
+                  loftq_iter=config.loftq_config.get("loftq_iter", 1), rngs=rngs)
+        if isinstance(t.module, LoRALinear):
+            t.module.add_adapter(adapter_name, **kw)
+            continue
+        cls = QLoRALinear if isinstance(t.module, QuantizedLinear) else LoRALinear
+        layer = cls(t.module, adapter_name=adapter_name, **kw)
+        if configs:  # a fresh layer activates its first adapter; the model's active one decides
+            _activate(layer, getattr(model, "active_adapter", None))
+        _replace(model, t.path, layer)
+    model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
+    if not configs:
+        model.active_adapter = adapter_name
+    return model
+
+
+def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, adapter_name: str = "default"):
+    """PEFT's ``get_peft_model``: replaces the targeted ``nnx.Linear`` by `LoRALinear` and
+    `QuantizedLinear` by `QLoRALinear`, in place, and returns the model with `adapter_name` active."""
+    if adapter_configs(model):
+        raise ValueError(f"model already has adapters {list(adapter_configs(model))}; use add_adapter")
+    return add_adapter(model, adapter_name, config, rngs=rngs)
+
+
+def _activate(layer: LoRALinear, name: str | None) -> None:
+    if name is not None and name in layer.adapters:
+        layer.set_adapter(name)
+    else:  # this layer has no such adapter: it runs its base alone
+        layer.active_adapter = None
+
+
+def set_adapter(model: nnx.Module, adapter_name: str) -> None:
+    """Makes `adapter_name` the active adapter of every layer (layers without it run their base)."""
+    if adapter_name not in adapter_configs(model):
+        raise ValueError(f"unknown adapter {adapter_name!r}; have {list(adapter_configs(model))}")
+    for layer in lora_layers(model).values():
+        _activate(layer, adapter_name)
+    model.active_adapter = adapter_name
+
+
+class disable_adapters:  # noqa: N801 -- used as a function and as a context manager, like PEFT's disable_adapter
+    """Base model only: ``disable_adapters(model)`` until `enable_adapters`, or ``with disable_adapters(model):``.
+    Merged adapters are unmerged first, as PEFT does."""
+
+    def __init__(self, model: nnx.Module):
+        self.model = model
+        for layer in lora_layers(model).values():
+            layer.disable_adapter_layers()
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc):
+        enable_adapters(self.model)
+
+
+def enable_adapters(model: nnx.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.enable_adapter_layers()
+
+
+def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
+    """Removes an adapter; a layer left without adapters goes back to its base. If it was active, the first
+    remaining adapter becomes active (PEFT's rule)."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; have {list(configs)}")
+    for name, (path, layer) in linear_modules(model).items():
+        if isinstance(layer, LoRALinear) and adapter_name in layer.adapters:
+            layer.delete_adapter(adapter_name)
+            if not layer.adapters:
+                _replace(model, path, layer.unload())
+    del configs[adapter_name]
+    model.lora_configs = tuple(configs.items())
+    if model.active_adapter == adapter_name:
+        model.active_adapter = None
+        if configs:
+            set_adapter(model, next(iter(configs)))
+
+
+def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: CombinationType = "svd", svd_rank: int | None = None) -> None:
+    """PEFT's ``add_weighted_adapter``: a new adapter on the union of the sources' layers, combined per layer
+    ("linear" or "svd", see `jaxlora.lora`), with scale 1 (lora_alpha = r). Not activated."""
+    configs = adapter_configs(model)
+    unknown = [a for a in adapters if a not in configs]
+    if unknown or not adapters:
+        raise ValueError(f"unknown adapters {unknown or adapters!r}; have {list(configs)}")
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists")
+    if any(configs[a].use_dora for a in adapters):
+        raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
+    ranks = {}
+    for name, layer in lora_layers(model).items():
+        present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
+        if present:
+            layer.add_weighted_adapter([a for a, _ in present], [w for _, w in present], adapter_name,
+                                       combination_type=combination_type, svd_rank=svd_rank)
+            _activate(layer, model.active_adapter)
+            ranks[name] = layer.adapters[adapter_name].r
+    r = max(ranks.values())
+    pattern = {re.escape(n): k for n, k in ranks.items() if k != r}
+    config = dataclasses.replace(
+        configs[adapters[0]], r=r, lora_alpha=r, target_modules=tuple(ranks), exclude_modules=None,
+        rank_pattern=pattern, alpha_pattern=pattern, use_rslora=False, lora_dropout=0.0, init_lora_weights=True,
+        loftq_config={},
+    )
+    model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
+
+
+def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
+    for name, (path, layer) in linear_modules(model).items():
+        if not isinstance(layer, LoRALinear):
+            continue
+        if merge and layer.active_adapter is not None:
+            base = (layer.merge_and_unload(requantize=requantize) if isinstance(layer.base, QuantizedLinear)
+                    else layer.merge_and_unload())
+        else:
+            base = layer.unload()
+        _replace(model, path, base)
+    for attr in ("lora_configs", "active_adapter"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def merge_and_unload(model: nnx.Module, *, requantize: bool = False) -> nnx.Module:
+    """The plain model with each layer's active adapter folded in, in place; `save_pretrained` writes it as an
+    HF checkpoint. A dense base is merged exactly (W + s A B in float32, cast to W's dtype). A quantized base
+    becomes an ``nnx.Linear`` holding dequantize(W) + delta in W's original dtype -- no new quantization
+    error; ``requantize=True`` re-quantizes instead, as PEFT's bnb merge does (adds a fresh NF4 error)."""
+    return _strip(model, merge=True, requantize=requantize)
+
+
+def unload(model: nnx.Module) -> nnx.Module:
+    """The base model again, adapters dropped (nothing merged)."""
+    return _strip(model, merge=False, requantize=False)
+
+
+def print_trainable_parameters(model: nnx.Module) -> tuple[int, int]:
+    """Prints PEFT's line and returns (trainable, all). Trainable = ``nnx.LoRAParam`` elements (A, B, DoRA
+    magnitude). All = every ``nnx.Param`` plus each quantized layer's bias and its weight counted as
+    out * in elements -- PEFT's convention for bitsandbytes 4-bit (packed bytes x 2); absmax and other
+    quantization state are not counted, as in PEFT."""
+    count = lambda state: sum(math.prod(x.shape) for x in nnx.to_flat_state(state).leaves)  # noqa: E731
+    trainable = count(nnx.state(model, nnx.LoRAParam))
+    total = count(nnx.state(model, nnx.Param))
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, QuantizedLinear):
+            total += math.prod(module.weight.value.shape)
+            if module.bias is not None:
+                total += math.prod(module.bias.value.shape)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+    return trainable, total

@@ -1,0 +1,200 @@
+"""`LoraConfig`: PEFT's ``LoraConfig`` fields that jaxlora implements, validated once, plus PEFT's matching rules.
+
+Field names, defaults (except ``target_modules``) and matching semantics are peft 0.21's
+(``tuners/lora/config.py``, ``tuners/tuners_utils.check_target_module_exists``,
+``utils/other.get_pattern_key``), so an ``adapter_config.json`` means the same thing on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Literal
+
+ALL_LINEAR = "all-linear"
+INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "loftq")
+TaskType = Literal["CAUSAL_LM"]
+
+# adapter_config.json keys that carry no behaviour jaxlora must reproduce (bookkeeping).
+_INFORMATIONAL = frozenset({
+    "base_model_name_or_path", "revision", "inference_mode", "peft_version", "auto_mapping", "megatron_core",
+    "qalora_group_size",
+})
+
+
+def _frozen_mapping(value: Mapping | None, what: str, check) -> MappingProxyType:
+    if value is None:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{what} must be a dict of regex -> value, got {type(value).__name__}")
+    for key, v in value.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what} keys must be str (regexes), got {key!r}")
+        _compile(key, what)
+        check(key, v)
+    return MappingProxyType(dict(value))
+
+
+def _compile(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{what}: {pattern!r} is not a valid regex ({e})") from e
+
+
+def _names(value, what: str) -> str | tuple[str, ...] | None:
+    """None, a regex string, or module names (a list in PEFT; kept as a tuple so the config hashes)."""
+    if value is None or isinstance(value, str):
+        if isinstance(value, str):
+            _compile(value, what)
+        return value
+    if isinstance(value, Sequence | set | frozenset) and all(isinstance(v, str) and v for v in value):
+        return tuple(sorted(value)) if isinstance(value, set | frozenset) else tuple(value)
+    raise TypeError(f"{what} must be None, a regex string or a list of module names, got {value!r}")
+
+
+def _positive_int(key, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"rank_pattern[{key!r}]={v!r} must be a positive int")
+
+
+def _positive_number(key, v):
+    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+        raise ValueError(f"alpha_pattern[{key!r}]={v!r} must be a positive number")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Which linear layers get an adapter, and the adapter's settings (PEFT's names and meanings).
+
+    >>> config = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+    >>> config.r_for("model.layers.0.self_attn.v_proj"), config.scaling_for("model.layers.0.self_attn.q_proj")
+    (4, 2.0)
+    """
+
+    r: int = 8  # rank
+    lora_alpha: float = 8  # scaling = lora_alpha / r (PEFT's default alpha is 8)
+    lora_dropout: float = 0.0  # dropout on the adapter's input only
+    # "all-linear" (every linear layer but the output head ``lm_head``, as PEFT), module names (a name
+    # matches a path equal to it or ending in "." + it) or one regex full-matched against the path.
+    # Default "all-linear", not PEFT's per-architecture q_proj/v_proj: seed 003 reports that adapting
+    # all linear layers beats attention-only adapters (5x the parameters, clearly better results).
+    target_modules: str | tuple[str, ...] = ALL_LINEAR
+    exclude_modules: str | tuple[str, ...] | None = None  # same matching as target_modules; wins over it
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # regex -> r, see `r_for`
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # regex -> lora_alpha
+    use_rslora: bool = False  # scaling = lora_alpha / sqrt(r) (Kalajdzievski 2023)
+    use_dora: bool = False  # weight-decomposed LoRA (Liu et al. 2024)
+    init_lora_weights: bool | str = True  # True (B = 0), False (random B), "gaussian", "pissa", "loftq"
+    loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {"loftq_iter": n} for "loftq"
+    bias: Literal["none"] = "none"  # jaxlora keeps every base bias frozen
+    task_type: TaskType | None = "CAUSAL_LM"
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r={self.r!r} must be a positive int")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number")
+        if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
+        target = self.target_modules
+        if isinstance(target, str) and target.lower() == ALL_LINEAR:
+            target = ALL_LINEAR
+        elif target is None:
+            raise ValueError("target_modules=None: give 'all-linear', module names or a regex")
+        object.__setattr__(self, "target_modules", _names(target, "target_modules"))
+        object.__setattr__(self, "exclude_modules", _names(self.exclude_modules, "exclude_modules"))
+        object.__setattr__(self, "rank_pattern", _frozen_mapping(self.rank_pattern, "rank_pattern", _positive_int))
+        alpha_pattern = _frozen_mapping(self.alpha_pattern, "alpha_pattern", _positive_number)
+        object.__setattr__(self, "alpha_pattern", alpha_pattern)
+        object.__setattr__(self, "loftq_config", MappingProxyType(dict(self.loftq_config or {})))
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
+        init = self.init_lora_weights
+        if not (isinstance(init, bool) or (isinstance(init, str) and init in INIT_LORA_WEIGHTS)):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported; jaxlora implements "
+                             f"{', '.join(map(repr, INIT_LORA_WEIGHTS))}")
+        if self.bias != "none":
+            raise ValueError(f"bias={self.bias!r} is not supported: jaxlora trains adapters only and keeps every "
+                             "base bias frozen (bias='none')")
+        if self.task_type not in ("CAUSAL_LM", None):
+            raise ValueError(f"task_type={self.task_type!r} is not supported; jaxlora has causal LMs ('CAUSAL_LM')")
+        unknown = set(self.loftq_config) - {"loftq_bits", "loftq_iter"}
+        if unknown or self.loftq_config.get("loftq_bits", 4) != 4:
+            raise ValueError(f"loftq_config={dict(self.loftq_config)!r}: jaxlora's LoftQ is 4-bit NF4 and takes "
+                             "only loftq_bits=4 and loftq_iter")
+
+    def __hash__(self):  # the mappings are read-only views; hash their JSON (configs are static graph data)
+        return hash(json.dumps(self.to_peft_dict(), sort_keys=True, default=str))
+
+    # --- what each module gets -------------------------------------------------------------------------
+
+    def r_for(self, path: str) -> int:
+        """The rank of the module at `path`: the first ``rank_pattern`` key matching (PEFT's get_pattern_key)."""
+        return self.rank_pattern.get(_pattern_key(self.rank_pattern, path), self.r)
+
+    def alpha_for(self, path: str) -> float:
+        return self.alpha_pattern.get(_pattern_key(self.alpha_pattern, path), self.lora_alpha)
+
+    def scaling_for(self, path: str) -> float:
+        r, alpha = self.r_for(path), self.alpha_for(path)
+        return alpha / r**0.5 if self.use_rslora else alpha / r
+
+    def targets(self, path: str, *, is_output_head: bool = False) -> bool:
+        """Whether the linear layer at `path` gets an adapter (PEFT's check_target_module_exists)."""
+        if self.exclude_modules is not None and _matches(self.exclude_modules, path):
+            return False
+        if self.target_modules == ALL_LINEAR:
+            return not is_output_head
+        return _matches(self.target_modules, path)
+
+    # --- adapter_config.json ---------------------------------------------------------------------------
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` dict that ``peft.PeftConfig.from_pretrained`` reads."""
+        names = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        return {
+            "peft_type": "LORA", "task_type": self.task_type, "r": self.r, "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout, "target_modules": names(self.target_modules),
+            "exclude_modules": names(self.exclude_modules), "rank_pattern": dict(self.rank_pattern),
+            "alpha_pattern": dict(self.alpha_pattern), "use_rslora": self.use_rslora, "use_dora": self.use_dora,
+            "init_lora_weights": self.init_lora_weights, "loftq_config": dict(self.loftq_config), "bias": self.bias,
+            "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "base_model_name_or_path": None, "inference_mode": True,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
+        """Reads an ``adapter_config.json`` dict; a field jaxlora does not implement, set to anything but
+        its off value (None, False, {} or []), raises ValueError naming it."""
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"peft_type={d.get('peft_type')!r}: jaxlora reads LoRA adapters only ('LORA')")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for key, value in d.items():
+            if key in fields or key in _INFORMATIONAL or key == "peft_type":
+                continue
+            if value not in (None, False, {}, []):
+                raise ValueError(f"adapter config field {key}={value!r} is not supported by jaxlora")
+        kw = {k: d[k] for k in fields if k in d}
+        if kw.get("target_modules") is None:
+            raise ValueError("adapter config has target_modules=None (PEFT's per-architecture default); "
+                             "jaxlora needs explicit target_modules")
+        return cls(**kw)
+
+
+def _matches(names: str | tuple[str, ...], path: str) -> bool:
+    if isinstance(names, str):  # one regex, full-matched against the whole path
+        return re.fullmatch(names, path) is not None
+    return path in names or any(path.endswith(f".{n}") for n in names)
+
+
+def _pattern_key(patterns: Mapping[str, Any], path: str) -> str:
+    """PEFT's get_pattern_key: the first key k with ``re.match(rf"(.*\\.)?({k})$", path)``."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return path

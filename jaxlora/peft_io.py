@@ -1,0 +1,141 @@
+"""PEFT adapter directories: ``adapter_model.safetensors`` + ``adapter_config.json``, both ways.
+
+Tensor names are PEFT's with the adapter name stripped (peft 0.21 ``get_peft_model_state_dict``):
+``base_model.model.<module path>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r), and for DoRA
+``.lora_magnitude_vector`` (out,), all float32. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
+what `save_adapter` writes; `load_adapter` reads what PEFT's ``save_pretrained`` writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from jaxlora.adapters import adapter_configs, add_adapter, find_targets, lora_layers, set_adapter
+from jaxlora.lora_config import ALL_LINEAR, LoraConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PREFIX = "base_model.model."
+# Adapter tensors may come in any float width (PEFT saves the parameters' dtype); each widens to float32 exactly.
+_FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> Path:
+    """Writes one adapter (default: the active one) as a PEFT adapter directory, atomically: the files are
+    written in a temporary directory beside `directory` and renamed into place. "all-linear" is written as
+    the list of adapted module paths, as PEFT does."""
+    configs = adapter_configs(model)
+    name = adapter_name or getattr(model, "active_adapter", None)
+    if name not in configs:
+        raise ValueError(f"no adapter {name!r} to save; have {list(configs)}")
+    tensors = {}
+    for path, layer in lora_layers(model).items():
+        if name in layer.adapters:
+            for key, value in layer.peft_state(name).items():
+                tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
+    config = configs[name].to_peft_dict()
+    if config["target_modules"] == ALL_LINEAR:
+        config["target_modules"] = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if not target.exists():
+            tmp.rename(target)
+            return target
+        for file in (WEIGHTS_NAME, CONFIG_NAME):
+            os.replace(tmp / file, target / file)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    file = Path(directory) / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a PEFT adapter directory needs {CONFIG_NAME}")
+    try:
+        return LoraConfig.from_peft_dict(json.loads(file.read_text()))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{file}: {e}") from e
+
+
+def _expected(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    """File key -> shape, for the layers `config` selects in `model`."""
+    shapes = {}
+    for t in find_targets(model, config):
+        in_f, out_f = t.module.in_features, t.module.out_features
+        shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
+        shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
+        if config.use_dora:
+            shapes[f"{PREFIX}{t.name}.lora_magnitude_vector"] = (out_f,)
+    return shapes
+
+
+def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str = "default",
+                 rngs: nnx.Rngs) -> nnx.Module:
+    """Injects the adapter of a PEFT adapter directory into `model` and fills it. Every tensor's name, shape
+    and dtype is checked against the model before the model is touched. The first adapter of a model
+    becomes active; a further one does not (PEFT's ``load_adapter``; use `set_adapter`)."""
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    file = directory / WEIGHTS_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found (jaxlora reads safetensors adapters only)")
+    if adapter_name in adapter_configs(model):
+        raise ValueError(f"adapter {adapter_name!r} already exists; have {list(adapter_configs(model))}")
+    # PiSSA / LoftQ initialisation would rewrite the base weights; the file already holds the result.
+    init = config.init_lora_weights if isinstance(config.init_lora_weights, bool) else True
+    inject = dataclasses.replace(config, init_lora_weights=init)
+    expected = _expected(model, inject)
+    try:
+        with safe_open(file, framework="np") as f:
+            keys = set(f.keys())
+            missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
+            if missing:
+                raise ValueError(f"{file}: missing {len(missing)} adapter tensors, e.g. {missing[:3]}")
+            if extra:
+                raise ValueError(f"{file}: {len(extra)} tensors no targeted module takes, e.g. {extra[:3]} "
+                                 f"(target_modules={config.target_modules!r})")
+            for key, shape in expected.items():
+                info = f.get_slice(key)
+                if tuple(info.get_shape()) != shape:
+                    raise ValueError(f"{file}: {key} has shape {tuple(info.get_shape())}, the model and "
+                                     f"config imply {shape}")
+                if info.get_dtype() not in _FLOAT_DTYPES:
+                    raise ValueError(f"{file}: {key} has dtype {info.get_dtype()}, expected one of {_FLOAT_DTYPES}")
+        tensors = _read(file)
+    except SafetensorError as e:
+        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+    first = not adapter_configs(model)
+    add_adapter(model, adapter_name, inject, rngs=rngs)
+    model.lora_configs = model.lora_configs[:-1] + ((adapter_name, config),)
+    for path, layer in lora_layers(model).items():
+        if adapter_name in layer.adapters:
+            prefix = f"{PREFIX}{path}."
+            layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                  adapter_name)
+    if first:
+        set_adapter(model, adapter_name)
+    return model
+
+
+def _read(file: Path) -> dict:
+    """All tensors as float32 jax arrays (bf16 goes through the flax reader: numpy has no bfloat16)."""
+    with safe_open(file, framework="flax") as f:
+        return {k: jnp.asarray(f.get_tensor(k), jnp.float32) for k in f.keys()}

@@ -1,0 +1,166 @@
+"""PEFT adapter files both ways, merged checkpoints and QLoRA, against transformers + PEFT (+ bitsandbytes).
+
+Error measure: rel_err = max|ours - theirs| / max|theirs| over the logits (as test_model_parity). Bounds:
+fp32 models differ only in summation order, so 1e-4 (the model parity bound) has ~100x headroom over the
+measured ~1e-6; every adapter has nonzero A and B, and each test checks that the adapter moves the logits
+by far more than the bound (`assert_adapted`), so a silently dropped adapter fails.
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from jaxlora.adapters import get_peft_model, merge_and_unload
+from jaxlora.generate import generate
+from jaxlora.lora_config import LoraConfig
+from jaxlora.models.loading import from_pretrained, save_pretrained
+from jaxlora.models.quantize import QuantConfig, quantize_model
+from jaxlora.peft_io import load_adapter, save_adapter
+from torch_ref import hf_ref, peft_ref
+
+FAMILIES = ("llama", "mistral", "qwen2")  # qwen2: q/k/v biases under the adapters
+TOL = 1e-4
+
+
+def rel_err(ours, theirs):
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def ids(seed=0, seq=12):
+    return np.random.default_rng(seed).integers(3, 256, (2, seq))
+
+
+def torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def assert_adapted(adapted, base):
+    """The adapter must matter: a parity test that passes with the adapter dropped proves nothing."""
+    assert rel_err(adapted, base) > 1e-2
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    return hf_ref.save_tiny_model(request.param, tmp_path_factory.mktemp(request.param), seed=1)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return hf_ref.save_tiny_model("llama", tmp_path_factory.mktemp("llama"), seed=1)
+
+
+def jax_adapted(path, config=None, quantized=False):
+    model = from_pretrained(path)
+    if quantized:  # NF4 + double quantization, float32 compute: transformers' BitsAndBytesConfig below
+        quantize_model(model, QuantConfig(compute_dtype=jnp.float32))
+    # init_lora_weights=False draws B at random (nonzero) instead of PEFT's B = 0.
+    config = config or LoraConfig(r=4, lora_alpha=8, init_lora_weights=False)
+    return get_peft_model(model, config, rngs=nnx.Rngs(3))
+
+
+def test_jaxlora_adapter_loads_in_peft(checkpoint, tmp_path):
+    """save_adapter -> PeftModel.from_pretrained: same logits; "all-linear" written as PEFT writes it."""
+    model = jax_adapted(checkpoint)
+    save_adapter(model, tmp_path / "adapter")
+    written = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "lm_head" not in written["target_modules"] and len(written["target_modules"]) == 14
+    tokens = ids()
+    peft = peft_ref.load_adapter(hf_ref.load_model(checkpoint), tmp_path / "adapter")
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(checkpoint), tokens))
+
+
+def test_peft_adapter_loads_in_jaxlora(checkpoint, tmp_path):
+    """A PEFT-saved adapter with random A, B -> load_adapter: same logits."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(checkpoint), seed=2, r=4, lora_alpha=16,
+                                   target_modules="all-linear")
+    peft.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(from_pretrained(checkpoint), tmp_path / "adapter", rngs=nnx.Rngs(0))
+    tokens = ids(1)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(checkpoint), tokens))
+
+
+VARIANTS = {
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 2, r"layers\.1\.mlp\.down_proj": 6}, alpha_pattern={"q_proj": 3}),
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=r".*\.(k_proj|up_proj)"),
+    "dora": dict(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear", exclude_modules=["gate_proj"]),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_config_variants_round_trip(llama, tmp_path, variant):
+    """PEFT -> jaxlora -> PEFT for rank/alpha patterns, rsLoRA (+ regex targets), DoRA (+ exclude): the
+    logits agree at every hop and the re-saved config means what PEFT's did."""
+    cfg = VARIANTS[variant]
+    peft = peft_ref.random_adapter(hf_ref.load_model(llama), seed=4, **cfg)
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(llama), tmp_path / "peft", rngs=nnx.Rngs(0))
+    save_adapter(model, tmp_path / "ours")
+    again = peft_ref.load_adapter(hf_ref.load_model(llama), tmp_path / "ours")
+    tokens = ids(2)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    assert rel_err(torch_logits(again, tokens), theirs) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(llama), tokens))
+    # Tensor by tensor too: jaxlora writes back exactly what PEFT wrote (float32 through, no arithmetic).
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_merged_checkpoint_loads_in_transformers(checkpoint, tmp_path):
+    """merge_and_unload -> save_pretrained -> transformers: the adapted model's logits, no PEFT needed."""
+    model = jax_adapted(checkpoint)
+    tokens = ids(3)
+    adapted = model(jnp.asarray(tokens))
+    save_pretrained(merge_and_unload(model), tmp_path / "merged")
+    merged = hf_ref.load_model(tmp_path / "merged")
+    assert rel_err(torch_logits(merged, tokens), adapted) < TOL
+    assert_adapted(adapted, torch_logits(hf_ref.load_model(checkpoint), tokens))
+
+
+def test_qlora_adapter_matches_bnb_peft(checkpoint, tmp_path):
+    """NF4 + double-quantized base on both sides (jaxlora's bytes equal bitsandbytes', tested elsewhere),
+    float32 compute, the same adapter file: logits agree to fp32 rounding. Then the merged QLoRA model
+    (dequantize(W) + delta, no re-quantization) saved dense loads in transformers with the same logits."""
+    model = jax_adapted(checkpoint, quantized=True)
+    save_adapter(model, tmp_path / "adapter")
+    bnb_model = peft_ref.load_adapter(
+        hf_ref.load_quantized_model(checkpoint, hf_ref.bnb_4bit_config(compute_dtype=torch.float32)),
+        tmp_path / "adapter",
+    )
+    tokens = ids(4)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(bnb_model, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(checkpoint), tokens))
+    save_pretrained(merge_and_unload(model), tmp_path / "merged")
+    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+
+
+def test_greedy_generation_with_adapter(llama, tmp_path):
+    """jaxlora generate (KV cache, left padding) with an adapter = PEFT model.generate(do_sample=False)."""
+    model = jax_adapted(llama)
+    save_adapter(model, tmp_path / "adapter")
+    peft = peft_ref.load_adapter(hf_ref.load_model(llama), tmp_path / "adapter")
+    tokens, mask = ids(5, seq=6), np.ones((2, 6), np.int64)
+    tokens[1, :2], mask[1, :2] = 0, 0
+    ours = generate(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), max_new_tokens=12)
+    with torch.no_grad():
+        theirs = peft.generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), max_new_tokens=12,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+    np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+    with torch.no_grad():
+        base = hf_ref.load_model(llama).generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                                                 max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert not np.array_equal(base.numpy(), theirs.numpy())  # the adapter changes what is generated

@@ -1,0 +1,327 @@
+"""Adapter injection, targeting, multi-adapter switching, PEFT file I/O and merging, JAX only (no torch).
+
+Parity with PEFT itself is in parity_tests/test_adapters_parity.py; here the properties that need no
+reference: which layers get adapters, what trains, what each model-level operation does to the logits.
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from jaxlora.adapters import (add_adapter, add_weighted_adapter, adapter_configs, delete_adapter, disable_adapters,
+                              get_peft_model, lora_layers, merge_and_unload, print_trainable_parameters,
+                              set_adapter, unload)
+from jaxlora.generate import generate
+from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.lora_config import LoraConfig
+from jaxlora.models.config import LlamaConfig
+from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.peft_io import load_adapter, save_adapter
+from jaxlora.models.quantize import QuantConfig, quantize_model
+
+TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2)
+ALL_14 = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head excluded
+# init_lora_weights=False: B is random, so every adapter changes the output (PEFT's default B = 0 would not).
+RANDOM = dict(r=4, lora_alpha=8, init_lora_weights=False)
+
+
+def tiny(seed=0, **overrides) -> LlamaForCausalLM:
+    return LlamaForCausalLM(dataclasses.replace(TINY, **overrides), rngs=nnx.Rngs(seed))
+
+
+def tokens(seed=0):
+    return jax.random.randint(jax.random.key(seed), (2, 8), 0, 64)
+
+
+def diff(a, b) -> float:
+    return float(jnp.abs(a - b).max())
+
+
+def quantize_linears(model):
+    """Every linear but lm_head -> QuantizedLinear (NF4 + double quantization), as transformers does."""
+    return quantize_model(model, QuantConfig(compute_dtype=jnp.float32))
+
+
+# --- LoraConfig -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(r=0), "r=0"), (dict(lora_alpha=-1), "lora_alpha"), (dict(lora_dropout=1.0), "lora_dropout"),
+    (dict(bias="all"), "bias='all'"), (dict(task_type="SEQ_CLS"), "task_type"),
+    (dict(init_lora_weights="olora"), "olora"), (dict(target_modules="(unclosed"), "not a valid regex"),
+    (dict(rank_pattern={"q_proj": 0}), "rank_pattern"), (dict(target_modules=None), "target_modules=None"),
+])
+def test_config_rejects_bad_values(kw, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        LoraConfig(**kw)
+
+
+def test_config_peft_dict_round_trip_and_hash():
+    cfg = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "v_proj"], exclude_modules=r".*layers\.0\..*",
+                     rank_pattern={"v_proj": 4}, alpha_pattern={"q_proj": 8}, use_rslora=True, use_dora=True,
+                     init_lora_weights="gaussian", lora_dropout=0.1)
+    d = json.loads(json.dumps(cfg.to_peft_dict()))
+    assert d["target_modules"] == ["q_proj", "v_proj"] and d["peft_type"] == "LORA"
+    assert LoraConfig.from_peft_dict(d) == cfg and hash(LoraConfig.from_peft_dict(d)) == hash(cfg)
+    with pytest.raises(TypeError):
+        cfg.rank_pattern["x"] = 1  # read-only: a config is frozen all the way down
+
+
+@pytest.mark.parametrize("field, value", [("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]),
+                                          ("layers_to_transform", [0]), ("peft_type", "IA3"), ("lora_bias", True)])
+def test_config_from_peft_dict_names_unsupported_fields(field, value):
+    d = LoraConfig().to_peft_dict() | {field: value}
+    with pytest.raises(ValueError, match=field):
+        LoraConfig.from_peft_dict(d)
+
+
+def test_config_ignores_bookkeeping_fields():
+    d = LoraConfig().to_peft_dict() | {"peft_version": "0.21.2", "base_model_name_or_path": "x", "eva_config": None}
+    assert LoraConfig.from_peft_dict(d) == LoraConfig()
+
+
+# --- targeting and patterns -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, expected", [
+    (dict(), ALL_14),  # "all-linear" is the default, without lm_head
+    (dict(target_modules=["q_proj", "v_proj"]), 4),
+    (dict(target_modules=["model.layers.1.mlp.down_proj", "o_proj"]), 3),  # a full path or a suffix
+    (dict(target_modules=r".*layers\.0\..*_proj"), 7),  # a regex is full-matched
+    (dict(target_modules=r"q_proj"), 0),  # ... so a bare name as a regex matches nothing (PEFT's rule)
+    (dict(exclude_modules=["gate_proj", "up_proj"]), 10),
+    (dict(target_modules=["q_proj", "lm_head"]), 3),  # lm_head only when named
+    (dict(exclude_modules=r".*layers\.1\..*"), 7),
+])
+def test_targeting(kw, expected):
+    model, config = tiny(), LoraConfig(**kw)
+    if expected == 0:
+        with pytest.raises(ValueError, match="matches no linear layer.*q_proj"):
+            get_peft_model(model, config, rngs=nnx.Rngs(0))
+        assert not lora_layers(model)  # nothing was touched
+        return
+    get_peft_model(model, config, rngs=nnx.Rngs(0))
+    assert len(lora_layers(model)) == expected
+    assert isinstance(model.lm_head, LoRALinear) == ("lm_head" in kw.get("target_modules", ()))
+
+
+def test_tied_embeddings_have_no_head_to_target():
+    model = get_peft_model(tiny(tie_word_embeddings=True), LoraConfig(), rngs=nnx.Rngs(0))
+    assert len(lora_layers(model)) == ALL_14
+
+
+def test_rank_and_alpha_patterns():
+    """PEFT's get_pattern_key: keys are regexes matched at a '.' boundary, the first matching key wins."""
+    config = LoraConfig(r=8, lora_alpha=16, rank_pattern={r"layers\.0\.self_attn\.q_proj": 2, "q_proj": 4},
+                        alpha_pattern={"down_proj": 1})
+    layers = lora_layers(get_peft_model(tiny(), config, rngs=nnx.Rngs(0)))
+    adapter = lambda name: layers[name].adapters["default"]  # noqa: E731
+    assert adapter("model.layers.0.self_attn.q_proj").r == 2
+    assert adapter("model.layers.1.self_attn.q_proj").r == 4
+    assert adapter("model.layers.0.self_attn.k_proj").r == 8
+    assert adapter("model.layers.0.mlp.down_proj").scaling == 1 / 8
+    assert adapter("model.layers.0.mlp.up_proj").scaling == 2.0
+    rs = lora_layers(get_peft_model(tiny(), LoraConfig(r=4, lora_alpha=8, use_rslora=True), rngs=nnx.Rngs(0)))
+    assert rs["model.layers.0.mlp.up_proj"].adapters["default"].scaling == 8 / 2  # alpha / sqrt(r)
+
+
+def test_rank_larger_than_layer_is_rejected_before_any_change():
+    model = tiny()
+    with pytest.raises(ValueError, match="k_proj: r=64"):
+        get_peft_model(model, LoraConfig(r=8, rank_pattern={"k_proj": 64}), rngs=nnx.Rngs(0))
+    assert not lora_layers(model)
+
+
+# --- training and counting ------------------------------------------------------------------------
+
+
+def test_only_lora_params_train():
+    model = get_peft_model(tiny(), LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
+    frozen_before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    lora_before = jax.tree.map(jnp.copy, nnx.state(model, nnx.LoRAParam))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    x = tokens()
+
+    def loss(m):
+        logits = m(x[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), x[:, 1:, None], axis=-1))
+
+    grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    with jax.numpy_dtype_promotion("standard"):  # optax's bias correction mixes int32 and float (as train/step.py)
+        optimizer.update(model, grads)
+    same = lambda a, b: bool(jnp.array_equal(a, b))  # noqa: E731
+    frozen_same = jax.tree.map(same, frozen_before, nnx.state(model, nnx.Not(nnx.LoRAParam)))
+    lora_moved = jax.tree.map(lambda a, b: not same(a, b), lora_before, nnx.state(model, nnx.LoRAParam))
+    assert all(jax.tree.leaves(frozen_same)) and all(jax.tree.leaves(lora_moved))
+    assert len(jax.tree.leaves(lora_moved)) == 2 * ALL_14
+
+
+def test_print_trainable_parameters(capsys):
+    dense_total = sum(x.size for x in jax.tree.leaves(nnx.state(tiny(), nnx.Param)))
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
+    trainable, total = print_trainable_parameters(model)
+    assert trainable == 2 * (4 * 32 + 4 * 32) and total == dense_total + trainable
+    assert capsys.readouterr().out.strip() == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                                               f"trainable%: {100 * trainable / total:.4f}")
+    # A 4-bit weight counts as out * in elements (PEFT's convention), so quantizing changes no count.
+    quantized = get_peft_model(quantize_linears(tiny()), LoraConfig(r=4, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
+    assert print_trainable_parameters(quantized) == (trainable, total)
+    assert isinstance(quantized.model.layers[0].self_attn.q_proj, QLoRALinear)
+
+
+# --- several adapters -----------------------------------------------------------------------------
+
+
+def test_multi_adapter_switching():
+    model, x = tiny(), tokens()
+    base = model(x)
+    get_peft_model(model, LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
+    first = model(x)
+    add_adapter(model, "q_only", LoraConfig(**RANDOM, target_modules=["q_proj"]), rngs=nnx.Rngs(2))
+    assert diff(model(x), first) == 0  # adding does not activate (PEFT)
+    set_adapter(model, "q_only")
+    q_only = model(x)
+    assert diff(q_only, first) > 1e-2 and diff(q_only, base) > 1e-2
+    assert model.model.layers[0].mlp.up_proj.active_adapter is None  # no "q_only" there: base alone
+    with disable_adapters(model):
+        assert diff(model(x), base) == 0
+    assert diff(model(x), q_only) == 0
+    set_adapter(model, "default")
+    assert diff(model(x), first) == 0
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        set_adapter(model, "nope")
+    delete_adapter(model, "default")  # the active one: "q_only" takes over, other layers revert
+    assert model.active_adapter == "q_only" and diff(model(x), q_only) == 0
+    assert isinstance(model.model.layers[0].mlp.up_proj, nnx.Linear) and len(lora_layers(model)) == 2
+
+
+def test_add_weighted_adapter():
+    """One adapter at weight 1 ("linear") reproduces it; two adapters at full rank ("svd") give the sum."""
+    model, x = tiny(), tokens()
+    get_peft_model(model, LoraConfig(**RANDOM, target_modules=["v_proj"]), rngs=nnx.Rngs(1))
+    add_adapter(model, "b", LoraConfig(**RANDOM, target_modules=["v_proj", "o_proj"]), rngs=nnx.Rngs(2))
+    first = model(x)
+    add_weighted_adapter(model, ["default"], [1.0], "copy", combination_type="linear")
+    set_adapter(model, "copy")
+    assert diff(model(x), first) < 1e-5
+    add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "mix", combination_type="svd", svd_rank=8)
+    assert adapter_configs(model)["mix"].target_modules == tuple(sorted(
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("o_proj", "v_proj")))
+    layer = model.model.layers[0].self_attn.v_proj
+    want = 0.5 * (layer.adapters["default"].delta_weight() + layer.adapters["b"].delta_weight())
+    assert diff(layer.adapters["mix"].delta_weight(), want) < 1e-5
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip(tmp_path):
+    model, x = get_peft_model(tiny(), LoraConfig(**RANDOM, use_dora=True), rngs=nnx.Rngs(1)), tokens()
+    save_adapter(model, tmp_path / "a")
+    save_adapter(model, tmp_path / "a")  # over an existing directory: files replaced, no temp dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"].shape == (64, 4)
+    assert tensors["base_model.model.model.layers.0.mlp.up_proj.lora_magnitude_vector"].shape == (64,)
+    assert {t.dtype for t in tensors.values()} == {np.dtype(np.float32)} and len(tensors) == 3 * ALL_14
+    loaded = load_adapter(tiny(), tmp_path / "a", rngs=nnx.Rngs(9))
+    assert diff(loaded(x), model(x)) == 0
+    # A second adapter loads inactive (PEFT); loaded under another name it switches in exactly.
+    load_adapter(loaded, tmp_path / "a", adapter_name="again", rngs=nnx.Rngs(9))
+    assert loaded.active_adapter == "default"
+    set_adapter(loaded, "again")
+    assert diff(loaded(x), model(x)) == 0
+
+
+def _saved(tmp_path, edit_tensors=None, edit_config=None):
+    src = save_adapter(get_peft_model(tiny(), LoraConfig(**RANDOM), rngs=nnx.Rngs(1)), tmp_path / "src")
+    tensors = load_file(src / "adapter_model.safetensors")
+    config = json.loads((src / "adapter_config.json").read_text())
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_config:
+        edit_config(config)
+    save_file(tensors, src / "adapter_model.safetensors")
+    (src / "adapter_config.json").write_text(json.dumps(config))
+    return src
+
+
+KEY = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize("edit_tensors, edit_config, match", [
+    (lambda t: t.pop(KEY), None, "missing 1 adapter tensors.*down_proj"),
+    (lambda t: t.update({"base_model.model.lm_head.lora_A.weight": np.zeros((4, 32), np.float32)}), None,
+     "lm_head.lora_A"),
+    (lambda t: t.update({KEY: np.zeros((32, 2), np.float32)}), None, "down_proj.lora_B.weight has shape"),
+    (lambda t: t.update({KEY: np.zeros((32, 4), np.int32)}), None, "down_proj.lora_B.weight has dtype I32"),
+    (None, lambda c: c.update(use_dora=True), "missing .*lora_magnitude_vector"),
+    (None, lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
+    (None, lambda c: c.update(r=2), "lora_A.weight has shape"),
+])
+def test_load_adapter_errors_name_the_problem(tmp_path, edit_tensors, edit_config, match):
+    directory = _saved(tmp_path, edit_tensors, edit_config)
+    model = tiny()
+    with pytest.raises(ValueError, match=match):
+        load_adapter(model, directory, rngs=nnx.Rngs(0))
+    assert not lora_layers(model) and not adapter_configs(model)  # checked before touching the model
+
+
+def test_load_bf16_adapter(tmp_path):
+    """PEFT saves the parameters' dtype; bf16 widens to float32 exactly."""
+    import ml_dtypes
+
+    directory = _saved(tmp_path, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
+    model = load_adapter(tiny(), directory, rngs=nnx.Rngs(0))
+    a = model.model.layers[0].self_attn.q_proj.adapters["default"].lora_a.value
+    assert a.dtype == jnp.float32 and bool(jnp.all(a == a.astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+# --- merging, initialisers, generation ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merge_and_unload(quantized):
+    """Dense: W + s A B (float32 rounding, bound 1e-5 on O(1) logits). Quantized: dequantize(W) + delta in a
+    plain nnx.Linear, so the same bound holds (no re-quantization error)."""
+    model = tiny()
+    if quantized:
+        quantize_linears(model)
+    get_peft_model(model, LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
+    x = tokens()
+    adapted = model(x)
+    merge_and_unload(model)
+    assert not lora_layers(model) and not hasattr(model, "lora_configs")
+    assert all(isinstance(m, nnx.Linear) for m in (model.model.layers[1].mlp.down_proj, model.lm_head))
+    assert diff(model(x), adapted) < 1e-5
+
+
+def test_unload_restores_base():
+    model, x = tiny(), tokens()
+    base = model(x)
+    unload(get_peft_model(model, LoraConfig(**RANDOM), rngs=nnx.Rngs(1)))
+    assert diff(model(x), base) == 0 and not lora_layers(model)
+
+
+def test_pissa_starts_at_the_base_model_and_needs_dense_weights():
+    model, x = tiny(), tokens()
+    base = model(x)
+    get_peft_model(model, LoraConfig(r=4, init_lora_weights="pissa"), rngs=nnx.Rngs(1))
+    assert diff(model(x), base) < 1e-4  # residual + adapter = W up to float32 SVD rounding
+    with pytest.raises(ValueError, match="needs the dense weight"):
+        get_peft_model(quantize_linears(tiny()), LoraConfig(init_lora_weights="pissa"), rngs=nnx.Rngs(1))
+
+
+def test_generate_jits_a_model_with_adapters():
+    model = get_peft_model(tiny(), LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
+    out = generate(model, tokens()[:, :4], max_new_tokens=3)
+    assert out.shape == (2, 7)
