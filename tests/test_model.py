@@ -216,11 +216,6 @@ def test_error_corrupt_file(saved, damage):
         from_pretrained(saved)
 
 
-def test_quantization_seam_is_explicit(saved):
-    with pytest.raises(NotImplementedError, match="loading.py"):
-        from_pretrained(saved, quantization="nf4")
-
-
 def test_config_reads_both_rope_formats():
     base = dict(model_type="llama", **TINY)
     v4 = LlamaConfig.from_hf_dict(base | {"rope_theta": 5e5, "rope_scaling": {

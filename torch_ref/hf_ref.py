@@ -81,3 +81,34 @@ def load_model(directory: str | os.PathLike, dtype: torch.dtype = torch.float32)
     return transformers.AutoModelForCausalLM.from_pretrained(
         directory, dtype=dtype, attn_implementation="eager", local_files_only=True
     ).eval()
+
+
+def disable_avx512_bf16(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch off bitsandbytes' AVX512-BF16 CPU path on every Linear4bit (spec bnb-4bit.md, "TRAP"):
+    on such CPUs an eval forward would repack the weight to bf16 absmax for good and change outputs."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def bnb_4bit_config(*, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: torch.dtype = torch.float32) -> transformers.BitsAndBytesConfig:
+    """transformers' BitsAndBytesConfig for 4-bit loading (QLoRA's NF4 + double quantization by default)."""
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                           bnb_4bit_use_double_quant=double_quant,
+                                           bnb_4bit_compute_dtype=compute_dtype)
+
+
+def load_quantized_model(directory: str | os.PathLike, quantization_config=None,
+                         dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """transformers' AutoModelForCausalLM with bitsandbytes 4-bit layers on CPU: a dense checkpoint
+    quantized on load (pass `quantization_config`) or a saved bnb checkpoint (None: its config.json's).
+    Eval mode, eager attention, AVX512-BF16 path off."""
+    kw = {} if quantization_config is None else dict(quantization_config=quantization_config)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        directory, dtype=dtype, attn_implementation="eager", local_files_only=True, device_map="cpu", **kw
+    ).eval()
+    return disable_avx512_bf16(model)

@@ -6,7 +6,18 @@ model one tensor at a time, so peak host memory stays near one model plus one te
 
 Every checkpoint key names a path in the module tree (``model.layers.0.mlp.up_proj.weight`` is
 ``model.model.layers[0].mlp.up_proj`` and its HF leaf ``weight``); `_slots` lists them and
-`_load_tensor` converts one tensor for its module: the seam where quantize-on-load plugs in.
+`_load_tensor` converts one tensor for its module.
+
+Quantization, two ways in and one way out:
+
+* quantize-on-load (``quantization=QuantConfig(...)`` on a dense checkpoint): the abstract model already
+  holds abstract `QuantizedLinear` layers; each targeted weight is read, cast to `dtype` (round to
+  nearest even, as transformers casts before bitsandbytes quantizes) and quantized alone, so the dense
+  linear weights are never all resident (peak ≈ quantized model + one dense tensor; measured in
+  tests/test_quantized_loading.py);
+* a bitsandbytes 4-bit checkpoint (config.json has ``quantization_config``): a quantized layer's
+  ``weight`` and ``weight.*`` entries are read as one group and become its QuantizedTensor as stored;
+* `save_pretrained` writes quantized layers in that bitsandbytes format, which transformers loads.
 """
 
 from __future__ import annotations
@@ -17,19 +28,22 @@ import shutil
 import tempfile
 from pathlib import Path
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxlora.qlinear import QuantizedLinear, QuantizedWeight
 from jaxlora.models.config import LlamaConfig
+from jaxlora.models.hf_files import (INDEX_FILE, SINGLE_FILE, TensorReader, load_config, open_safetensors,
+                                     resolve, weight_files)
 from jaxlora.models.llama import LlamaForCausalLM, RMSNorm
+from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
+from jaxlora.quant import from_bnb_state_dict, to_bnb_state_dict
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype tags a float parameter may come in
 # Keys some checkpoints carry that hold no parameter: old llama checkpoints saved RoPE's inv_freq.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -42,14 +56,24 @@ class _Slot(NamedTuple):
     leaf: str  # "weight" or "bias"
     variable: nnx.Variable
     transpose: bool  # nnx.Linear kernels are (in, out); HF weights are (out, in)
+    quant: QuantConfig | None = None  # set: a dense checkpoint tensor quantized on load with these settings
+
+    @property
+    def quantized(self) -> bool:
+        return isinstance(self.variable, QuantizedWeight)
 
 
-def _slots(model: LlamaForCausalLM) -> dict[str, _Slot]:
-    """Checkpoint key -> slot, for every parameter of the (possibly abstract) model."""
+def _slots(model: LlamaForCausalLM, quantize: QuantConfig | None = None) -> dict[str, _Slot]:
+    """Checkpoint key -> slot, for every parameter of the (possibly abstract) model. With `quantize`,
+    quantized layers take a dense checkpoint weight; without, a bitsandbytes group (`_bnb_owners`)."""
     slots = {}
     for path, node in nnx.iter_graph(model):
         prefix = ".".join(str(p) for p in path)
-        if isinstance(node, nnx.Linear):
+        if isinstance(node, QuantizedLinear):
+            slots[f"{prefix}.weight"] = _Slot(node, "weight", node.weight, False, quantize)
+            if node.bias is not None:
+                slots[f"{prefix}.bias"] = _Slot(node, "bias", node.bias, False)
+        elif isinstance(node, nnx.Linear):
             slots[f"{prefix}.weight"] = _Slot(node, "weight", node.kernel, True)
             if node.bias is not None:
                 slots[f"{prefix}.bias"] = _Slot(node, "bias", node.bias, False)
@@ -61,103 +85,88 @@ def _slots(model: LlamaForCausalLM) -> dict[str, _Slot]:
 
 
 def _hf_shape(slot: _Slot) -> tuple[int, ...]:
-    shape = tuple(slot.variable.get_value().shape)
+    shape = tuple(slot.variable.get_value().shape)  # a QuantizedTensor's shape is already (out, in)
     return shape[::-1] if slot.transpose else shape
 
 
 def _load_tensor(slot: _Slot, array: np.ndarray) -> None:
-    """Converts one checkpoint tensor (in HF layout) and stores it in its slot.
+    """Converts one dense checkpoint tensor (in HF layout) and stores it in its slot.
 
-    Quantize-on-load seam: for a targeted nnx.Linear's "weight", a per-tensor quantizer takes `array`
-    here in HF's (out, in) layout, which is bitsandbytes' layout too, and keeps the quantized tensor
-    instead of a dense kernel (which then stays abstract, never allocated); once all tensors are in,
-    the Linear is replaced by a quantized layer built from it and its bias.
+    A weight quantized on load is cast to the slot's dtype first (XLA's convert rounds to nearest even,
+    as torch's ``.to(dtype)`` in transformers), then quantized in HF's (out, in) layout, which is
+    bitsandbytes' too; only the quantized tensor is kept.
     """
+    dtype = slot.variable.get_value().dtype
+    if slot.quant is not None:
+        # Wait for the quantization, so that this dense tensor is freed before the next one is read.
+        slot.variable.set_value(jax.block_until_ready(slot.quant.quantize(jnp.asarray(array, dtype=dtype))))
+        return
     value = array.T if slot.transpose else array
-    slot.variable.set_value(jnp.asarray(value, dtype=slot.variable.get_value().dtype))
+    slot.variable.set_value(jnp.asarray(value, dtype=dtype))
 
 
-def _build_abstract(config: LlamaConfig, dtype, compute_dtype, remat: bool, quantization: Any):
-    """The model with shapes and dtypes but no storage (nothing is initialised)."""
-    if quantization is not None:
-        # Quantize-on-load seam: validate `quantization` here; the per-tensor work is in `_load_tensor`.
-        raise NotImplementedError("quantize-on-load is not wired yet (jaxlora/models/loading.py)")
-    return nnx.eval_shape(
-        lambda: LlamaForCausalLM(config, dtype=compute_dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
-    )
+def _load_bnb_group(slot: _Slot, key: str, group: dict[str, np.ndarray]) -> None:
+    """Stores a bitsandbytes group (``<p>.weight``, ``<p>.weight.absmax``, ...) as stored: no dequantizing."""
+    qt = from_bnb_state_dict(group, prefix=key[: -len("weight")])
+    expected = _hf_shape(slot)
+    if qt.shape != expected:
+        state_key = next(k for k in group if ".quant_state." in k)
+        raise ValueError(f"{state_key}: quant state shape {list(qt.shape)}, the config implies {list(expected)}")
+    slot.variable.set_value(qt)
 
 
-def _resolve(path_or_id: str | os.PathLike, revision: str | None) -> Path:
-    """A local checkpoint directory: `path_or_id` itself, or a hub snapshot when it is no local path."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    text = str(path_or_id)
-    if path.exists() or text.startswith(("/", ".", "~")) or text.count("/") != 1:
-        raise FileNotFoundError(f"{text}: no such checkpoint directory")
+def _build_abstract(config: LlamaConfig, dtype, compute_dtype, remat: bool, quantization: QuantConfig | None):
+    """The model with shapes and dtypes but no storage (nothing is initialised, nothing quantized):
+    with `quantization`, targeted linears are abstract `QuantizedLinear` layers of dtype `dtype`."""
+
+    def build():
+        model = LlamaForCausalLM(config, dtype=compute_dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+        return model if quantization is None else quantize_model(model, quantization)
+
+    return nnx.eval_shape(build)
+
+
+def _quantization(directory: Path, quantization: QuantConfig | None) -> tuple[QuantConfig | None, bool]:
+    """The settings to build the model with, and whether the checkpoint is already (bnb 4-bit) quantized.
+
+    A checkpoint's own ``quantization_config`` decides its layout; a `quantization` passed with it may
+    only change the runtime settings (compute_dtype, bnb_backend), not the stored format.
+    """
+    if quantization is not None and not isinstance(quantization, QuantConfig):
+        raise TypeError(f"quantization must be a jaxlora QuantConfig (e.g. QuantConfig(quant_type='nf4')), "
+                        f"got {quantization!r}")
+    hf = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    if hf is None:
+        return quantization, False
+    runtime = {} if quantization is None else dict(compute_dtype=quantization.compute_dtype,
+                                                   bnb_backend=quantization.bnb_backend)
     try:
-        from huggingface_hub import snapshot_download  # optional ("train" extra); only for hub ids
-    except ImportError as e:
-        raise FileNotFoundError(f"{text}: not a local directory, and huggingface_hub is not installed") from e
-    patterns = ["config.json", "*.safetensors", INDEX_FILE]
-    try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=patterns))
-    except Exception as e:  # offline, unknown repo, gated repo: all mean "no checkpoint here"
-        raise FileNotFoundError(f"{text}: not a local directory, and the hub download failed ({e})") from e
+        stored = QuantConfig.from_hf_dict(hf, **runtime)
+    except ValueError as e:
+        raise ValueError(f"{directory / 'config.json'}: {e}") from None
+    if quantization is not None and (quantization.quant_type, quantization.double_quant) != (
+            stored.quant_type, stored.double_quant):
+        raise ValueError(f"{directory} is already quantized (quant_type={stored.quant_type!r}, double_quant="
+                         f"{stored.double_quant}); quantization asks for quant_type={quantization.quant_type!r}, "
+                         f"double_quant={quantization.double_quant}: pass a matching QuantConfig or None")
+    return stored, True
 
 
-def load_config(directory: str | os.PathLike) -> LlamaConfig:
-    """Reads ``config.json`` of a checkpoint directory."""
-    file = Path(directory) / "config.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: a Hugging Face checkpoint directory needs a config.json")
-    try:
-        d = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from e
-    try:
-        return LlamaConfig.from_hf_dict(d)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"{file}: {e}") from e
+def _bnb_owners(slots: dict[str, _Slot], where: dict[str, Path]) -> dict[str, str]:
+    """Checkpoint key -> the quantized slot whose bitsandbytes group holds it (``<p>.weight.absmax`` ->
+    ``<p>.weight``), for the slots that read a group rather than quantize a dense tensor."""
+    owners = {}
+    for key in where:
+        base = key.split(".weight.", 1)[0] + ".weight" if ".weight." in key else key
+        slot = slots.get(base)
+        if slot is not None and slot.quantized and slot.quant is None:
+            owners[key] = base
+    return owners
 
 
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file holding it, from the headers alone."""
-    index = directory / INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({directory / f for f in weight_map.values()})
-    elif (directory / SINGLE_FILE).is_file():
-        files = [directory / SINGLE_FILE]
-    else:
-        raise FileNotFoundError(f"{directory}: neither {SINGLE_FILE} nor {INDEX_FILE} found "
-                                "(only safetensors checkpoints are read)")
-    where: dict[str, Path] = {}
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: listed in {INDEX_FILE} but missing")
-        with _open(file) as f:
-            for key in f.keys():
-                if key in where:
-                    raise ValueError(f"{key}: in both {where[key].name} and {file.name}")
-                where[key] = file
-    if index.is_file():
-        absent = sorted(set(weight_map) - set(where))
-        if absent:
-            raise ValueError(f"{index}: keys listed but in no shard: {absent[:5]}")
-    return where
-
-
-def _open(file: Path):
-    try:
-        return safe_open(file, framework="np")
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-
-
-def _check(slots: dict[str, _Slot], where: dict[str, Path], config: LlamaConfig) -> None:
+def _check(slots: dict[str, _Slot], where: dict[str, Path], config: LlamaConfig, owners: dict[str, str]) -> None:
     """Names, shapes and dtypes of the checkpoint against the model, before any data is read."""
-    ignored = {k for k in where if k.endswith(_IGNORED_SUFFIXES)}
+    ignored = {k for k in where if k.endswith(_IGNORED_SUFFIXES)} | set(owners)
     if config.tie_word_embeddings:
         ignored.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     missing = sorted(set(slots) - set(where))
@@ -168,10 +177,16 @@ def _check(slots: dict[str, _Slot], where: dict[str, Path], config: LlamaConfig)
         raise ValueError(f"checkpoint has {len(extra)} unexpected tensors, e.g. {extra[:5]} "
                          f"(in {where[extra[0]]})")
     for file in sorted(set(where.values())):
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             for key in (k for k in f.keys() if k in slots):
                 info = f.get_slice(key)
                 shape, expected = tuple(info.get_shape()), _hf_shape(slots[key])
+                if key in owners:  # bitsandbytes packs two 4-bit codes per byte, as ((n + 1) // 2, 1) uint8
+                    n = int(np.prod(expected))
+                    if info.get_dtype() != "U8" or shape != ((n + 1) // 2, 1):
+                        raise ValueError(f"{key} in {file.name}: {info.get_dtype()}{list(shape)}, a bitsandbytes "
+                                         f"4-bit weight of shape {list(expected)} is U8{[(n + 1) // 2, 1]}")
+                    continue
                 if shape != expected:
                     raise ValueError(f"{key} in {file.name}: shape {shape}, the config implies {expected}")
                 if info.get_dtype() not in _FLOAT_DTYPES:
@@ -185,37 +200,59 @@ def from_pretrained(
     dtype=jnp.float32,
     compute_dtype=None,
     remat: bool = False,
-    quantization: Any = None,
+    quantization: QuantConfig | None = None,
     revision: str | None = None,
 ) -> LlamaForCausalLM:
     """Loads a llama / mistral / qwen2 checkpoint (config.json + safetensors, single or sharded).
 
-    dtype: parameter storage dtype (checkpoint tensors are cast to it); compute_dtype: activations'
-    dtype, default `dtype`. quantization: reserved for quantize-on-load (NotImplementedError for now).
+    dtype: parameter storage dtype (checkpoint tensors are cast to it; weights quantized on load are cast
+    to it first and dequantize to it; a bnb checkpoint's keep their stored dtype); compute_dtype:
+    activations' dtype, default `dtype`.
+    quantization: a `QuantConfig` to quantize targeted linear layers tensor by tensor while loading.
+    A bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json) loads as stored, without
+    `quantization`, or with one that only sets compute_dtype / bnb_backend.
     path_or_id: a local directory, or a hub id fetched with huggingface_hub when a network exists.
     """
-    directory = _resolve(path_or_id, revision)
+    directory = resolve(path_or_id, revision)
     config = load_config(directory)
-    model = _build_abstract(config, dtype, compute_dtype or dtype, remat, quantization)
-    slots = _slots(model)
-    where = _weight_files(directory)
-    _check(slots, where, config)
+    quant, prequantized = _quantization(directory, quantization)
+    model = _build_abstract(config, dtype, compute_dtype or dtype, remat, quant)
+    slots = _slots(model, None if prequantized else quant)
+    where = weight_files(directory)
+    owners = _bnb_owners(slots, where)
+    _check(slots, where, config, owners)
+    groups: dict[str, dict[str, np.ndarray]] = {}  # bitsandbytes groups being read (they may span shards)
+    need = {base: sum(1 for o in owners.values() if o == base) for base in set(owners.values())}
     for file in sorted(set(where.values())):
-        with _open(file) as f:
-            for key in (k for k in f.keys() if k in slots):
+        with TensorReader(file) as f:
+            for key in (k for k in f.keys() if k in slots or k in owners):
                 try:
-                    array = f.get_tensor(key)
-                except (SafetensorError, OSError) as e:
+                    array = f.read(key)
+                except OSError as e:
                     raise ValueError(f"{file}: cannot read {key}, corrupt or truncated ({e})") from e
-                _load_tensor(slots[key], array)
-                del array  # one host tensor alive at a time
+                if key not in owners:
+                    _load_tensor(slots[key], array)
+                    del array  # one host tensor alive at a time
+                    continue
+                base = owners[key]
+                group = groups.setdefault(base, {})
+                group[key] = array
+                if len(group) == need[base]:
+                    try:
+                        _load_bnb_group(slots[base], base, groups.pop(base))
+                    except ValueError as e:
+                        raise ValueError(f"{where[key]}: {e}") from None
     return model
 
 
 def state_dict(model: LlamaForCausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """(key, tensor) pairs in transformers' names and layouts, one tensor materialised at a time."""
+    """(key, tensor) pairs in transformers' names and layouts, one tensor materialised at a time.
+    Quantized layers give their bitsandbytes entries (bytes as stored; `dtype` casts dense tensors only)."""
     for key, slot in _slots(model).items():
         value = slot.variable.get_value()
+        if slot.quantized:
+            yield from to_bnb_state_dict(value, prefix=key[: -len("weight")]).items()
+            continue
         if dtype is not None:
             value = value.astype(dtype)
         array = np.asarray(value)
@@ -223,16 +260,21 @@ def state_dict(model: LlamaForCausalLM, dtype=None) -> Iterator[tuple[str, np.nd
 
 
 def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, *, dtype=None) -> Path:
-    """Writes config.json and model.safetensors that transformers' from_pretrained loads.
+    """Writes config.json and model.safetensors that transformers' from_pretrained loads. A model with
+    `QuantizedLinear` layers is written as a bitsandbytes 4-bit checkpoint (config.json carries its
+    ``quantization_config``), which transformers loads with bitsandbytes and `from_pretrained` as stored.
 
     Files are written in a temporary directory beside the target and renamed into place, so a crash
     never leaves a half-written checkpoint; other files in an existing directory are kept.
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
+    quantization_config = hf_quantization_config(model)  # raises before anything is written
     tensors = dict(state_dict(model, dtype))
-    saved_dtype = next(iter(tensors.values())).dtype
+    saved_dtype = tensors["model.embed_tokens.weight"].dtype  # never quantized
     config = model.config.to_hf_dict() | {"torch_dtype": saved_dtype.name}
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})  # transformers requires "pt"
