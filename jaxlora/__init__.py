@@ -1,5 +1,70 @@
 """jaxlora: LoRA and QLoRA for JAX / Flax NNX, byte-compatible with bitsandbytes and PEFT."""
 
-from jaxlora.quant.tensor import QuantizedTensor
+from jaxlora import lora
+from jaxlora.adapter import LoRAAdapter
+from jaxlora.adapters import (
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    disable_adapters,
+    enable_adapters,
+    get_peft_model,
+    merge_and_unload,
+    print_trainable_parameters,
+    set_adapter,
+    unload,
+)
+from jaxlora.generate import generate
+from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.lora_config import LoraConfig
+from jaxlora.models import LlamaConfig, LlamaForCausalLM, QuantConfig, from_pretrained, quantize_model, save_pretrained
+from jaxlora.peft_io import load_adapter, save_adapter
+from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
+from jaxlora.qmatmul import qmatmul
+from jaxlora.quant import (
+    QuantizedTensor,
+    dequantize_4bit,
+    dequantize_blockwise,
+    from_bnb_state_dict,
+    quantize_4bit,
+    quantize_blockwise,
+    to_bnb_state_dict,
+)
 
-__all__ = ["QuantizedTensor"]
+__all__ = [
+    "FrozenBias",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "LoRAAdapter",
+    "LoRALinear",
+    "LoraConfig",
+    "QLoRALinear",
+    "QuantConfig",
+    "QuantizedLinear",
+    "QuantizedTensor",
+    "QuantizedWeight",
+    "add_adapter",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "dequantize_4bit",
+    "dequantize_blockwise",
+    "disable_adapters",
+    "enable_adapters",
+    "from_bnb_state_dict",
+    "from_pretrained",
+    "generate",
+    "get_peft_model",
+    "load_adapter",
+    "lora",
+    "merge_and_unload",
+    "print_trainable_parameters",
+    "qmatmul",
+    "quantize_4bit",
+    "quantize_blockwise",
+    "quantize_model",
+    "save_adapter",
+    "save_pretrained",
+    "set_adapter",
+    "to_bnb_state_dict",
+    "unload",
+]
