@@ -33,10 +33,10 @@ _META_FILE = "trainer_state.json"
 _KEY_SUFFIX = "#key_data"  # a typed PRNG key is stored as its raw key data under this suffix
 
 
-def _trainable_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, nnx.State]:
+def _trainable_state(model: nnx.Module, optimizer: nnx.Optimizer, wrt) -> dict[str, nnx.State]:
     # Only what training changes: the frozen base is reloaded from its own checkpoint.
     return {
-        "model": nnx.state(model, nnx.Any(nnx.LoRAParam, nnx.RngState)),
+        "model": nnx.state(model, nnx.Any(wrt, nnx.RngState)),
         "optimizer": nnx.state(optimizer),
     }
 
@@ -63,15 +63,17 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     write_adapter: Callable[[Path], None] | None = None,
     keep: int | None = None,
+    wrt=nnx.LoRAParam,
 ) -> Path:
-    """Write checkpoint-{step} atomically and point `latest` at it; keep the newest `keep` checkpoints."""
+    """Write checkpoint-{step} atomically and point `latest` at it; keep the newest `keep` checkpoints.
+    wrt: the trained variables to store (adapters by default), besides optimizer state and RNG streams."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(_flatten(_trainable_state(model, optimizer)), str(tmp / _STATE_FILE))
+    save_file(_flatten(_trainable_state(model, optimizer, wrt)), str(tmp / _STATE_FILE))
     meta = {"step": int(step), **(trainer_state or {})}
     (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
     if write_adapter is not None:
@@ -108,7 +110,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nnx.Optimizer, wrt=nnx.LoRAParam) -> dict:
     """Restore adapters, optimizer state and RNG streams in place; return the trainer_state dict.
 
     The model and optimizer must have the structure the checkpoint was written from: every key must be
@@ -123,7 +125,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nn
         stored = load_file(str(state_file))
     except Exception as e:  # safetensors raises its own error types for truncated / corrupt files
         raise ValueError(f"checkpoint file {state_file} is unreadable (truncated or corrupt?): {e}") from e
-    parts = _trainable_state(model, optimizer)
+    parts = _trainable_state(model, optimizer, wrt)
     expected = _flatten(parts)
     missing = sorted(set(expected) - set(stored))
     extra = sorted(set(stored) - set(expected))

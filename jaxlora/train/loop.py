@@ -78,6 +78,7 @@ def train(
     resume: bool = False,
     run_info: dict | None = None,
     on_step: Callable[[dict], None] | None = None,
+    wrt=nnx.LoRAParam,
 ) -> dict:
     """Train `model`'s adapters for `optim_cfg.max_steps` optimizer steps; return a summary dict.
 
@@ -85,6 +86,8 @@ def train(
     the one an uninterrupted run would have drawn (adapters, optimizer state, dropout RNG and data
     position all come from the checkpoint).
     on_step: called with each step's metrics after logging, evaluation and checkpointing.
+    wrt: the variables trained — adapters by default; `nnx.Param` trains a dense model in full (the
+    demo pretrains its tiny base this way).
     """
     out = Path(train_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,7 @@ def train(
     if jax.device_count() > 1:
         mesh = make_mesh(data=train_cfg.mesh_data, fsdp=train_cfg.mesh_fsdp)
         shard_model(model, mesh)
-    optimizer = nnx.Optimizer(model, make_optimizer(optim_cfg), wrt=nnx.LoRAParam)
+    optimizer = nnx.Optimizer(model, make_optimizer(optim_cfg), wrt=wrt)
     if train_cfg.offload_optimizer:
         offload_optimizer_state(optimizer)
     schedule = make_schedule(optim_cfg)
@@ -104,7 +107,7 @@ def train(
         ckpt = latest_checkpoint(out)
         if ckpt is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {out}")
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, wrt=wrt)
         step, data_state = meta["step"], DataState.from_dict(meta["data"])
         _truncate_log(metrics_file, step)  # drop what the interrupted run logged after its checkpoint
     elif metrics_file.exists():
@@ -119,6 +122,7 @@ def train(
             trainer_state={"data": data_state.to_dict(), "run": run_info or {}},
             write_adapter=save_adapter,
             keep=train_cfg.save_total_limit,
+            wrt=wrt,
         )
 
     accum = optim_cfg.gradient_accumulation_steps
@@ -130,7 +134,10 @@ def train(
         for _ in range(accum):
             batch, data_state = next(stream)
             tokens += int(np.sum(batch.attention_mask))
-            res = train_step(model, optimizer, _device_batch(batch, mesh, data_cfg.packing), offload_optimizer=train_cfg.offload_optimizer)
+            res = train_step(
+                model, optimizer, _device_batch(batch, mesh, data_cfg.packing),
+                offload_optimizer=train_cfg.offload_optimizer, wrt=wrt,
+            )
             losses.append(float(res["loss"]))
         step += 1
         loss = float(np.mean(losses))
@@ -152,13 +159,7 @@ def train(
         if step % train_cfg.log_every == 0 or step == optim_cfg.max_steps:
             _append(metrics_file, last)
         if train_cfg.progress:
-            print(
-                f"\rstep {step}/{optim_cfg.max_steps}  loss {loss:.4f}  {last['tokens_per_s']:,.0f} tok/s  "
-                f"rss {last['rss_mb']:,.0f} MB",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+            _progress(step, optim_cfg.max_steps, last)
         at_end = step == optim_cfg.max_steps
         if data.eval and ((train_cfg.eval_every and step % train_cfg.eval_every == 0) or at_end):
             eval_loss = evaluate(model, data.eval, data_cfg, pad_token_id=pad_token_id, mesh=mesh)
@@ -168,7 +169,7 @@ def train(
             last_ckpt = checkpoint()
         if on_step is not None:
             on_step(last)
-    if train_cfg.progress:
+    if train_cfg.progress and sys.stderr.isatty():
         print(file=sys.stderr)
     elapsed = time.perf_counter() - t_run
     plot = plot_metrics(metrics_file, out / "loss.png")
@@ -212,6 +213,15 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+def _progress(step: int, total: int, m: dict) -> None:
+    """One line rewritten in place on a terminal; whole lines, about 20 per run, in a log file."""
+    line = f"step {step}/{total}  loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s  rss {m['rss_mb']:,.0f} MB"
+    if sys.stderr.isatty():
+        print("\r" + line, end="", file=sys.stderr, flush=True)
+    elif step == 1 or step == total or step % max(1, total // 20) == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def _device_batch(batch, mesh, packing: bool = False) -> dict:
