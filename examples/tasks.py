@@ -1,11 +1,12 @@
 """Offline data for the demo and the seed experiments: a pretraining corpus and skills it lacks.
 
-The pretraining corpus teaches a tiny model what numbers and short sentences look like — counting,
-copying, comparing magnitudes in words — but never shows a sum. The fine-tuning tasks then ask for a
-skill the base lacks (seed 003: even small ranks learn narrow domains such as arithmetic):
+The pretraining corpus teaches a tiny model what numbers and short sentences look like — counting
+(also in steps of 2..9), copying, comparing magnitudes in words — but never shows the `a+b=` question.
+Skip-counting gives the base a latent ability; the fine-tuning tasks ask for a skill the base lacks as
+a behaviour, answering the question (seed 003: even small ranks learn narrow domains such as arithmetic):
 
-  addition     {"prompt": "27+58=", "completion": "85"}
-  subtraction  {"prompt": "58-27=", "completion": "31"}   (a second task, for combining adapters)
+  addition     {"prompt": "27+8=", "completion": "35"}
+  subtraction  {"prompt": "27-8=", "completion": "19"}   (a second task, for combining adapters)
 
 Everything is generated from a seed; nothing is downloaded.
 """
@@ -30,7 +31,8 @@ def corpus_line(rng: random.Random) -> str:
     kind = rng.randrange(5)
     a = rng.randrange(100)
     if kind == 0:
-        return "count: " + " ".join(str(a + i) for i in range(rng.randrange(4, 9)))
+        step = rng.choice([1, 1, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+        return f"count by {step} from {a}: " + " ".join(str(a + step * i) for i in range(rng.randrange(4, 9)))
     if kind == 1:
         return f"copy {a}: {a}"
     if kind == 2:
@@ -47,13 +49,13 @@ def pretraining_corpus(n: int, *, seed: int = 0) -> list[dict]:
     return [{"text": corpus_line(rng)} for _ in range(n)]
 
 
-def arithmetic(op: str, *, seed: int, max_operand: int = 99) -> list[dict]:
-    """Every problem `a op b` with operands up to `max_operand` (b ≤ a for subtraction), shuffled."""
+def arithmetic(op: str, *, seed: int, max_a: int = 99, max_b: int = 9) -> list[dict]:
+    """Every problem `a op b` with a ≤ max_a, b ≤ max_b (and b ≤ a for subtraction), shuffled."""
     if op not in ("+", "-"):
         raise ValueError(f"op={op!r}; choose '+' or '-'")
     rows = []
-    for a in range(max_operand + 1):
-        for b in range(max_operand + 1):
+    for a in range(max_a + 1):
+        for b in range(max_b + 1):
             if op == "-" and b > a:
                 continue
             rows.append({"prompt": f"{a}{op}{b}=", "completion": str(a + b if op == "+" else a - b)})
