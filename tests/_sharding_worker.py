@@ -1,40 +1,56 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see test_sharding.py):
-trains the same toy model unsharded and on a 2x2 (data, fsdp) mesh, prints both loss curves as JSON."""
+QLoRA-trains the same tiny Llama (NF4 + double quant base, LoRA on all linear layers) unsharded and on a
+2x2 (data, fsdp) mesh, and prints both loss curves and where each kind of array was placed, as JSON."""
 
 import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import jaxlora
+from jaxlora.models.config import LlamaConfig
 from jaxlora.train.optim import OptimizerConfig, make_optimizer
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
 from jaxlora.train.step import train_step
-from tests.test_train_step import ToyLM, _batch
+
+CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+
+
+def batch(seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 64, (8, 12)).astype(np.int32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
 
 
 def curve(mesh):
-    model = ToyLM(nnx.Rngs(0))
+    model = jaxlora.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+    jaxlora.quantize_model(model, jaxlora.QuantConfig(compute_dtype=jnp.float32))
+    jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
     if mesh is not None:
         shard_model(model, mesh)
-    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=3e-2, max_steps=8)), wrt=nnx.LoRAParam)
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=6)), wrt=nnx.LoRAParam)
     losses = []
-    for i in range(8):
-        batch = _batch(i % 2, b=8, s=8)  # two batches, revisited: the loss must fall
-        if mesh is not None:
-            batch = shard_batch(batch, mesh)
-        losses.append(float(train_step(model, opt, batch)["loss"]))
-    shardings = {str(p): str(getattr(v.get_value().sharding, "spec", "single-device")) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    return losses, shardings
+    for i in range(6):
+        b = batch(i % 2)  # two batches, revisited: the loss must fall
+        losses.append(float(train_step(model, opt, b if mesh is None else shard_batch(b, mesh))["loss"]))
+    placed = {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        for leaf in jax.tree.leaves(var.get_value()):
+            kind = f"{type(var).__name__}:{leaf.dtype}"
+            placed.setdefault(kind, set()).add(str(getattr(leaf.sharding, "spec", "single-device")))
+    return losses, {k: sorted(v) for k, v in placed.items()}
 
 
 assert jax.device_count() == 4, jax.devices()
 one, _ = curve(None)
-four, specs = curve(make_mesh(data=2, fsdp=2))
+four, placed = curve(make_mesh(data=2, fsdp=2))
 try:
-    shard_batch(_batch(0, b=6), make_mesh(data=2, fsdp=2))
+    shard_batch({"input_ids": np.zeros((6, 4), np.int32)}, make_mesh(data=2, fsdp=2))
     err = None
 except ValueError as e:
     err = str(e)
-json.dump({"one": one, "four": four, "specs": specs, "error": err}, sys.stdout)
+json.dump({"one": one, "four": four, "placed": placed, "error": err}, sys.stdout)
