@@ -325,3 +325,21 @@ def test_generate_jits_a_model_with_adapters():
     model = get_peft_model(tiny(), LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
     out = generate(model, tokens()[:, :4], max_new_tokens=3)
     assert out.shape == (2, 7)
+
+
+def test_save_pretrained_refuses_a_model_with_adapters(tmp_path):
+    """A base checkpoint has no place for adapters: saving must fail before writing, pointing to the fix."""
+    from jaxlora.models.config import LlamaConfig
+    from jaxlora.models.llama import LlamaForCausalLM
+    from jaxlora.models.loading import save_pretrained
+    from jaxlora.adapters import get_peft_model, merge_and_unload
+    from jaxlora.lora_config import LoraConfig
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))
+    get_peft_model(model, LoraConfig(r=2), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="still holds LoRA adapters.*merge_and_unload"):
+        save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    merge_and_unload(model)
+    assert (save_pretrained(model, tmp_path / "out") / "config.json").is_file()

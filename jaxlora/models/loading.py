@@ -267,6 +267,12 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, *, dt
     Files are written in a temporary directory beside the target and renamed into place, so a crash
     never leaves a half-written checkpoint; other files in an existing directory are kept.
     """
+    adapted = sorted({".".join(map(str, path[:-2])) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))})
+    if adapted:  # transformers has no place for adapter tensors in a base checkpoint
+        raise ValueError(
+            f"the model still holds LoRA adapters (e.g. {adapted[:3]}): save them with jaxlora.save_adapter, "
+            "or merge them first with jaxlora.merge_and_unload(model) to save a merged checkpoint"
+        )
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     quantization_config = hf_quantization_config(model)  # raises before anything is written
