@@ -155,3 +155,22 @@ def test_offloaded_optimizer_state_stays_on_host_and_trains_identically():
     assert kinds == {"pinned_host"}
     # Adapters stay in device memory; only the optimizer state moved.
     assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(nnx.state(m2, nnx.LoRAParam))} == {"device"}
+
+
+def test_bf16_compute_keeps_fp32_adapters_and_trains():
+    """QLoRA's dtype policy: bf16 activations and dequantized weights, fp32 adapter params and updates."""
+    import jaxlora
+    from jaxlora.models.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = jaxlora.LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    jaxlora.quantize_model(model, jaxlora.QuantConfig(compute_dtype=jnp.bfloat16))
+    jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2)), wrt=nnx.LoRAParam)
+    ids = np.random.default_rng(0).integers(0, 64, (4, 12)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
+    assert model(jnp.asarray(ids)).dtype == jnp.bfloat16
+    losses = [float(train_step(model, opt, batch)["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0]
+    assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {jnp.dtype(jnp.float32)}
