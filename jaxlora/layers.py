@@ -171,8 +171,10 @@ class LoRALinear(nnx.Module):
                                     adapter.magnitude.value, adapter.scaling)
         else:
             extra = adapter(x)
-        dtype = jnp.promote_types(y.dtype, extra.dtype)
-        return (y.astype(dtype) + extra.astype(dtype)).astype(y.dtype)
+        # Add in the wider of the two dtypes, then round to the base's (PEFT: (base + lora).to(dtype)).
+        # Chosen by width, not jnp.promote_types, which refuses bf16 + f32 under strict promotion.
+        wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
+        return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
 
     # --- merging --------------------------------------------------------------------------------------
 
