@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -63,6 +64,7 @@ def pretrain_base(out: Path, recipe: BaseRecipe = BaseRecipe(), *, fresh: bool =
     if not fresh and stamp.is_file() and json.loads(stamp.read_text()) == dataclasses.asdict(recipe):
         print(f"reusing the pretrained base in {base}", file=sys.stderr)
         return base
+    shutil.rmtree(out / "pretrain", ignore_errors=True)  # a new base: start its training run afresh
     corpus = tasks.write_jsonl(tasks.pretraining_corpus(recipe.corpus_lines, seed=recipe.seed), out / "corpus.jsonl")
     model = jaxlora.LlamaForCausalLM(recipe.config(), rngs=nnx.Rngs(recipe.seed))
     dcfg = DataConfig(path=str(corpus), max_seq_len=recipe.seq_len, batch_size=recipe.batch_size, packing=True,
@@ -81,7 +83,9 @@ def pretrain_base(out: Path, recipe: BaseRecipe = BaseRecipe(), *, fresh: bool =
 
 def finetune(model, train_rows: list[dict], out: Path, *, steps: int, learning_rate: float, batch_size: int = 64,
              max_seq_len: int = 16, seed: int = 0, tok=TOK) -> dict:
-    """Train the adapters of `model` (already given by get_peft_model) on JSONL-style rows."""
+    """Train the adapters of `model` (already given by get_peft_model) on JSONL-style rows. `out` is this
+    script's own run directory: a previous run there is replaced."""
+    shutil.rmtree(out, ignore_errors=True)
     path = tasks.write_jsonl(train_rows, out / "train.jsonl")
     dcfg = DataConfig(path=str(path), max_seq_len=max_seq_len, batch_size=batch_size, seed=seed, overlong="truncate")
     return train(

@@ -117,13 +117,12 @@ def cmd_train(args: argparse.Namespace) -> dict:
     from jaxlora.adapters import get_peft_model, print_trainable_parameters
     from jaxlora.peft_io import save_adapter
     from jaxlora.train.data import load_data
-    from jaxlora.train.loop import train
+    from jaxlora.train.loop import check_output_dir, train
 
     file_cfg = config_io.read_config_file(args.config) if args.config else {}
     cfg = resolve_config(file_cfg, _overrides(args))
     out = Path(cfg.train.output_dir)
-    if not args.resume and (out / "latest").exists():
-        raise SystemExit(f"{out} already holds a run; pass --resume to continue it, or choose another --output-dir")
+    check_output_dir(out, resume=args.resume)  # before the (slow) model load
     tok = _tokenizer(cfg.model)
     model = load_model(cfg.model, cfg.quantization)
     limit = model.config.max_position_embeddings

@@ -29,6 +29,18 @@ def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: f
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def inference_view(model: nnx.Module) -> nnx.Module:
+    """The same model in eval mode (dropout off), sharing its arrays; `model` itself is left as it was.
+
+    Generation and evaluation use this instead of toggling `model.eval()` / `model.train()`, which
+    would leave a caller's model in the other mode, and would fail inside jit on an adapter with
+    dropout whose RNG stream cannot advance there."""
+    graphdef, state = nnx.split(model)
+    view = nnx.merge(graphdef, state)
+    view.eval()
+    return view
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
 def _generate(graphdef, state, input_ids, attention_mask, rng, eos_ids, pad_id, *, max_new_tokens, temperature,
               top_p):
@@ -90,7 +102,7 @@ def generate(
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     eos_ids = jnp.asarray(eos or [-1], jnp.int32)  # -1 never matches a token
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(inference_view(model))
     new = _generate(
         graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32),
         jax.random.key(0) if rng is None else rng, eos_ids, jnp.asarray(pad_token_id, jnp.int32),

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -21,6 +19,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxlora.fileio import atomic_directory
 from jaxlora.adapters import adapter_configs, add_adapter, find_targets, lora_layers, set_adapter
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 
@@ -48,18 +47,9 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
     if config["target_modules"] == ALL_LINEAR:
         config["target_modules"] = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if not target.exists():
-            tmp.rename(target)
-            return target
-        for file in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(tmp / file, target / file)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

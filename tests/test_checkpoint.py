@@ -86,3 +86,16 @@ def test_mismatched_or_corrupt_checkpoints_are_rejected(tmp_path):
     os.remove(path / "trainer_state.json")
     with pytest.raises(FileNotFoundError, match="trainer_state.json is missing"):
         load_checkpoint(path, model=model, optimizer=opt)
+
+
+def test_a_new_checkpoint_is_never_pruned_and_fresh_runs_refuse_old_checkpoints(tmp_path):
+    from jaxlora.train.loop import check_output_dir
+
+    model, opt = _fresh()
+    save_checkpoint(tmp_path, step=10, model=model, optimizer=opt)
+    path = save_checkpoint(tmp_path, step=5, model=model, optimizer=opt, keep=1)  # older step, newer save
+    assert path.is_dir() and latest_checkpoint(tmp_path) == path
+    with pytest.raises(ValueError, match="already holds checkpoints.*resume"):
+        check_output_dir(tmp_path, resume=False)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        check_output_dir(tmp_path / "empty", resume=True)

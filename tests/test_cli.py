@@ -46,10 +46,11 @@ def _train_args(base_dir, data_file, out, *extra):
 
 
 def test_train_eval_generate_export(tmp_path, base_dir, data_file, capsys):
+    # The adapter has dropout: evaluation and generation must run it in eval mode.
     out = tmp_path / "run"
     assert main(_train_args(base_dir, data_file, out, "--max-steps", "6", "--eval-every", "3",
                             "--data.eval_fraction", "0.25", "--lora.r", "4", "--lora.target_modules",
-                            "q_proj,v_proj")) == 0
+                            "q_proj,v_proj", "--lora.lora_dropout", "0.1")) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["trainable_params"] == 2 * ((64 * 4 + 4 * 64) + (64 * 4 + 4 * 32))  # 2 layers x (q + v), r=4
     rows = read_metrics(out / "metrics.jsonl")

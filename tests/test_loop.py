@@ -85,3 +85,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, jsonl):
         _run(tmp_path, jsonl, max_steps=50, save_every=2, lr=1e38)  # adapters overflow float32
     saved = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
     assert saved and (tmp_path / "latest").read_text() == saved[-1]
+
+
+def test_evaluate_leaves_the_model_mode_alone(tmp_path, jsonl):
+    from jaxlora.train.loop import evaluate
+
+    data_cfg = DataConfig(path=str(jsonl), max_seq_len=16, batch_size=4)
+    data = load_data(data_cfg, TOK)
+    model = ByteLM(nnx.Rngs(params=0, dropout=1))
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        first = evaluate(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id)
+        assert model.drop.deterministic == (mode == "eval")
+        # Dropout is off during evaluation whatever the mode: the loss is deterministic.
+        assert evaluate(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id) == first

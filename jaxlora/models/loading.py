@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -36,6 +34,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from jaxlora.fileio import atomic_directory
 from jaxlora.qlinear import QuantizedLinear, QuantizedWeight
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.hf_files import (INDEX_FILE, SINGLE_FILE, TensorReader, load_config, open_safetensors,
@@ -264,8 +263,8 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, *, dt
     `QuantizedLinear` layers is written as a bitsandbytes 4-bit checkpoint (config.json carries its
     ``quantization_config``), which transformers loads with bitsandbytes and `from_pretrained` as stored.
 
-    Files are written in a temporary directory beside the target and renamed into place, so a crash
-    never leaves a half-written checkpoint; other files in an existing directory are kept.
+    The directory is written beside the target and swapped into place (`jaxlora.fileio`), so a crash
+    never leaves a half-written checkpoint; other files of an existing directory are kept.
     """
     adapted = sorted({".".join(map(str, path[:-2])) for path, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))})
     if adapted:  # transformers has no place for adapter tensors in a base checkpoint
@@ -274,23 +273,16 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, *, dt
             "or merge them first with jaxlora.merge_and_unload(model) to save a merged checkpoint"
         )
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
     quantization_config = hf_quantization_config(model)  # raises before anything is written
     tensors = dict(state_dict(model, dtype))
     saved_dtype = tensors["model.embed_tokens.weight"].dtype  # never quantized
     config = model.config.to_hf_dict() | {"torch_dtype": saved_dtype.name}
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    # Weights of an earlier save (a sharded index, its shards) would shadow or contradict the new file;
+    # anything else in the directory (tokenizer files, a README) is carried over.
+    stale = lambda name: name == INDEX_FILE or name.endswith(".safetensors")  # noqa: E731
+    with atomic_directory(target, keep=lambda name: not stale(name)) as tmp:
         save_file(tensors, tmp / SINGLE_FILE, metadata={"format": "pt"})  # transformers requires "pt"
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if not target.exists():
-            tmp.rename(target)
-            return target
-        (target / INDEX_FILE).unlink(missing_ok=True)  # a stale index would shadow the new file
-        for name in (SINGLE_FILE, "config.json"):
-            os.replace(tmp / name, target / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -28,6 +28,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from jaxlora.fileio import atomic_directory
+
 _STATE_FILE = "train_state.safetensors"
 _META_FILE = "trainer_state.json"
 _KEY_SUFFIX = "#key_data"  # a typed PRNG key is stored as its raw key data under this suffix
@@ -68,24 +70,20 @@ def save_checkpoint(
     """Write checkpoint-{step} atomically and point `latest` at it; keep the newest `keep` checkpoints.
     wrt: the trained variables to store (adapters by default), besides optimizer state and RNG streams."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"checkpoint-{step:06d}"
-    tmp = run_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(_flatten(_trainable_state(model, optimizer, wrt)), str(tmp / _STATE_FILE))
-    meta = {"step": int(step), **(trainer_state or {})}
-    (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
-    if write_adapter is not None:
-        write_adapter(tmp / "adapter")
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it whole
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    # Re-saving a step (after a resume) replaces it whole: nothing of the old one is kept.
+    with atomic_directory(final, keep=lambda name: False) as tmp:
+        save_file(_flatten(_trainable_state(model, optimizer, wrt)), str(tmp / _STATE_FILE))
+        meta = {"step": int(step), **(trainer_state or {})}
+        (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
+        if write_adapter is not None:
+            write_adapter(tmp / "adapter")
+        _fsync_tree(tmp)
     _write_atomic(run_dir / "latest", final.name)
     if keep is not None:
         for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old)
+            if old != final:  # the newest by step may be an older run's; never prune what was just written
+                shutil.rmtree(old)
     return final
 
 

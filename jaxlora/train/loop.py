@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxlora.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from jaxlora.generate import inference_view
+from jaxlora.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from jaxlora.train.data import Data, DataConfig, DataState, eval_batches, train_batches
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
@@ -48,6 +49,18 @@ class TrainConfig:
             raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None")
 
 
+def check_output_dir(output_dir: str | Path, *, resume: bool) -> None:
+    """A fresh run must not start over another run's checkpoints (pruning would mix the two)."""
+    found = list_checkpoints(output_dir)
+    if found and not resume:
+        raise ValueError(
+            f"output_dir {output_dir} already holds checkpoints ({found[-1].name}); resume that run "
+            "(resume=True / --resume), or choose another output_dir"
+        )
+    if resume and not found:
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {output_dir}")
+
+
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or Inf loss; nothing was saved after the last good checkpoint."""
 
@@ -55,14 +68,11 @@ class NonFiniteLossError(RuntimeError):
 def evaluate(model: nnx.Module, examples, data_cfg: DataConfig, *, pad_token_id: int, mesh=None) -> float:
     """Token-weighted mean loss over one pass of `examples`."""
     total, count = 0.0, 0.0
-    model.eval()
-    try:
-        for batch in eval_batches(examples, data_cfg, pad_token_id=pad_token_id):
-            out = eval_step(model, _device_batch(batch, mesh, data_cfg.packing))
-            total += float(out["loss_sum"])
-            count += float(out["tokens"])
-    finally:
-        model.train()
+    view = inference_view(model)  # dropout off; `model` keeps its mode
+    for batch in eval_batches(examples, data_cfg, pad_token_id=pad_token_id):
+        out = eval_step(view, _device_batch(batch, mesh, data_cfg.packing))
+        total += float(out["loss_sum"])
+        count += float(out["tokens"])
     return total / max(count, 1.0)
 
 
@@ -90,6 +100,7 @@ def train(
     demo pretrains its tiny base this way).
     """
     out = Path(train_cfg.output_dir)
+    check_output_dir(out, resume=resume)
     out.mkdir(parents=True, exist_ok=True)
     mesh = None
     if jax.device_count() > 1:
@@ -105,8 +116,6 @@ def train(
     metrics_file = out / "metrics.jsonl"
     if resume:
         ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out}")
         meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, wrt=wrt)
         step, data_state = meta["step"], DataState.from_dict(meta["data"])
         _truncate_log(metrics_file, step)  # drop what the interrupted run logged after its checkpoint
