@@ -139,7 +139,8 @@ class LlamaModel(nnx.Module):
             )
         kv_valid = kv_segments != 0
         # nnx.remat recomputes each block's activations in the backward pass instead of storing them.
-        run = nnx.remat(_run_layer) if self.remat else _run_layer
+        # Decoding with a cache has no backward pass (and remat would trace the cache update anew).
+        run = nnx.remat(_run_layer) if self.remat and cache is None else _run_layer
         keys, values = [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
