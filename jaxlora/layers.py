@@ -16,7 +16,6 @@ from jaxlora.adapter import DoraNorm, LoRAAdapter
 from jaxlora.qlinear import QuantizedLinear, quantize_weight
 from jaxlora.qmatmul import dequantize
 
-
 Base = nnx.Linear | QuantizedLinear
 
 
@@ -32,6 +31,15 @@ def _set_kernel(base: Base, kernel: jax.Array) -> None:
         base.requantize(kernel.T)
     else:
         base.kernel.value = kernel.astype(base.kernel.value.dtype)
+
+
+def _merged_kernel(base: Base, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Array | None]:
+    """The base kernel ``(in, out)`` with `adapter` folded in, and DoRA's weight norm (else None)."""
+    kernel = _kernel(base, adapter.dtype)
+    a, b = adapter.lora_a.value, adapter.lora_b.value
+    if adapter.use_dora:
+        return lora.dora_merge(kernel, a, b, adapter.magnitude.value, adapter.scaling)
+    return lora.merge(kernel, a, b, adapter.scaling), None
 
 
 def _bias(base: Base) -> jax.Array | None:
@@ -179,18 +187,15 @@ class LoRALinear(nnx.Module):
     # --- merging --------------------------------------------------------------------------------------
 
     def merge(self) -> None:
-        """Fold the active adapter into the base. A quantized base is re-quantized (as PEFT does): the
-        merged weight carries a fresh quantization error, measured in tests/test_layers.py."""
+        """Fold the active adapter into the base. A quantized base is re-quantized with its own settings
+        (as PEFT does; bitsandbytes' "cpu" bytes, see `QuantizedLinear.requantize`): the merged weight
+        carries a fresh quantization error, measured in tests/test_layers.py."""
         if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
         adapter = self._adapter(self.active_adapter)
-        kernel = _kernel(self.base, adapter.dtype)
+        kernel, norm = _merged_kernel(self.base, adapter)
         if adapter.use_dora:
-            kernel, norm = lora.dora_merge(kernel, adapter.lora_a.value, adapter.lora_b.value,
-                                           adapter.magnitude.value, adapter.scaling)
             adapter.dora_norm = DoraNorm(norm)
-        else:
-            kernel = lora.merge(kernel, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
         _set_kernel(self.base, kernel)
         self.merged_adapters = (self.active_adapter,)
 
@@ -214,27 +219,29 @@ class LoRALinear(nnx.Module):
             self.unmerge()
         return self.base
 
-    def merge_and_unload(self, *, requantize: bool = True) -> Base:
-        """The base with the active adapter folded in. For a quantized base, ``requantize=False`` returns
-        an ``nnx.Linear`` holding dequantize(W) + delta in W's original dtype (no new quantization error)."""
-        if isinstance(self.base, QuantizedLinear) and not requantize:
-            adapter = self._adapter(self.active_adapter)
-            kernel = _kernel(self.base, adapter.dtype)
-            if adapter.use_dora:
-                kernel, _ = lora.dora_merge(kernel, adapter.lora_a.value, adapter.lora_b.value,
-                                            adapter.magnitude.value, adapter.scaling)
-            else:
-                kernel = lora.merge(kernel, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
-            dtype = self.base.weight.value.dtype
-            dense = nnx.Linear(self.in_features, self.out_features, use_bias=self.base.bias is not None,
-                               param_dtype=dtype, rngs=nnx.Rngs(0))
-            dense.kernel.value = kernel.astype(dtype)
-            if self.base.bias is not None:
-                dense.bias.value = self.base.bias.value.astype(dtype)
-            return dense
-        if not self.merged_adapters:
-            self.merge()
-        return self.base
+    def merge_and_unload(self, *, requantize: bool = False) -> Base:
+        """The base with the active adapter folded in, the same whether or not `merge` ran first.
+
+        A dense base is merged in place and returned. A quantized base becomes an ``nnx.Linear``
+        holding dequantize(W) + delta in W's original dtype: no new quantization error (if `merge`
+        already ran, W holds the merged weight and is only dequantized). ``requantize=True`` keeps
+        the `QuantizedLinear` and re-quantizes W + delta, as PEFT's bitsandbytes merge does.
+        """
+        if not isinstance(self.base, QuantizedLinear) or requantize:
+            if not self.merged_adapters:
+                self.merge()
+            return self.base
+        dtype = self.base.weight.value.dtype
+        if self.merged_adapters:  # the delta is already in W
+            kernel = _kernel(self.base, dtype)
+        else:
+            kernel, _ = _merged_kernel(self.base, self._adapter(self.active_adapter))
+        dense = nnx.Linear(self.in_features, self.out_features, use_bias=self.base.bias is not None,
+                           param_dtype=dtype, rngs=nnx.Rngs(0))
+        dense.kernel.value = kernel.astype(dtype)
+        if self.base.bias is not None:
+            dense.bias.value = self.base.bias.value.astype(dtype)
+        return dense
 
     # --- PEFT layout ----------------------------------------------------------------------------------
 
@@ -250,19 +257,26 @@ class QLoRALinear(LoRALinear):
     """LoRA over a 4-bit base. Given an ``nnx.Linear`` it quantizes explicitly (NF4 + double
     quantization by default, QLoRA's recipe). PiSSA runs on the dense weight and the base stores the
     quantized residual; LoftQ quantizes with this layer's settings and keeps its own last quantization
-    (no second rounding); DoRA's magnitude is taken from the quantized weight, as PEFT does."""
+    (no second rounding); DoRA's magnitude is taken from the quantized weight, as PEFT does.
+
+    ``compute_dtype`` (None: bfloat16 for a dense base) is the base matmul's dtype. Given an already
+    quantized base, None keeps the base's own; a dtype is applied to that base (which this layer then
+    owns). The quantization settings apply only when quantizing a dense base."""
 
     def __init__(self, base: Base, *, r: int = 8, quant_type: str = "nf4", blocksize: int = 64,
-                 double_quant: bool = True, compute_dtype=jnp.bfloat16,
+                 double_quant: bool = True, compute_dtype=None,
                  init_lora_weights: lora.InitLoraWeights = True, use_dora: bool = False, loftq_iter: int = 1,
                  **lora_kwargs):
         if isinstance(base, QuantizedLinear):
+            if compute_dtype is not None:
+                base.compute_dtype = jnp.dtype(compute_dtype)
             super().__init__(base, r=r, init_lora_weights=init_lora_weights, use_dora=use_dora, **lora_kwargs)
             return
-        settings = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        compute_dtype = jnp.bfloat16 if compute_dtype is None else compute_dtype
+        settings = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
         if init_lora_weights == "loftq":
             kernel = base.kernel.value
-            quantize = lambda w: quantize_weight(w.astype(kernel.dtype), **settings)  # noqa: E731
+            quantize = lambda w: quantize_weight(w.astype(kernel.dtype), **settings)
             qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
             qbase = QuantizedLinear(qt, _bias(base), compute_dtype=compute_dtype)
             super().__init__(qbase, r=r, init_lora_weights=True, **lora_kwargs)

@@ -1,4 +1,4 @@
-"""`QuantizedLinear`: a frozen 4-bit linear layer, bitsandbytes' Linear4bit in NNX.
+"""`QuantizedLinear`: a frozen 4-bit (or 8-bit blockwise) linear layer, bitsandbytes' Linear4bit in NNX.
 
 Trainability is a type: the quantized weight lives in `QuantizedWeight` and the bias in `FrozenBias`,
 neither an ``nnx.Param``, so no optimizer selects them.
@@ -22,10 +22,17 @@ class FrozenBias(nnx.Variable):
     """A quantized layer's bias: frozen, as bitsandbytes' Linear4bit under QLoRA."""
 
 
-def quantize_weight(w: jax.Array, *, quant_type: str, blocksize: int, double_quant: bool) -> QuantizedTensor:
-    from jaxlora.quant.blockwise import quantize_4bit
+def quantize_weight(w: jax.Array, *, quant_type: str, blocksize: int, double_quant: bool,
+                    bnb_backend: str = "cpu") -> QuantizedTensor:
+    """Quantize a dense weight to 4 bits ("nf4", "fp4") or bitsandbytes' 8-bit map ("dynamic8")."""
+    from jaxlora.quant.blockwise import quantize_4bit, quantize_blockwise
 
-    return quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant)
+    if quant_type == "dynamic8":
+        if double_quant:  # bitsandbytes nests absmax of 4-bit weights only
+            raise ValueError("double_quant=True is 4-bit only; pass double_quant=False with quant_type='dynamic8'")
+        return quantize_blockwise(w, blocksize=blocksize, bnb_backend=bnb_backend)
+    return quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant,
+                         bnb_backend=bnb_backend)
 
 
 class QuantizedLinear(nnx.Module):
@@ -72,11 +79,14 @@ class QuantizedLinear(nnx.Module):
         """The dense ``(out, in)`` weight."""
         return dequantize(self.weight.value, dtype)
 
-    def requantize(self, weight: jax.Array) -> None:
-        """Store a new dense ``(out, in)`` weight with this layer's quant type, blocksize and dtype."""
+    def requantize(self, weight: jax.Array, *, bnb_backend: str = "cpu") -> None:
+        """Store a new dense ``(out, in)`` weight with the stored tensor's settings: 4- or 8-bit quant
+        type, blocksize, double quantization and dtype. A QuantizedTensor does not record which
+        bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default "cpu")."""
         qt = self.weight.value
-        self.weight.value = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type, blocksize=qt.blocksize,
-                                      double_quant=qt.double_quant)
+        self.weight.value = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type,
+                                            blocksize=qt.blocksize, double_quant=qt.double_quant,
+                                            bnb_backend=bnb_backend)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
         y = qmatmul(x, self.weight.value, compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)

@@ -199,6 +199,81 @@ def test_qlora_merge_error_is_a_requantization():
     assert quant_err > 0
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_qlora_merge_and_unload_is_the_same_after_merge(use_dora):
+    # After merge() the quantized base already holds W + delta: merge_and_unload must not add it again.
+    layer = QLoRALinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, lora_alpha=8,
+                                    compute_dtype=jnp.float32, use_dora=use_dora, rngs=nnx.Rngs(1))
+    _nonzero_b(layer)
+    x = _x()
+    y = layer(x)
+    fresh = layer.merge_and_unload()  # the default: dense dequantize(W) + delta, no new quantization
+    assert isinstance(fresh, nnx.Linear) and _rel(fresh(x), y) < 1e-5  # fp32 merge, one rounding each
+    layer.merge()
+    merged = layer.base.dequantize(jnp.float32).T
+    again = layer.merge_and_unload()
+    assert isinstance(again, nnx.Linear)
+    np.testing.assert_array_equal(again.kernel.value, merged)  # W as merged, the delta not added twice
+    assert _rel(again.kernel.value, fresh.kernel.value) < 0.15  # only merge()'s NF4 re-quantization
+    codes = layer.base.weight.value.codes
+    assert layer.merge_and_unload(requantize=True) is layer.base  # PEFT's way: the re-quantized base
+    np.testing.assert_array_equal(layer.base.weight.value.codes, codes)  # ... merged once
+
+
+@pytest.mark.parametrize(("quant_type", "blocksize"), [("dynamic8", 256), ("fp4", 128)])
+def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize):
+    from jaxlora.quant import quantize_4bit, quantize_blockwise
+
+    w = jax.random.normal(jax.random.key(3), (OUT, IN), jnp.bfloat16)
+    if quant_type == "dynamic8":  # bitsandbytes' 8-bit blockwise format, as quantize_model makes it
+        def quantize(a):
+            return quantize_blockwise(a, blocksize=blocksize)
+    else:
+        def quantize(a):
+            return quantize_4bit(a, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
+    layer = QLoRALinear(QuantizedLinear(quantize(w), compute_dtype=jnp.float32), r=R, lora_alpha=8,
+                        rngs=nnx.Rngs(1))
+    ad = _nonzero_b(layer)
+    x = _x()
+    y = layer(x)
+    # merge's arithmetic: W dequantized to its stored dtype, + delta in float32, rounded back (out, in)
+    exact = (layer.base.dequantize().astype(jnp.float32).T + ad.delta_weight()).T.astype(jnp.bfloat16)
+    layer.merge()
+    qt, expected = layer.base.weight.value, quantize(exact)
+    assert (qt.quant_type, qt.blocksize, qt.dtype, qt.double_quant) == (quant_type, blocksize, jnp.bfloat16, False)
+    np.testing.assert_array_equal(qt.codes, expected.codes)  # the same quantizer, byte for byte
+    np.testing.assert_array_equal(qt.absmax, expected.absmax)
+    # 8-bit's error is far below 4-bit's; both are re-quantizations of W + delta, not zero.
+    assert 0 < _rel(layer(x), y) < (0.02 if quant_type == "dynamic8" else 0.15)
+
+
+def test_requantize_takes_the_bnb_backend():
+    # A QuantizedTensor does not record the backend; requantize defaults to "cpu" and can be told.
+    from jaxlora.quant import quantize_4bit
+
+    w = jax.random.normal(jax.random.key(4), (OUT, IN), jnp.float32)
+    q = QuantizedLinear.from_weight(w, compute_dtype=jnp.float32)
+    q.requantize(w, bnb_backend="cuda")
+    expected = quantize_4bit(w, blocksize=64, compress_statistics=True, bnb_backend="cuda")
+    np.testing.assert_array_equal(q.weight.value.codes, expected.codes)
+    np.testing.assert_array_equal(q.weight.value.absmax, expected.absmax)
+
+
+def test_qlora_compute_dtype_on_a_quantized_base():
+    # Unset, the quantized base keeps its own compute dtype (get_peft_model passes none); set, it applies.
+    def qbase():
+        return QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+
+    assert QLoRALinear(qbase(), r=R, rngs=nnx.Rngs(1)).base.compute_dtype == jnp.float32
+    layer = QLoRALinear(qbase(), r=R, compute_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
+    assert layer.base.compute_dtype == jnp.bfloat16
+    x = _x()
+    w = layer.base.dequantize(jnp.float32)  # (out, in); B = 0, so the layer is its base
+    expected = x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16).T + layer.base.bias.value.astype(jnp.bfloat16)[None, :]
+    assert _rel(layer(x), expected.astype(jnp.float32)) < 1e-6  # the same bf16 products, as test_qlora_forward
+    assert _rel(layer(x), qbase()(x)) > 1e-4  # differs from the float32 computation
+
+
 @pytest.mark.parametrize("init", ["pissa", "loftq"])
 def test_qlora_inits_from_the_dense_weight(init):
     # PiSSA quantizes the residual, LoftQ fits B A to the quantization error: either way the adapted

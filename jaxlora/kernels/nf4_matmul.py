@@ -93,25 +93,9 @@ def nf4_matmul(
     fall back to the jnp path.
     """
     t = tiling.choose(qt, x.shape[-1], block_m=block_m, block_n=block_n, block_k=block_k, rows=_rows(x))
-    n_out, n_in = qt.shape
-    x2, m = _pad_rows(x.reshape(-1, n_in).astype(compute_dtype), t.block_m)  # (M, in)
-    table, dynamic = _tables(qt)
-    kernel = functools.partial(_fwd_kernel, t=t, qt_meta=_meta(qt), double_quant=qt.double_quant,
-                               interpret=interpret)
-    in_specs = [
-        pl.BlockSpec((t.block_m, n_in), lambda i, j: (i, 0)),
-        *_weight_specs(qt, t, lambda i, j: (j, 0)),
-    ]
-    y = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((x2.shape[0], n_out), out_dtype or compute_dtype),
-        grid=(x2.shape[0] // t.block_m, n_out // t.block_n),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((t.block_m, t.block_n), lambda i, j: (i, j)),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(x2, *_weight_operands(qt, table, dynamic))
-    return y[:m].reshape(*x.shape[:-1], n_out)
+    return _call(_fwd_kernel, x, qt, t, transpose=False, compute_dtype=compute_dtype,
+                 out_dtype=out_dtype or compute_dtype, interpret=interpret, num_warps=num_warps,
+                 num_stages=num_stages)
 
 
 def nf4_matmul_t(
@@ -135,24 +119,34 @@ def nf4_matmul_t(
     if dy.ndim == 0 or dy.shape[-1] != n_out:
         raise ValueError(f"dy {dy.shape} does not end in out_features={n_out}")
     t = tiling.choose(qt, n_in, block_m=block_m, block_n=block_n, block_k=block_k, rows=_rows(dy))
-    dy2, m = _pad_rows(dy.reshape(-1, n_out).astype(compute_dtype), t.block_m)  # (M, out)
-    table, dynamic = _tables(qt)
-    kernel = functools.partial(_bwd_kernel, t=t, qt_meta=_meta(qt), double_quant=qt.double_quant,
-                               interpret=interpret)
-    in_specs = [
-        pl.BlockSpec((t.block_m, n_out), lambda i, j: (i, 0)),
-        *_weight_specs(qt, t, lambda i, j: (0, j), transpose=True),
-    ]
-    dx = pl.pallas_call(
+    return _call(_bwd_kernel, dy, qt, t, transpose=True, compute_dtype=compute_dtype, out_dtype=compute_dtype,
+                 interpret=interpret, num_warps=num_warps, num_stages=num_stages)
+
+
+def _call(body, a: jax.Array, qt: QuantizedTensor, t: tiling.Tiles, *, transpose: bool, compute_dtype,
+          out_dtype, interpret: bool, num_warps: int, num_stages: int) -> jax.Array:
+    """The pallas_call shared by both kernels: grid (row tiles of `a`, output column tiles).
+
+    Forward: `a` is ``(..., in)``, a program owns ``block_n`` output features and all their weight
+    rows. Transpose: `a` is ``(..., out)``, a program owns ``block_k`` input features and all their
+    weight columns. Rows are padded to ``block_m`` and the padding dropped from the result.
+    """
+    n_out, n_in = qt.shape
+    n_cols, block_cols = (n_in, t.block_k) if transpose else (n_out, t.block_n)
+    weight_map = (lambda i, j: (0, j)) if transpose else (lambda i, j: (j, 0))
+    a2, m = _pad_rows(a.reshape(-1, a.shape[-1]).astype(compute_dtype), t.block_m)  # (M, in | out)
+    kernel = functools.partial(body, t=t, qt_meta=_meta(qt), double_quant=qt.double_quant, interpret=interpret)
+    y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((dy2.shape[0], n_in), compute_dtype),
-        grid=(dy2.shape[0] // t.block_m, n_in // t.block_k),
-        in_specs=in_specs,
-        out_specs=pl.BlockSpec((t.block_m, t.block_k), lambda i, j: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((a2.shape[0], n_cols), out_dtype),
+        grid=(a2.shape[0] // t.block_m, n_cols // block_cols),
+        in_specs=[pl.BlockSpec((t.block_m, a2.shape[1]), lambda i, j: (i, 0)),
+                  *_weight_specs(qt, t, weight_map, transpose=transpose)],
+        out_specs=pl.BlockSpec((t.block_m, block_cols), lambda i, j: (i, j)),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(dy2, *_weight_operands(qt, table, dynamic))
-    return dx[:m].reshape(*dy.shape[:-1], n_in)
+    )(a2, *_weight_operands(qt, *_tables(qt)))
+    return y[:m].reshape(*a.shape[:-1], n_cols)
 
 
 # --- operands -------------------------------------------------------------------------------------
@@ -163,7 +157,7 @@ def _rows(x: jax.Array) -> int:
 
 
 def _meta(qt: QuantizedTensor) -> tuple[int, int, int, np.dtype]:
-    n_out, n_in = qt.shape
+    _, n_in = qt.shape
     return n_in, qt.blocksize, qt.nested_blocksize, np.dtype(qt.dtype)
 
 
@@ -192,7 +186,7 @@ def _weight_specs(qt: QuantizedTensor, t: tiling.Tiles, index_map, transpose: bo
     else:
         codes_spec = pl.BlockSpec((t.block_n, n_in // 2), index_map)
         absmax_spec = pl.BlockSpec((t.block_n, n_blocks_row), index_map)
-    whole = lambda *_: (0,)  # noqa: E731 - small tables, the same for every program
+    whole = lambda *_: (0,)  # small tables, the same for every program
     specs = [codes_spec, absmax_spec, pl.BlockSpec((16,), whole)]
     if qt.double_quant:
         specs += [pl.BlockSpec((256,), whole), pl.BlockSpec(qt.nested_absmax.shape, whole),
@@ -236,7 +230,7 @@ def _fwd_kernel(x_ref, codes_ref, absmax_ref, table_ref, *rest, t, qt_meta, doub
 def _bwd_kernel(dy_ref, codes_ref, absmax_ref, table_ref, *rest, t, qt_meta, double_quant, interpret):
     # dy_ref (bm, out); codes_ref (out, bk / 2) u8; absmax_ref (out, scales_per_tile); out (bm, bk)
     *dq_refs, o_ref = rest
-    n_in, blocksize, _, _ = qt_meta
+    _, blocksize, _, _ = qt_meta
     n_out = dy_ref.shape[1]
     col0 = pl.program_id(1) * t.block_k
     scales_col = col0 // blocksize
