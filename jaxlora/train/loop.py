@@ -136,6 +136,8 @@ def train(
 
     accum = optim_cfg.gradient_accumulation_steps
     stream = train_batches(data.train, data_cfg, pad_token_id=pad_token_id, start=data_state)
+    # cached_partial walks the model graph once instead of on every call (~20% of a small step on CPU).
+    step_fn = nnx.cached_partial(train_step, model, optimizer)
     model.train()
     last_ckpt, t_run, tokens_run, last = latest_checkpoint(out), time.perf_counter(), 0, {}
     while step < optim_cfg.max_steps:
@@ -143,9 +145,8 @@ def train(
         for _ in range(accum):
             batch, data_state = next(stream)
             tokens += int(np.sum(batch.attention_mask))
-            res = train_step(
-                model, optimizer, _device_batch(batch, mesh, data_cfg.packing),
-                offload_optimizer=train_cfg.offload_optimizer, wrt=wrt,
+            res = step_fn(
+                _device_batch(batch, mesh, data_cfg.packing), offload_optimizer=train_cfg.offload_optimizer, wrt=wrt
             )
             losses.append(float(res["loss"]))
         step += 1
