@@ -1,0 +1,191 @@
+"""Side-by-side benchmark: jaxlora vs transformers + bitsandbytes + PEFT on the same model and data.
+
+    python -m benchmarks.run [--size tiny|small] [--dtype bfloat16|float32|both] [--steps N]
+                             [--repeats R] [--remat] [--no-quant] [--out benchmarks/results]
+
+Builds a llama checkpoint from a transformers config (no network), then runs each side in its own
+process (benchmarks/_workers.py), so that each peak RSS is that side's alone, and prints one table:
+QLoRA train-step tokens/s, peak host RSS, generation tokens/s, and bench_quant's 4096x4096
+quantize / dequantize throughput. Results go to <out>/<date>_<hardware>.{json,md}. How to read them:
+benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Model shapes: every linear in-features is a multiple of the blocksize 64, so bitsandbytes' AVX512
+# dequantize bug (spec bnb-4bit.md, "Known bnb bug") cannot touch the PyTorch side.
+SIZES = {
+    "tiny": dict(model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=2048),
+                 batch=4, seq=128, gen_batch=1, prompt_len=32, new_tokens=32),
+    "small": dict(model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                             num_key_value_heads=4, vocab_size=8192),
+                  batch=8, seq=256, gen_batch=4, prompt_len=64, new_tokens=64),
+}
+GOALS = {"train_speed": 1.5, "train_rss": 0.7}  # CPU goals: >= 1.5x PyTorch tokens/s at <= 0.7x its peak RSS
+MiB = 2**20
+
+
+def machine() -> dict:
+    def first(path, key):
+        try:
+            with open(path) as f:
+                return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith(key))
+        except (OSError, StopIteration):
+            return None
+
+    return dict(
+        cpu=first("/proc/cpuinfo", "model name") or platform.processor(), cpus=os.cpu_count(),
+        cpus_usable=len(os.sched_getaffinity(0)), ram=first("/proc/meminfo", "MemTotal"),
+        load_average=[round(x, 2) for x in os.getloadavg()], python=platform.python_version(),
+        platform=platform.platform(),
+        xla_flags=os.environ.get("XLA_FLAGS", ""), date=datetime.datetime.now().isoformat(timespec="seconds"),
+    )
+
+
+def save_model(size: dict, directory: Path) -> Path:
+    from torch_ref import hf_ref  # imports torch: this parent process is never measured
+
+    cfg = size["model"]
+    for n in (cfg["hidden_size"], cfg["intermediate_size"]):
+        assert n % 64 == 0, "linear in-features must be multiples of 64 (bnb AVX512 dequantize bug)"
+    return hf_ref.save_tiny_model("llama", directory, seed=0, max_position_embeddings=1024, **cfg)
+
+
+def run_side(side: str, spec: dict) -> dict:
+    """Runs one side in a fresh process; its result, or {"error": ...} with the tail of its stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks._workers", side, json.dumps(spec)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")), None)
+    if proc.returncode or line is None:
+        return {"error": f"{side} side failed (rc {proc.returncode}): " + proc.stderr[-2000:]}
+    print(f"  {side:<5} side done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return json.loads(line[len("@@RESULT "):]) | {"wall_s": time.perf_counter() - t0}
+
+
+def table(results: dict) -> list[str]:
+    """Markdown rows: metric | jaxlora | PyTorch | jaxlora / PyTorch."""
+    rows = ["| metric | jaxlora | PyTorch | jaxlora / PyTorch |", "|---|---:|---:|---:|"]
+
+    def row(name, a, b, fmt="{:.1f}", goal=None):
+        if a is None or b is None:
+            return
+        ratio = a / b if b else float("nan")
+        mark = "" if goal is None else (" (goal met)" if goal(ratio) else " (goal missed)")
+        rows.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {ratio:.2f}{mark} |")
+
+    for dtype, pair in results["train"].items():
+        j, t = pair["jax"], pair["torch"]
+        if "error" in j or "error" in t:
+            rows.append(f"| {dtype}: error | {j.get('error', 'ok')[:200]} | {t.get('error', 'ok')[:200]} | |")
+            continue
+        row(f"{dtype} train tokens/s (higher is better)", j["train_tokens_per_s"], t["train_tokens_per_s"],
+            goal=lambda r: r >= GOALS["train_speed"])
+        row(f"{dtype} train peak RSS MiB (lower is better)", j["train_peak_rss"] / MiB, t["train_peak_rss"] / MiB,
+            "{:.0f}", goal=lambda r: r <= GOALS["train_rss"])
+        row(f"{dtype} train peak RSS, timed steps only (after compile) MiB", j["train_timed_peak_rss"] / MiB,
+            t["train_timed_peak_rss"] / MiB, "{:.0f}")
+        row(f"{dtype} train peak RSS above imports MiB", (j["train_peak_rss"] - j["rss_after_import"]) / MiB,
+            (t["train_peak_rss"] - t["rss_after_import"]) / MiB, "{:.0f}")
+        row(f"{dtype} RSS after imports MiB", j["rss_after_import"] / MiB, t["rss_after_import"] / MiB, "{:.0f}")
+        row(f"{dtype} process peak RSS MiB (load+train+generate)", j["process_peak_rss"] / MiB,
+            t["process_peak_rss"] / MiB, "{:.0f}")
+        if j["device_peak_bytes"] is not None and t["device_peak_bytes"] is not None:
+            row(f"{dtype} device peak MiB", j["device_peak_bytes"] / MiB, t["device_peak_bytes"] / MiB, "{:.0f}")
+        row(f"{dtype} first train step s (compile; excluded)", j["train_first_step_s"], t["train_first_step_s"],
+            "{:.2f}")
+        row(f"{dtype} first-step loss (same model: should agree)", j["first_loss"], t["first_loss"], "{:.4f}")
+        row(f"{dtype} generate tokens/s (higher is better)", j["gen_tokens_per_s"], t["gen_tokens_per_s"])
+        row(f"{dtype} first generate call s (compile; excluded)", j["gen_first_call_s"], t["gen_first_call_s"],
+            "{:.2f}")
+    for dtype, pair in results["train"].items():
+        j = pair["jax"]
+        if "train_dispatch_s_per_step" in j:
+            step = results["spec"]["batch"] * results["spec"]["seq"] / j["train_tokens_per_s"]
+            rows.append(f"| {dtype} jaxlora Python time per step in nnx.jit (of a {step * 1e3:.0f} ms step) | "
+                        f"{j['train_dispatch_s_per_step'] * 1e3:.1f} ms | | |")
+    quant = results.get("quant") or {}
+    if "error" in quant:
+        rows.append(f"| quant: error | {quant['error'][:200]} | | |")
+    for name, ours, theirs in quant.get("rows", []):
+        n2 = results["spec"]["quant_n"] ** 2 / 1e6
+        row(f"{name} Mparams/s (vs bitsandbytes)", n2 / ours, n2 / theirs, "{:.0f}")
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both",
+                    help="compute dtype of both sides (QLoRA uses bfloat16)")
+    ap.add_argument("--steps", type=int, default=4, help="train steps per timed repeat")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
+    ap.add_argument("--remat", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--no-quant", action="store_true", help="skip the 4096x4096 quantize / dequantize rows")
+    ap.add_argument("--quant-n", type=int, default=4096)
+    ap.add_argument("--cpus", type=lambda v: [int(c) for c in v.split(",")], default=None,
+                    help="pin both sides to these CPU ids, e.g. 0 or 0,1 (default: all usable CPUs)")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = ap.parse_args()
+
+    size = SIZES[args.size]
+    info = machine()
+    print(f"# {args.size}: {size['model']}, batch {size['batch']} x seq {size['seq']}; "
+          f"{info['cpu']}, {info['cpus_usable']} cpus usable, load {info['load_average']}", file=sys.stderr)
+    dtypes = ("bfloat16", "float32") if args.dtype == "both" else (args.dtype,)
+    results = {"size": args.size, "machine": info, "train": {}}
+    with tempfile.TemporaryDirectory(prefix="jaxlora-bench-") as tmp:
+        model_dir = save_model(size, Path(tmp) / "model")
+        spec = dict(model_dir=str(model_dir), vocab=size["model"]["vocab_size"], r=16, alpha=32, seed=0,
+                    steps=args.steps, repeats=args.repeats, remat=args.remat, quant_n=args.quant_n, cpus=args.cpus,
+                    **{k: size[k] for k in ("batch", "seq", "gen_batch", "prompt_len", "new_tokens")})
+        results["spec"] = {k: v for k, v in spec.items() if k != "model_dir"} | {"model": size["model"]}
+        for dtype in dtypes:
+            results["train"][dtype] = {side: run_side(side, spec | {"dtype": dtype}) for side in ("jax", "torch")}
+        if not args.no_quant:
+            results["quant"] = run_side("quant", spec)
+    info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    pair = next(iter(results["train"].values()))
+    backends = [pair[s].get("backend", "?") for s in ("jax", "torch")]
+
+    header = [f"# jaxlora vs PyTorch, size {args.size}, {info['date']}",
+              f"- machine: {info['cpu']}, {info['cpus_usable']} cpus usable of {info['cpus']}, RAM {info['ram']}; "
+              f"load average {info['load_average']} at start, {info['load_average_end']} at end",
+              f"- jaxlora: {backends[0]}; PyTorch: {backends[1]}; CPUs pinned: {args.cpus or 'no'}",
+              f"- model: llama {size['model']}; NF4 + double quant, blocksize 64; LoRA r=16, alpha=32, "
+              f"all-linear; AdamW lr 2e-4, clip 1.0; remat {args.remat}",
+              f"- train: batch {size['batch']} x seq {size['seq']}, medians of {args.repeats} repeats x "
+              f"{args.steps} steps after 2 warm-up steps; generate: batch {size['gen_batch']}, prompt "
+              f"{size['prompt_len']}, {size['new_tokens']} new tokens, greedy, medians of {args.repeats}",
+              f"- quantize/dequantize: {args.quant_n}x{args.quant_n} bf16 (benchmarks/bench_quant.py), "
+              f"medians of {args.repeats}", ""]
+    devices = {pair[s]["device"] for s in ("jax", "torch") if "device" in pair[s]}
+    if len(devices) > 1:  # e.g. a CUDA jaxlib beside a CPU-only torch: the ratios would mean nothing
+        header.insert(1, f"- WARNING: the sides ran on different devices {sorted(devices)}; ratios are not comparable")
+    text = "\n".join(header + table(results)) + "\n"
+    print(text)
+    ncpu = len(args.cpus) if args.cpus else info["cpus_usable"]
+    gpu = "gpu" if " on gpu" in backends[0] or " on cuda" in backends[1] else "cpu"
+    hw = re.sub(r"[^a-z0-9]+", "-", f"{info['cpu']}-{ncpu}c-{gpu}".lower()).strip("-")
+    stem = f"{info['date'][:10]}_{hw}_{args.size}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(text)
+    print(f"wrote {args.out / stem}.json and .md", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
