@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 from flax import nnx
 
+from jaxlora.graph import replace_module
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType
@@ -87,16 +88,6 @@ def _base(module):
     return module.base if isinstance(module, LoRALinear) else module
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = model
-    for p in path[:-1]:
-        parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
 def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Adds adapter `adapter_name` to the layers `config` selects; the active adapter stays active (PEFT).
     All checks run before the model is touched."""
@@ -117,7 +108,7 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
         layer = cls(t.module, adapter_name=adapter_name, **kw)
         if configs:  # a fresh layer activates its first adapter; the model's active one decides
             _activate(layer, getattr(model, "active_adapter", None))
-        _replace(model, t.path, layer)
+        replace_module(model, t.path, layer)
     model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
     if not configs:
         model.active_adapter = adapter_name
@@ -179,7 +170,7 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
         if isinstance(layer, LoRALinear) and adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
-                _replace(model, path, layer.unload())
+                replace_module(model, path, layer.unload())
     del configs[adapter_name]
     model.lora_configs = tuple(configs.items())
     if model.active_adapter == adapter_name:
@@ -229,7 +220,7 @@ def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
                     else layer.merge_and_unload())
         else:
             base = layer.unload()
-        _replace(model, path, base)
+        replace_module(model, path, base)
     for attr in ("lora_configs", "active_adapter"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -93,20 +93,8 @@ def convert(value: Any, hint: Any, *, where: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"{where}={value!r} is not a boolean (true / false)")
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"{where}={value!r} is not an integer")
-        try:
-            return int(value)
-        except ValueError:
-            raise ValueError(f"{where}={value!r} is not an integer") from None
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{where}={value!r} is not a number")
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{where}={value!r} is not a number") from None
+    if hint in (int, float):
+        return _number(value, hint, where=where)
     if hint is str:
         if not isinstance(value, str):
             raise ValueError(f"{where}={value!r} is not a string")
@@ -126,6 +114,18 @@ def convert(value: Any, hint: Any, *, where: str) -> Any:
             raise ValueError(f"{where}={value!r} is not a mapping")
         return dict(value)
     return value  # Any, or a type without a conversion rule: passed through to the dataclass's own check
+
+
+def _number(value: Any, kind: type, *, where: str) -> int | float:
+    """An int or float field from a number or a flag string; booleans are not numbers here."""
+    what = "an integer" if kind is int else "a number"
+    accepted = (int, str) if kind is int else (int, float, str)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise ValueError(f"{where}={value!r} is not {what}")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{where}={value!r} is not {what}") from None
 
 
 def add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora.graph import replace_module
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant import quantize_4bit, quantize_blockwise
+from jaxlora.quant.validate import BACKENDS
 from jaxlora.quant.tensor import BLOCKSIZES, QUANT_TYPES, QuantizedTensor
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
-BACKENDS = ("cpu", "cuda")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,16 +143,6 @@ def _linears(model: nnx.Module) -> list[tuple[tuple, nnx.Linear]]:
     return [(path, node) for path, node in nnx.iter_graph(model) if isinstance(node, nnx.Linear)]
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
-    parent = model
-    for key in path[:-1]:
-        parent = parent[key] if isinstance(key, int) else getattr(parent, key)
-    if isinstance(path[-1], int):
-        parent[path[-1]] = new
-    else:
-        setattr(parent, path[-1], new)
-
-
 def quantize_model(model: nnx.Module, config: QuantConfig) -> nnx.Module:
     """Replaces, IN PLACE, every ``nnx.Linear`` of `model` that `config` targets by a `QuantizedLinear`
     holding its weight quantized in the kernel's dtype (transposed to bitsandbytes' (out, in) layout) and
@@ -167,7 +158,7 @@ def quantize_model(model: nnx.Module, config: QuantConfig) -> nnx.Module:
         bias = None if linear.bias is None else linear.bias.get_value()
         qlinear = QuantizedLinear(config.quantize(linear.kernel.get_value().T), bias,
                                   compute_dtype=config.compute_dtype)
-        _replace(model, path, qlinear)
+        replace_module(model, path, qlinear)
     return model
 
 
