@@ -72,7 +72,8 @@ def pretrain_base(out: Path, recipe: BaseRecipe = BaseRecipe(), *, fresh: bool =
     print(f"pretraining the base: {recipe.steps} steps on {recipe.corpus_lines} generated lines", file=sys.stderr)
     train(
         model, load_data(dcfg, TOK), data_cfg=dcfg, wrt=nnx.Param, pad_token_id=TOK.pad_token_id,
-        optim_cfg=OptimizerConfig(learning_rate=recipe.learning_rate, max_steps=recipe.steps, warmup_steps=30),
+        optim_cfg=OptimizerConfig(learning_rate=recipe.learning_rate, max_steps=recipe.steps,
+                                  warmup_steps=min(30, recipe.steps // 10)),
         train_cfg=TrainConfig(output_dir=str(out / "pretrain"), save_total_limit=1),
     )
     jaxlora.save_pretrained(model, base)
