@@ -26,7 +26,6 @@ as all-zero here on both backends. Double quantization's offset is torch's singl
 from __future__ import annotations
 
 import functools
-import math
 from typing import Literal
 
 import jax
@@ -144,46 +143,18 @@ def quantize_4bit(
     )
 
 
-def _lookup4(c: jax.Array, table: np.ndarray, shift: int) -> jax.Array:
-    """table[(c >> shift) & 15] as float32, by a depth-4 tree of selects on the code's bits.
-
-    A gather from the 16-entry table compiles to a scalar load per element on XLA:CPU; the selects
-    vectorize (byte bit-test + masked blend): ~1.5x less CPU time for dequantize. The leaves are the
-    table's own float32 constants, so every value (FP4's -0.0 included) is bit-identical.
-    """
-
-    def pick(lo: int, hi: int, bit: int) -> jax.Array:  # table[lo:hi], chosen by bits `bit`..0
-        if hi - lo == 1:
-            return jnp.float32(table[lo])
-        mid = (lo + hi) // 2
-        is_high = (c & np.uint8(1 << (bit + shift))) != 0
-        return jnp.where(is_high, pick(mid, hi, bit - 1), pick(lo, mid, bit - 1))
-
-    return pick(0, 16, 3)
-
-
-@functools.partial(jax.jit, static_argnames=("shape", "blocksize", "quant_type", "dtype"))
-def _dequantize_4bit(codes, absmax, nested, offset, *, shape, blocksize, quant_type, dtype):
+@functools.partial(jax.jit, static_argnames=("numel", "blocksize", "quant_type", "dtype"))
+def _dequantize_4bit(codes, absmax, nested, offset, *, numel, blocksize, quant_type, dtype):
     if nested is not None:
         absmax = DQ.dequantize_absmax(absmax, nested, offset, NESTED_BLOCKSIZE)
-    table = C.table(quant_type)
-    nb, numel = absmax.shape[0], math.prod(shape)
-    if len(shape) == 1:
-        # XLA:CPU emits the select tree ~4x slower into a 1-D output loop than a 16-entry gather;
-        # codes are 0..15 by construction, so the gather needs no bounds clamping.
-        q = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1).astype(jnp.int32)
-        vals = jnp.asarray(table).at[q].get(mode="promise_in_bounds")
-    else:
-        # Bytes as (nb, blocksize / 2) where whole: XLA vectorizes the selects over that shape only.
-        c = codes.reshape(nb, blocksize // 2) if numel == nb * blocksize else codes
-        vals = jnp.stack([_lookup4(c, table, 4), _lookup4(c, table, 0)], axis=-1).reshape(-1)
-    if numel != nb * blocksize:  # a partial last block: pad the values (not the bytes)
+    q = jnp.stack([codes >> 4, codes & 15], axis=-1).reshape(-1).astype(jnp.int32)
+    # Codes are 0..15 by construction, so the gather needs no bounds clamping (measurably faster).
+    vals = jnp.asarray(C.table(quant_type)).at[q].get(mode="promise_in_bounds")
+    nb = absmax.shape[0]
+    if vals.shape[0] != nb * blocksize:
         vals = jnp.pad(vals[:numel], (0, nb * blocksize - numel))
-    # f32 product, then one rounding to `dtype` (bitsandbytes' order; a bf16 table would round twice).
-    out = (vals.reshape(nb, blocksize) * absmax[:, None]).astype(dtype)
-    # Reshaped inside the jit so that the fused loop writes `shape` directly (a 1-D output loop
-    # would not vectorize the selects; see above).
-    return out.reshape(-1)[:numel].reshape(shape)
+    vals = vals.reshape(nb, blocksize)
+    return (vals * absmax[:, None]).reshape(-1)[:numel].astype(dtype)
 
 
 def dequantize_4bit(qt: QuantizedTensor, dtype=None) -> jax.Array:
@@ -200,9 +171,9 @@ def dequantize_4bit(qt: QuantizedTensor, dtype=None) -> jax.Array:
     check_weight(jax.ShapeDtypeStruct((1,), dtype), what="dtype")
     out = _dequantize_4bit(
         qt.codes, qt.absmax, qt.nested_absmax, qt.offset,
-        shape=tuple(qt.shape), blocksize=qt.blocksize, quant_type=qt.quant_type, dtype=dtype,
+        numel=qt.numel, blocksize=qt.blocksize, quant_type=qt.quant_type, dtype=dtype,
     )  # fmt: skip
-    return out
+    return out.reshape(qt.shape)
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "backend"))
