@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 
@@ -72,7 +73,7 @@ def train_step(
         optimizer.update(model, grads)
     if offload_optimizer:
         _move_optimizer_state(optimizer, jax.memory.Space.Host)
-    return {"loss": loss, "tokens": n, "grad_norm": _global_norm(grads)}
+    return {"loss": loss, "tokens": n, "grad_norm": optax.global_norm(grads)}
 
 
 @nnx.jit
@@ -80,13 +81,6 @@ def eval_step(model: nnx.Module, batch: dict) -> dict:
     """Summed loss and target count, so eval batches of different fill combine exactly."""
     loss, n = _forward_loss(model, batch)
     return {"loss_sum": loss * n, "tokens": n}
-
-
-def _global_norm(grads) -> jax.Array:
-    leaves = jax.tree.leaves(grads)
-    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in leaves))
-
-
 def offload_optimizer_state(optimizer: nnx.Optimizer) -> None:
     """Keep the optimizer state (Adam's two moments: 2x the adapter size in fp32) in pinned host memory.
 
