@@ -100,3 +100,34 @@ def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
     return out.reshape(b, tq, h, d)
+
+
+# Attention implementations: "eager" forms the whole (q, kv) score matrix (transformers' eager path, the
+# reference); "blockwise" never does (jaxlora.models.blockwise); "cudnn" is jax.nn.dot_product_attention's
+# fused GPU kernel; "auto" is blockwise when the keys span more than one block and there is more than one
+# query (training, long prefill), eager otherwise (decoding, short sequences: one block is the same sum).
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "eager", "blockwise", "cudnn")
+BLOCK = 512  # query and key block of the blockwise path: (heads, 512, 512) float32 scores per block
+
+
+def check_impl(impl: str) -> str:
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention={impl!r}; expected one of {ATTENTION_IMPLS}")
+    return impl
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_slots: jax.Array, q_segments: jax.Array,
+              kv_segments: jax.Array, *, window: int | None, impl: str = "auto") -> jax.Array:
+    """Masked grouped-query attention by `impl`; arguments as `attention_mask_matrix` and `grouped_attention`.
+    q (batch, q, heads, d); k, v (batch, kv, kv_heads, d). Returns (batch, q, heads, d)."""
+    from jaxlora.models.blockwise import blockwise_attention
+
+    if impl == "auto":
+        impl = "blockwise" if q.shape[1] > 1 and k.shape[1] > BLOCK else "eager"
+    if impl == "blockwise":
+        block_q, block_k = min(BLOCK, q.shape[1]), min(BLOCK, k.shape[1])
+        return blockwise_attention(q, k, v, q_slots, q_segments, kv_segments, window, block_q, block_k)
+    mask = attention_mask_matrix(q_slots, q_segments, kv_segments, window)
+    if impl == "cudnn":  # (batch, 1, q, kv): one mask for every head
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, :, 0], implementation="cudnn")
+    return grouped_attention(q, k, v, mask)
