@@ -13,33 +13,21 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxlora.train.loss import causal_lm_loss, chunked_causal_lm_loss
 
-def causal_lm_loss(
-    logits: jax.Array,  # (batch, seq, vocab)
-    input_ids: jax.Array,  # (batch, seq)
-    loss_mask: jax.Array,  # (batch, seq) bool, aligned to targets
-) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy over the masked targets, and the number of those targets.
-
-    Position t predicts token t+1, so the last logit and the first mask entry drop out (transformers'
-    `ForCausalLMLoss` shifts the same way). Computed in float32 whatever the logits' dtype.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    n = jnp.sum(mask)
-    # max(n, 1): a batch with no target gives loss 0 rather than NaN.
-    return jnp.sum((logz - picked) * mask) / jnp.maximum(n, 1.0), n
+__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "eval_step", "offload_optimizer_state", "train_step"]
 
 
 def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
     packing = {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
+    if hasattr(model, "hidden_states") and hasattr(model, "logits"):  # the llama family: chunked head + loss
+        h, _ = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"], **packing)
+        graphdef, state = nnx.split(model)
+        head = lambda state, h: nnx.merge(graphdef, state).logits(h)  # noqa: E731
+        return chunked_causal_lm_loss(head, state, h, batch["input_ids"], batch["loss_mask"])
     logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **packing)
     return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
 
