@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jaxlora
+from jaxlora.models.stack import unstacked
 from examples import tasks
 from jaxlora.evaluate import completion_accuracy
 from jaxlora.models.config import LlamaConfig
@@ -142,11 +143,12 @@ def memory_rows(linear: int, other: int) -> list[tuple[str, float, float]]:
 def measured_bits(model) -> tuple[float, int, int]:
     """(bits per linear weight, quantized bytes, linear weights), measured on a model's QuantizedTensors."""
     nbytes = weights = 0
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, jaxlora.QuantizedLinear):
-            qt = module.weight.get_value()
-            nbytes += qt.nbytes
-            weights += math.prod(qt.shape)
+    with unstacked(model):  # per layer: a stacked QuantizedTensor's shape is one layer's
+        for _, module in nnx.iter_graph(model):
+            if isinstance(module, jaxlora.QuantizedLinear):
+                qt = module.weight.get_value()
+                nbytes += qt.nbytes
+                weights += math.prod(qt.shape)
     return 8 * nbytes / weights, nbytes, weights
 
 

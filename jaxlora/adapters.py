@@ -1,8 +1,9 @@
 """Adapters at model level: inject `LoRALinear` / `QLoRALinear` by `LoraConfig`, switch, combine, merge.
 
 A module's path is its attribute path joined by dots (``model.layers.0.self_attn.q_proj``): the
-transformers module name, so PEFT's ``target_modules`` select the same layers here. The model records
-its adapters' configs in ``model.lora_configs`` (``(name, LoraConfig)`` pairs: static, hashable graph
+transformers module name, so PEFT's ``target_modules`` select the same layers here. Each function runs on
+the per-layer picture of the model's stacked decoder layers (`jaxlora.models.stack.per_layer`). The model
+records its adapters' configs in ``model.lora_configs`` (``(name, LoraConfig)`` pairs: static, hashable graph
 data, so a jitted function may take the model) and the active one in ``model.active_adapter``; each
 layer holds its own adapters (`jaxlora.layers`). Nothing here knows file formats (`jaxlora.peft_io`).
 
@@ -21,6 +22,7 @@ from typing import NamedTuple
 from flax import nnx
 
 from jaxlora.graph import replace_module
+from jaxlora.models.stack import per_layer, unstacked
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType
@@ -44,6 +46,7 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+@per_layer
 def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
     """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers."""
     found = {_dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, _LINEAR)}
@@ -51,6 +54,7 @@ def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
     return {name: v for name, v in found.items() if not any(name.startswith(lp + ".") for lp in lora_paths)}
 
 
+@per_layer
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
     """Dotted path -> every `LoRALinear` (and `QLoRALinear`) in the model."""
     return {name: m for name, (_, m) in linear_modules(model).items() if isinstance(m, LoRALinear)}
@@ -61,6 +65,7 @@ def adapter_configs(model: nnx.Module) -> dict[str, LoraConfig]:
     return dict(getattr(model, "lora_configs", ()))
 
 
+@per_layer
 def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
     targets = []
@@ -88,6 +93,7 @@ def _base(module):
     return module.base if isinstance(module, LoRALinear) else module
 
 
+@per_layer
 def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rngs: nnx.Rngs) -> nnx.Module:
     """Adds adapter `adapter_name` to the layers `config` selects; the active adapter stays active (PEFT).
     All checks run before the model is touched."""
@@ -115,6 +121,7 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
     return model
 
 
+@per_layer
 def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, adapter_name: str = "default"):
     """PEFT's ``get_peft_model``: replaces the targeted ``nnx.Linear`` by `LoRALinear` and
     `QuantizedLinear` by `QLoRALinear`, in place, and returns the model with `adapter_name` active."""
@@ -130,6 +137,7 @@ def _activate(layer: LoRALinear, name: str | None) -> None:
         layer.active_adapter = None
 
 
+@per_layer
 def set_adapter(model: nnx.Module, adapter_name: str) -> None:
     """Makes `adapter_name` the active adapter of every layer (layers without it run their base)."""
     if adapter_name not in adapter_configs(model):
@@ -145,8 +153,9 @@ class disable_adapters:  # noqa: N801 -- used as a function and as a context man
 
     def __init__(self, model: nnx.Module):
         self.model = model
-        for layer in lora_layers(model).values():
-            layer.disable_adapter_layers()
+        with unstacked(model):
+            for layer in lora_layers(model).values():
+                layer.disable_adapter_layers()
 
     def __enter__(self):
         return self.model
@@ -155,11 +164,13 @@ class disable_adapters:  # noqa: N801 -- used as a function and as a context man
         enable_adapters(self.model)
 
 
+@per_layer
 def enable_adapters(model: nnx.Module) -> None:
     for layer in lora_layers(model).values():
         layer.enable_adapter_layers()
 
 
+@per_layer
 def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
     """Removes an adapter; a layer left without adapters goes back to its base. If it was active, the first
     remaining adapter becomes active (PEFT's rule)."""
@@ -179,6 +190,7 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
             set_adapter(model, next(iter(configs)))
 
 
+@per_layer
 def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: CombinationType = "svd", svd_rank: int | None = None) -> None:
     """PEFT's ``add_weighted_adapter``: a new adapter on the union of the sources' layers, combined per layer
@@ -211,6 +223,7 @@ def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Se
     model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
 
 
+@per_layer
 def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
     for name, (path, layer) in linear_modules(model).items():
         if not isinstance(layer, LoRALinear):
@@ -240,6 +253,7 @@ def unload(model: nnx.Module) -> nnx.Module:
     return _strip(model, merge=False, requantize=False)
 
 
+@per_layer
 def print_trainable_parameters(model: nnx.Module) -> tuple[int, int]:
     """Prints PEFT's line and returns (trainable, all). Trainable = ``nnx.LoRAParam`` elements (A, B, DoRA
     magnitude). All = every ``nnx.Param`` plus each quantized layer's bias and its weight counted as

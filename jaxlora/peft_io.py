@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 from jaxlora.fileio import atomic_directory
 from jaxlora.adapters import adapter_configs, add_adapter, find_targets, lora_layers, set_adapter
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
+from jaxlora.models.stack import per_layer
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -77,6 +78,7 @@ def _expected(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[int, ...
     return shapes
 
 
+@per_layer
 def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str = "default",
                  rngs: nnx.Rngs) -> nnx.Module:
     """Injects the adapter of a PEFT adapter directory into `model` and fills it. Every tensor's name, shape

@@ -100,7 +100,7 @@ def test_remat_gives_same_output_and_grads():
     assert np.array_equal(plain(ids), remat(ids))
     g1, g2 = nnx.grad(loss)(plain), nnx.grad(loss)(remat)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
-        assert rel_err(a, b) < 1e-6
+        assert rel_err(a, b) < 1e-5  # the backward recomputes each layer (remat_scan): fp32 reassociation
     # A remat model still generates (decoding with a cache skips remat).
     np.testing.assert_array_equal(generate(remat, ids, max_new_tokens=3), generate(plain, ids, max_new_tokens=3))
 

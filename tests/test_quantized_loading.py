@@ -24,6 +24,7 @@ from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.loading import from_pretrained, save_pretrained, state_dict
 from jaxlora.models.quantize import QuantConfig, quantize_model
+from jaxlora.models.stack import unstacked
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant import quantize_4bit
 
@@ -53,7 +54,8 @@ def assert_same_state(a, b):
 
 
 def linears(model, kind):
-    return {".".join(map(str, p)) for p, m in nnx.iter_graph(model) if type(m) is kind}
+    with unstacked(model):  # per-layer module names, as in the checkpoint
+        return {".".join(map(str, p)) for p, m in nnx.iter_graph(model) if type(m) is kind}
 
 
 # --- QuantConfig ------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlora.models import attention as attn
 from jaxlora.models.config import LlamaConfig
+from jaxlora.models.stack import LayerStack, remat_policy
 
 
 @jax.tree_util.register_dataclass
@@ -24,19 +25,20 @@ from jaxlora.models.config import LlamaConfig
 class KVCache:
     """Keys and values of every layer in a fixed number of slots, filled left to right.
 
-    All rows share `end` (slots filled so far); `valid` marks which filled slots hold real tokens, so a
-    left-padded prompt's pads are never attended to. A row's next position is its count of valid slots.
+    Stored as the layers are (`LayerStack`): one (keys, values) pair per run of stacked layers. All rows
+    share `end` (slots filled so far); `valid` marks which filled slots hold real tokens, so a left-padded
+    prompt's pads are never attended to. A row's next position is its count of valid slots.
     """
 
-    keys: tuple[jax.Array, ...]  # per layer (batch, slots, kv_heads, head_dim)
-    values: tuple[jax.Array, ...]  # per layer (batch, slots, kv_heads, head_dim)
+    keys: tuple[jax.Array, ...]  # per run (layers, batch, slots, kv_heads, head_dim)
+    values: tuple[jax.Array, ...]  # per run (layers, batch, slots, kv_heads, head_dim)
     valid: jax.Array  # (batch, slots) bool
     end: jax.Array  # () int32
 
     @classmethod
-    def empty(cls, config: LlamaConfig, batch: int, slots: int, dtype) -> KVCache:
-        shape = (batch, slots, config.num_key_value_heads, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    def empty(cls, config: LlamaConfig, run_sizes: tuple[int, ...], batch: int, slots: int, dtype) -> KVCache:
+        zeros = tuple(jnp.zeros((n, batch, slots, config.num_key_value_heads, config.head_dim), dtype)
+                      for n in run_sizes)
         return cls(zeros, zeros, jnp.zeros((batch, slots), bool), jnp.zeros((), jnp.int32))
 
 
@@ -56,7 +58,8 @@ def _linear(d_in: int, d_out: int, bias: bool, config: LlamaConfig, dtype, param
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype, attention: str = "auto",
+                 rngs: nnx.Rngs):
         h, kvh, d, hidden = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
         self.q_proj = _linear(hidden, h * d, config.qkv_bias, config, dtype, param_dtype, rngs)
         self.k_proj = _linear(hidden, kvh * d, config.qkv_bias, config, dtype, param_dtype, rngs)
@@ -64,6 +67,7 @@ class LlamaAttention(nnx.Module):
         self.o_proj = _linear(h * d, hidden, config.o_bias, config, dtype, param_dtype, rngs)
         self.heads, self.kv_heads, self.head_dim = h, kvh, d
         self.window = config.window(layer)
+        self.attention = attn.check_impl(attention)
 
     def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None):
         """x: (batch, seq, hidden); cos, sin: (batch, seq, head_dim); q_slots: (seq,) cache slots of x;
@@ -78,8 +82,8 @@ class LlamaAttention(nnx.Module):
             cached_k, cached_v, end = kv
             k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), end, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), end, axis=1)
-        mask = attn.attention_mask_matrix(q_slots, q_segments, kv_segments, self.window)
-        out = attn.grouped_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = attn.attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots, q_segments, kv_segments,
+                             window=self.window, impl=self.attention)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
 
 
@@ -95,9 +99,11 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, layer: int, *, dtype, param_dtype, attention: str = "auto",
+                 rngs: nnx.Rngs):
         norm = dict(dim=config.hidden_size, eps=config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = LlamaAttention(config, layer, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(config, layer, dtype=dtype, param_dtype=param_dtype, attention=attention,
+                                        rngs=rngs)
         self.mlp = LlamaMLP(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(**norm)
         self.post_attention_layernorm = RMSNorm(**norm)
@@ -108,22 +114,20 @@ class LlamaDecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), new_kv
 
 
-def _run_layer(layer, x, cos, sin, q_slots, q_segments, kv_segments, kv):
-    return layer(x, cos, sin, q_slots, q_segments, kv_segments, kv)
-
-
 class LlamaModel(nnx.Module):
-    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype, param_dtype, remat: bool | str, attention: str = "auto",
+                 rngs: nnx.Rngs):
         self.embed_tokens = nnx.Embed(
             config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
             embedding_init=nnx.initializers.normal(config.initializer_range), rngs=rngs,
         )
-        self.layers = nnx.List(
-            [LlamaDecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # Stacked and scanned: one layer's program to compile, one layer's weights dequantized at a time.
+        self.layers = LayerStack(
+            [LlamaDecoderLayer(config, i, dtype=dtype, param_dtype=param_dtype, attention=attention, rngs=rngs)
              for i in range(config.num_hidden_layers)]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.config, self.dtype, self.remat = config, dtype, remat
+        self.config, self.dtype, self.remat = config, dtype, remat_policy(remat)
 
     def __call__(self, input_ids, segment_ids, positions, cache: KVCache | None):
         b, t = input_ids.shape
@@ -137,34 +141,38 @@ class LlamaModel(nnx.Module):
             kv_segments = jax.lax.dynamic_update_slice_in_dim(
                 cache.valid.astype(jnp.int32), segment_ids, cache.end, axis=1
             )
-        kv_valid = kv_segments != 0
-        # nnx.remat recomputes each block's activations in the backward pass instead of storing them.
-        # Decoding with a cache has no backward pass (and remat would trace the cache update anew).
-        run = nnx.remat(_run_layer) if self.remat and cache is None else _run_layer
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.keys[i], cache.values[i], cache.end)
-            x, (k, v) = run(layer, x, cos, sin, q_slots, segment_ids, kv_segments, kv)
-            keys.append(k)
-            values.append(v)
+
+        def run_layer(layer, h, kv, consts):  # kv: this layer's (cached keys, cached values), or None
+            cos, sin, q_slots, q_segments, kv_segments, end = consts
+            h, (k, v) = layer(h, cos, sin, q_slots, q_segments, kv_segments, None if kv is None else (*kv, end))
+            return h, None if kv is None else (k, v)
+
+        # Decoding with a cache has no backward pass: nothing to rematerialize.
+        caches = None if cache is None else tuple(zip(cache.keys, cache.values))
+        consts = (cos, sin, q_slots, segment_ids, kv_segments, None if cache is None else cache.end)
+        x, new = self.layers(x, caches, self.remat, run_layer, consts)
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(tuple(keys), tuple(values), kv_valid, cache.end + t)
+        keys, values = tuple(k for k, _ in new), tuple(v for _, v in new)
+        return x, KVCache(keys, values, kv_segments != 0, cache.end + t)
 
 
 class LlamaForCausalLM(nnx.Module):
     """A causal language model: ``model(input_ids) -> logits`` of (batch, seq, vocab).
 
     dtype is the compute dtype, param_dtype the storage dtype (e.g. float32 master weights with
-    bfloat16 compute). remat wraps every decoder layer in `nnx.remat` to trade compute for memory.
-    With tied embeddings there is no ``lm_head``; the logits reuse ``model.embed_tokens``.
+    bfloat16 compute). The decoder layers are stacked and scanned (`jaxlora.models.stack`); remat is the
+    gradient checkpointing policy of each layer ("none", "full", "dots", "offload"; True means "full").
+    attention: "auto" (blockwise beyond one block, see `attention.attention`), "eager", "blockwise" or
+    "cudnn". With tied embeddings there is no ``lm_head``; the logits reuse ``model.embed_tokens``.
     """
 
-    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: bool = False,
-                 rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat: bool | str = False, attention: str = "auto", rngs: nnx.Rngs):
         self.config = config
-        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+        self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
+                                rngs=rngs)
         self.lm_head = None if config.tie_word_embeddings else _linear(
             config.hidden_size, config.vocab_size, False, config, dtype, param_dtype, rngs
         )
@@ -184,6 +192,14 @@ class LlamaForCausalLM(nnx.Module):
         continuing from the cache's count of real tokens. With segment_ids (sequence packing, no cache),
         a token attends only to earlier tokens of its own segment; pass the per-example `positions` too.
         """
+        h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
+                                          cache=cache)
+        logits = self.logits(h)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None):
+        """The final normed hidden states (batch, seq, hidden) and the updated cache (None without one):
+        everything of `__call__` but the output head, so a loss can apply `logits` chunk by chunk."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if segment_ids is None:
@@ -194,10 +210,11 @@ class LlamaForCausalLM(nnx.Module):
             positions = attn.positions_from_mask(attention_mask)
             if cache is not None:
                 positions = positions + jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
-        h, new_cache = self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache)
-        logits = self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits if cache is None else (logits, new_cache)
+        return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache)
+
+    def logits(self, h: jax.Array) -> jax.Array:  # (..., hidden) -> (..., vocab)
+        return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
 
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty KV cache of `slots` positions, in the compute dtype."""
-        return KVCache.empty(self.config, batch, slots, self.model.dtype)
+        return KVCache.empty(self.config, self.model.layers.sizes, batch, slots, self.model.dtype)

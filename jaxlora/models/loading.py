@@ -41,6 +41,7 @@ from jaxlora.models.hf_files import (INDEX_FILE, SINGLE_FILE, TensorReader, load
                                      resolve, weight_files)
 from jaxlora.models.llama import LlamaForCausalLM, RMSNorm
 from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
+from jaxlora.models.stack import device_arrays, host_buffers, unstacked
 from jaxlora.quant import from_bnb_state_dict, to_bnb_state_dict
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype tags a float parameter may come in
@@ -64,7 +65,8 @@ class _Slot(NamedTuple):
 
 def _slots(model: LlamaForCausalLM, quantize: QuantConfig | None = None) -> dict[str, _Slot]:
     """Checkpoint key -> slot, for every parameter of the (possibly abstract) model. With `quantize`,
-    quantized layers take a dense checkpoint weight; without, a bitsandbytes group (`_bnb_owners`)."""
+    quantized layers take a dense checkpoint weight; without, a bitsandbytes group (`_bnb_owners`).
+    Call it inside `unstacked(model)`, where module paths are the checkpoint's per-layer names."""
     slots = {}
     for path, node in nnx.iter_graph(model):
         prefix = ".".join(str(p) for p in path)
@@ -98,10 +100,21 @@ def _load_tensor(slot: _Slot, array: np.ndarray) -> None:
     dtype = slot.variable.get_value().dtype
     if slot.quant is not None:
         # Wait for the quantization, so that this dense tensor is freed before the next one is read.
-        slot.variable.set_value(jax.block_until_ready(slot.quant.quantize(jnp.asarray(array, dtype=dtype))))
+        _store(slot.variable, jax.block_until_ready(slot.quant.quantize(jnp.asarray(array, dtype=dtype))))
         return
     value = array.T if slot.transpose else array
-    slot.variable.set_value(jnp.asarray(value, dtype=dtype))
+    _store(slot.variable, jnp.asarray(value, dtype=dtype))
+
+
+def _store(variable: nnx.Variable, value) -> None:
+    """Write `value` into the host buffer the variable views (a layer of a stacked array), or replace it
+    when the buffer's structure differs (a bnb checkpoint's stored dtype)."""
+    current = variable.get_value()
+    leaves = jax.tree.leaves(current)
+    if jax.tree.structure(current) == jax.tree.structure(value) and all(isinstance(x, np.ndarray) for x in leaves):
+        jax.tree.map(lambda dst, src: np.copyto(dst, np.asarray(src)), current, value)
+    else:
+        variable.set_value(value)
 
 
 def _load_bnb_group(slot: _Slot, key: str, group: dict[str, np.ndarray]) -> None:
@@ -111,15 +124,26 @@ def _load_bnb_group(slot: _Slot, key: str, group: dict[str, np.ndarray]) -> None
     if qt.shape != expected:
         state_key = next(k for k in group if ".quant_state." in k)
         raise ValueError(f"{state_key}: quant state shape {list(qt.shape)}, the config implies {list(expected)}")
-    slot.variable.set_value(qt)
+    _store(slot.variable, qt)
 
 
-def _build_abstract(config: LlamaConfig, dtype, compute_dtype, remat: bool, quantization: QuantConfig | None):
-    """The model with shapes and dtypes but no storage (nothing is initialised, nothing quantized):
-    with `quantization`, targeted linears are abstract `QuantizedLinear` layers of dtype `dtype`."""
+def from_config(config: LlamaConfig, *, dtype=jnp.float32, compute_dtype=None, remat: bool | str = False,
+                attention: str = "auto", quantization: QuantConfig | None = None) -> LlamaForCausalLM:
+    """The model of `config` with shapes and dtypes but no storage (nothing initialised, nothing quantized):
+    every array is a ``jax.ShapeDtypeStruct``. With `quantization`, targeted linears are abstract
+    `QuantizedLinear` layers of dtype `dtype`. Plan memory with it before any download::
+
+        model = from_config(config, dtype=jnp.bfloat16, quantization=QuantConfig())
+        model = get_peft_model(model, LoraConfig(r=16), rngs=nnx.Rngs(0))  # adapters abstract too
+        jax.jit(step).lower(...).compile().memory_analysis()
+    """
+    if quantization is not None and not isinstance(quantization, QuantConfig):
+        raise TypeError(f"quantization must be a jaxlora QuantConfig (e.g. QuantConfig(quant_type='nf4')), "
+                        f"got {quantization!r}")
 
     def build():
-        model = LlamaForCausalLM(config, dtype=compute_dtype, param_dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
+        model = LlamaForCausalLM(config, dtype=compute_dtype or dtype, param_dtype=dtype, remat=remat,
+                                 attention=attention, rngs=nnx.Rngs(0))
         return model if quantization is None else quantize_model(model, quantization)
 
     return nnx.eval_shape(build)
@@ -198,7 +222,8 @@ def from_pretrained(
     *,
     dtype=jnp.float32,
     compute_dtype=None,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "auto",
     quantization: QuantConfig | None = None,
     revision: str | None = None,
 ) -> LlamaForCausalLM:
@@ -206,7 +231,7 @@ def from_pretrained(
 
     dtype: parameter storage dtype (checkpoint tensors are cast to it; weights quantized on load are cast
     to it first and dequantize to it; a bnb checkpoint's keep their stored dtype); compute_dtype:
-    activations' dtype, default `dtype`.
+    activations' dtype, default `dtype`. remat, attention: see `LlamaForCausalLM`.
     quantization: a `QuantConfig` to quantize targeted linear layers tensor by tensor while loading.
     A bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json) loads as stored, without
     `quantization`, or with one that only sets compute_dtype / bnb_backend.
@@ -215,8 +240,19 @@ def from_pretrained(
     directory = resolve(path_or_id, revision)
     config = load_config(directory)
     quant, prequantized = _quantization(directory, quantization)
-    model = _build_abstract(config, dtype, compute_dtype or dtype, remat, quant)
-    slots = _slots(model, None if prequantized else quant)
+    model = from_config(config, dtype=dtype, compute_dtype=compute_dtype, remat=remat, attention=attention,
+                        quantization=quant)
+    # Host buffers filled in place, layer by layer through the stacks' per-layer views, then moved to the
+    # device one array at a time: peak host memory stays near one model plus one tensor.
+    host_buffers(model)
+    with unstacked(model):
+        _fill(model, directory, config, None if prequantized else quant)
+    device_arrays(model)
+    return model
+
+
+def _fill(model: LlamaForCausalLM, directory: Path, config: LlamaConfig, quant: QuantConfig | None) -> None:
+    slots = _slots(model, quant)
     where = weight_files(directory)
     owners = _bnb_owners(slots, where)
     _check(slots, where, config, owners)
@@ -241,13 +277,14 @@ def from_pretrained(
                         _load_bnb_group(slots[base], base, groups.pop(base))
                     except ValueError as e:
                         raise ValueError(f"{where[key]}: {e}") from None
-    return model
 
 
 def state_dict(model: LlamaForCausalLM, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """(key, tensor) pairs in transformers' names and layouts, one tensor materialised at a time.
     Quantized layers give their bitsandbytes entries (bytes as stored; `dtype` casts dense tensors only)."""
-    for key, slot in _slots(model).items():
+    with unstacked(model):  # the slots keep their per-layer views (host views on the CPU) after restacking
+        slots = _slots(model)
+    for key, slot in slots.items():
         value = slot.variable.get_value()
         if slot.quantized:
             yield from to_bnb_state_dict(value, prefix=key[: -len("weight")]).items()

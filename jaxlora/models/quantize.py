@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxlora.graph import replace_module
+from jaxlora.models.stack import unstacked
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant import quantize_4bit, quantize_blockwise
 from jaxlora.quant.validate import BACKENDS
@@ -152,13 +153,14 @@ def quantize_model(model: nnx.Module, config: QuantConfig) -> nnx.Module:
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"config must be a QuantConfig, got {type(config).__name__}")
-    for path, linear in _linears(model):
-        if not config.targets(".".join(str(p) for p in path)):
-            continue
-        bias = None if linear.bias is None else linear.bias.get_value()
-        qlinear = QuantizedLinear(config.quantize(linear.kernel.get_value().T), bias,
-                                  compute_dtype=config.compute_dtype)
-        replace_module(model, path, qlinear)
+    with unstacked(model):  # per layer: double quantization's offset is per tensor, as bitsandbytes'
+        for path, linear in _linears(model):
+            if not config.targets(".".join(str(p) for p in path)):
+                continue
+            bias = None if linear.bias is None else linear.bias.get_value()
+            qlinear = QuantizedLinear(config.quantize(jnp.asarray(linear.kernel.get_value()).T), bias,
+                                      compute_dtype=config.compute_dtype)
+            replace_module(model, path, qlinear)
     return model
 
 
@@ -166,6 +168,11 @@ def hf_quantization_config(model: nnx.Module) -> dict[str, Any] | None:
     """The ``quantization_config`` describing `model`'s quantized layers (None when it has none):
     quant type, double quantization and compute dtype from the layers, and every dense linear listed
     in ``llm_int8_skip_modules`` so that transformers rebuilds the same split."""
+    with unstacked(model):
+        return _hf_quantization_config(model)
+
+
+def _hf_quantization_config(model: nnx.Module) -> dict[str, Any] | None:
     quantized = [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, QuantizedLinear)]
     if not quantized:
         return None

@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlora.models.stack import stacks
+
 AXES = ("data", "fsdp")
 
 
@@ -50,17 +52,27 @@ def param_spec(shape: tuple[int, ...], fsdp_size: int) -> PartitionSpec:
 
 
 def shard_model(model: nnx.Module, mesh: Mesh) -> None:
-    """Place every array of `model` (adapters, frozen base, quantized storage, RNG keys) on `mesh`."""
-    fsdp_size = mesh.shape["fsdp"]
-    state = nnx.state(model)
+    """Place every array of `model` (adapters, frozen base, quantized storage, RNG keys) on `mesh`.
 
-    def place(x):
+    A stacked decoder layer array (`jaxlora.models.stack`) keeps its leading layer axis whole: the scan
+    takes one layer per step, and a sharded layer axis would move whole layers between devices."""
+    fsdp_size = mesh.shape["fsdp"]
+    stacked = [path + ("runs",) for path, _ in stacks(model)]
+
+    def place(x, layered: bool):
         if not isinstance(x, jax.Array):
             return x
-        spec = PartitionSpec() if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else param_spec(x.shape, fsdp_size)
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            spec = PartitionSpec()
+        elif layered:
+            spec = PartitionSpec(None, *param_spec(x.shape[1:], fsdp_size))
+        else:
+            spec = param_spec(x.shape, fsdp_size)
         return jax.device_put(x, NamedSharding(mesh, spec))
 
-    nnx.update(model, jax.tree.map(place, state))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        layered = any(tuple(path[: len(p)]) == p for p in stacked)
+        var.set_value(jax.tree.map(lambda x: place(x, layered), var.get_value()))
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
