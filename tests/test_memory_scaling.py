@@ -1,0 +1,46 @@
+"""The real model's compiled train step (jaxlora/plan.py: get_peft_model over a quantized Llama built from a
+config, the real `train_step`, XLA's memory_analysis) -- the checks that would have caught the unscanned
+decoder keeping every layer's dequantized weights alive."""
+
+import dataclasses
+
+import pytest
+
+from jaxlora.models.config import LlamaConfig
+from jaxlora.plan import plan_step
+
+# Small enough to compile in seconds, wide enough that a dequantized layer (6.8 MiB in bf16) dwarfs the
+# per-layer adapter state (~0.7 MiB of fp32 gradients), so a leak of one layer's weights per layer shows.
+CONFIG = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+                     num_attention_heads=8, num_key_value_heads=8)
+LAYER_DENSE_BYTES = (4 * 512 * 512 + 3 * 512 * 1536) * 2  # one layer's linear weights in bf16
+
+
+def _temp(layers: int, seq: int, remat: str = "full") -> int:
+    return plan_step(dataclasses.replace(CONFIG, num_hidden_layers=layers), seq=seq, remat=remat).temp
+
+
+def test_temp_does_not_grow_with_depth():
+    """8 layers against 2 at seq 16: the scanned step's temp may grow by the adapters' gradients (a few
+    percent of a layer's dense weights per layer), never by a layer's dequantized weights per layer."""
+    growth_per_layer = (_temp(8, 16) - _temp(2, 16)) / 6
+    assert growth_per_layer < 0.25 * LAYER_DENSE_BYTES, growth_per_layer
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_reduces_temp_at_long_sequences(policy):
+    """At 512 tokens the activations dominate: keeping only layer boundaries ("full") must cut the temp
+    well below autodiff's ("none"); saving the matmul outputs ("dots") sits in between or at "none"."""
+    none, remat = _temp(4, 512, "none"), _temp(4, 512, policy)
+    if policy == "full":
+        assert remat < 0.7 * none, (remat, none)
+    else:
+        assert remat <= none * 1.05, (remat, none)
+
+
+def test_argument_is_the_quantized_model_plus_trained_state():
+    """The step's arguments are the NF4+DQ weights, bf16 embeddings, head and norms, adapters, AdamW state
+    and the batch: the analytic floor without activations, to a rounding of the batch."""
+    plan = plan_step(CONFIG, seq=16)
+    assert abs(plan.argument - (plan.frozen + plan.trained)) < 4096
+    assert plan.frozen < 0.5 * (2 * LAYER_DENSE_BYTES + 2 * 1024 * 512 * 2)  # 4-bit, not bf16 layers
