@@ -1,7 +1,7 @@
 """Side-by-side benchmark: jaxlora vs transformers + bitsandbytes + PEFT on the same model and data.
 
     python -m benchmarks.run [--size tiny|small] [--dtype bfloat16|float32|both] [--steps N]
-                             [--repeats R] [--remat] [--no-quant] [--out benchmarks/results]
+                             [--repeats R] [--remat] [--no-quant] [--out runs/bench]
 
 Builds a llama checkpoint from a transformers config (no network), then runs each side in its own
 process (benchmarks/_workers.py), so that each peak RSS is that side's alone, and prints one table:
@@ -138,7 +138,9 @@ def main() -> None:
     ap.add_argument("--quant-n", type=int, default=4096)
     ap.add_argument("--cpus", type=lambda v: [int(c) for c in v.split(",")], default=None,
                     help="pin both sides to these CPU ids, e.g. 0 or 0,1 (default: all usable CPUs)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"),
+                    help="where the .json and .md results go (default: runs/bench, git-ignored; the README's "
+                         "figures are the files committed under benchmarks/results)")
     args = ap.parse_args()
 
     size = SIZES[args.size]

@@ -36,15 +36,20 @@ from jaxlora.train.records import read_jsonl
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/demo", help="output directory (base, adapter, plots, report)")
+    p.add_argument("--out", help="output directory: base, adapter, plots, report (default: runs/demo, or "
+                                 "runs/demo-<model name> with --model)")
+    p.add_argument("--overwrite", action="store_true", help="replace the report, adapter and fine-tuning run of "
+                                                              "an earlier demo in --out (default: refuse)")
     p.add_argument("--model", help="fine-tune this HF model directory / hub id instead of the tiny base")
     p.add_argument("--data", help="JSONL for --model: text, prompt/completion or chat records")
+    p.add_argument("--tokenizer", help="with --model: tokenizer directory, hub id or 'byte' (default: the model's)")
     p.add_argument("--steps", type=int, default=300, help="QLoRA fine-tuning steps")
     p.add_argument("--learning-rate", type=float, default=3e-3)
     p.add_argument("--r", type=int, default=16, help="LoRA rank (lora_alpha = 2r)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=16)
-    p.add_argument("--eval-size", type=int, default=200, help="held-out problems")
+    p.add_argument("--eval-size", type=int, default=200,
+                   help="held-out rows (at most a fifth of a --data file: the rest is for training)")
     p.add_argument("--pretrain-steps", type=int, default=common.BaseRecipe.steps)
     p.add_argument("--fresh", action="store_true", help="pretrain the base again even if one is saved")
     return p.parse_args(argv)
@@ -53,18 +58,30 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if (args.model is None) != (args.data is None):
-        raise SystemExit("--model and --data go together")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise SystemExit("demo: --model and --data go together")
+    out = Path(args.out or ("runs/demo" if args.model is None else f"runs/demo-{Path(args.model).name}"))
+    earlier = [name for name in ("report.json", "adapter", "finetune") if (out / name).exists()]
+    if earlier and not args.overwrite:
+        raise SystemExit(f"demo: {out} already holds an earlier demo's {', '.join(earlier)}; pass --out DIR for a "
+                         "new one, or --overwrite to replace it (make demo ARGS=--overwrite)")
     t_start = time.perf_counter()
-    if args.model:
-        base_dir, tok = args.model, load_tokenizer(args.model)
-        rows = [r for _, r in read_jsonl(args.data)]
+    if args.model:  # everything about the data is checked before the (slow) model load
+        tok = load_tokenizer(args.tokenizer or args.model)
+        base_dir, rows = args.model, [r for _, r in read_jsonl(args.data)]
+        n_eval = min(args.eval_size, len(rows) // 5)
+        if n_eval < 1:
+            raise SystemExit(f"demo: {args.data} has {len(rows)} rows; at least 5 are needed (4 to train on, "
+                             "1 held out)")
+        if n_eval < args.eval_size:
+            print(f"holding out {n_eval} of {len(rows)} rows for evaluation (--eval-size {args.eval_size} would "
+                  "leave too few to train on)", file=sys.stderr)
     else:
+        out.mkdir(parents=True, exist_ok=True)
         recipe = common.BaseRecipe(steps=args.pretrain_steps)
         base_dir, tok = common.pretrain_base(out, recipe, fresh=args.fresh), common.TOK
-        rows = tasks.arithmetic("+", seed=1)
-    train_rows, eval_rows = tasks.split(rows, args.eval_size)
+        rows, n_eval = tasks.arithmetic("+", seed=1), args.eval_size
+    out.mkdir(parents=True, exist_ok=True)
+    train_rows, eval_rows = tasks.split(rows, n_eval)
     scored = all("prompt" in r for r in rows)
 
     quant = jaxlora.QuantConfig(quant_type="nf4", double_quant=True, compute_dtype=common.compute_dtype())
@@ -133,4 +150,7 @@ def render(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # a bad --model / --data / --tokenizer: one line, not a traceback
+        raise SystemExit(f"demo: error: {e}") from None

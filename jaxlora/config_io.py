@@ -16,6 +16,8 @@ import argparse
 import collections.abc
 import dataclasses
 import json
+import math
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -59,7 +61,7 @@ def build(cls: type, values: dict, *, where: str) -> Any:
     converted = {k: convert(v, hints[k], where=f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**converted)
-    except TypeError as e:  # a required field is missing
+    except (TypeError, ValueError) as e:  # a required field is missing, or the dataclass's own range check
         raise ValueError(f"{where}: {e}") from e
 
 
@@ -101,7 +103,7 @@ def convert(value: Any, hint: Any, *, where: str) -> Any:
         return value
     if origin in (list, tuple):
         if isinstance(value, str):  # a flag: JSON list, or comma-separated
-            value = json.loads(value) if value.startswith("[") else [v for v in value.split(",") if v]
+            value = _json(value, where, "list") if value.startswith("[") else [v for v in value.split(",") if v]
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{where}={value!r} is not a list")
         item = args[0] if args else Any
@@ -109,11 +111,19 @@ def convert(value: Any, hint: Any, *, where: str) -> Any:
         return tuple(items) if origin is tuple else items
     if origin in (dict, collections.abc.Mapping):
         if isinstance(value, str):
-            value = json.loads(value)
+            value = _json(value, where, "mapping")
         if not isinstance(value, dict):
             raise ValueError(f"{where}={value!r} is not a mapping")
         return dict(value)
     return value  # Any, or a type without a conversion rule: passed through to the dataclass's own check
+
+
+def _json(text: str, where: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        example = '{"q_proj": 4}' if what == "mapping" else '["q_proj", "v_proj"]'
+        raise ValueError(f"{where}={text!r} is not a JSON {what} ({e.msg} at character {e.pos}); e.g. '{example}'") from None
 
 
 def _number(value: Any, kind: type, *, where: str) -> int | float:
@@ -123,22 +133,74 @@ def _number(value: Any, kind: type, *, where: str) -> int | float:
     if isinstance(value, bool) or not isinstance(value, accepted):
         raise ValueError(f"{where}={value!r} is not {what}")
     try:
-        return kind(value)
+        number = kind(value)
     except ValueError:
         raise ValueError(f"{where}={value!r} is not {what}") from None
+    if not math.isfinite(number):  # "nan" and "inf" parse as floats but are valid for no field
+        raise ValueError(f"{where}={value!r} is not a finite number")
+    return number
 
 
 def add_flags(parser: argparse.ArgumentParser, section: str, cls: type) -> None:
-    """`--{section}.{field}` for every field of `cls`; values are strings, converted by `build`."""
+    """`--{section}.{field}` for every field of `cls`; values are strings, converted by `build`. Each flag's
+    help is the comment the dataclass gives its field, then the default."""
     group = parser.add_argument_group(f"{section} ({cls.__name__})")
+    docs = field_comments(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
-        default = "required" if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else (
-            f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        )
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            default = "required"
+        else:
+            default = "default: " + _show(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        doc = docs.get(f.name, "").replace("%", "%%")  # argparse %-formats help strings
         group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", default=None, metavar="V",
-                           help=f"default: {default}")
+                           help=f"{doc} ({default})" if doc else default)
+
+
+def _show(value: Any) -> str:
+    """A default as a user would type it: dtype names, not `<class 'jax.numpy.bfloat16'>`."""
+    if value is None:
+        return "unset"
+    if isinstance(value, type) and hasattr(value, "dtype"):  # jnp.bfloat16 and friends are scalar types
+        return value.dtype.name
+    if hasattr(value, "name") and type(value).__module__.startswith("numpy"):  # np.dtype
+        return value.name
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value)) if value else "[]"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the ``# comment`` after it, or on the lines just above it, in the class body.
+
+    A comment per field is how the config dataclasses document themselves (STYLE.md); the CLI help reads
+    those comments rather than a second copy that would drift."""
+    import inspect
+
+    try:
+        tokens = list(tokenize.generate_tokens(iter(inspect.getsource(cls).splitlines(True)).__next__))
+    except (OSError, TypeError, tokenize.TokenError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    by_line: dict[int, list[tokenize.TokenInfo]] = {}
+    for tok in tokens:
+        if tok.type not in (tokenize.INDENT, tokenize.DEDENT, tokenize.NL, tokenize.NEWLINE):
+            by_line.setdefault(tok.start[0], []).append(tok)
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for row in sorted(by_line):
+        first, last = by_line[row][0], by_line[row][-1]
+        if first.type == tokenize.COMMENT and first.start[1] == 4:  # a comment line in the class body
+            above.append(first.string.lstrip("#").strip())
+            continue
+        if first.type == tokenize.NAME and first.string in names and first.start[1] == 4:
+            trailing = [last.string.lstrip("#").strip()] if last.type == tokenize.COMMENT else []
+            out[first.string] = " ".join(above + trailing)
+        above = []
+    return out
 
 
 def flag_overrides(args: argparse.Namespace, sections: dict[str, type]) -> dict[str, dict]:
@@ -158,6 +220,10 @@ def merge_sections(file_cfg: dict, overrides: dict[str, dict], sections: dict[st
     unknown = sorted(set(file_cfg) - set(sections))
     if unknown:
         raise ValueError(f"config: unknown section(s) {unknown}; valid sections: {sorted(sections)}")
+    for name, values in file_cfg.items():
+        if values is not None and not isinstance(values, dict):
+            raise ValueError(f"config section {name!r} must be a mapping of {sections[name].__name__} fields "
+                             f"(e.g. {name}: {{key: value}}), got {type(values).__name__} {values!r}")
     merged = {name: dict(file_cfg.get(name) or {}) for name in sections}
     for name, values in overrides.items():
         merged[name].update(values)

@@ -10,6 +10,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def check_directory_path(target: str | os.PathLike, what: str = "output directory") -> Path:
+    """`target` as a Path; NotADirectoryError naming the culprit when it, or a folder above it, is a file."""
+    target = Path(target)
+    for path in (target, *target.parents):
+        if path.exists() and not path.is_dir():
+            where = "is a file" if path == target else f"cannot be created: {path} is a file"
+            raise NotADirectoryError(f"{what} {target} {where}; give a directory path")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] = lambda name: True) -> Iterator[Path]:
     """Yield a fresh temporary directory beside `target`; when the block succeeds it becomes `target`.
@@ -20,7 +30,7 @@ def atomic_directory(target: str | os.PathLike, *, keep: Callable[[str], bool] =
     directory or the new one, never a mix. If the block raises, `target` is untouched. A crash between
     the two renames leaves the previous content whole in ``.NAME.old-PID`` beside it.
     """
-    target = Path(target)
+    target = check_directory_path(target, "directory")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

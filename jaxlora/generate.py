@@ -7,6 +7,8 @@ decoder-only models, so every row's next token lands in the same cache slot.
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -89,10 +91,12 @@ def generate(
     sampled at `temperature` from the `top_p` nucleus, which needs `rng`. The loop stops early once
     every row has produced EOS; the remaining columns are padding.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0.0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    # `not x >= 0` also rejects NaN, which would otherwise sample token 0 forever.
+    if not (0.0 <= temperature < math.inf and 0.0 < top_p <= 1.0):
+        raise ValueError(f"need a finite temperature >= 0 and 0 < top_p <= 1, got temperature={temperature!r}, "
+                         f"top_p={top_p!r}")
     if temperature > 0.0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs rng, e.g. jax.random.key(0)")
     input_ids = jnp.asarray(input_ids, jnp.int32)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Literal
+
+from jaxlora.checks import number
 
 ALL_LINEAR = "all-linear"
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "loftq")
@@ -62,7 +65,7 @@ def _positive_int(key, v):
 
 
 def _positive_number(key, v):
-    if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf:
         raise ValueError(f"alpha_pattern[{key!r}]={v!r} must be a positive number")
 
 
@@ -96,8 +99,7 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} must be a positive int")
-        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, int | float) or self.lora_alpha <= 0:
-            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be a positive number")
+        number("lora_alpha", self.lora_alpha, gt=0)
         if not isinstance(self.lora_dropout, int | float) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")
         target = self.target_modules
@@ -127,6 +129,7 @@ class LoraConfig:
         if unknown or self.loftq_config.get("loftq_bits", 4) != 4:
             raise ValueError(f"loftq_config={dict(self.loftq_config)!r}: jaxlora's LoftQ is 4-bit NF4 and takes "
                              "only loftq_bits=4 and loftq_iter")
+        number("loftq_config['loftq_iter']", self.loftq_config.get("loftq_iter", 1), integer=True, ge=1)
 
     def __hash__(self):  # the mappings are read-only views; hash their JSON (configs are static graph data)
         return hash(json.dumps(self.to_peft_dict(), sort_keys=True, default=str))
@@ -171,6 +174,8 @@ class LoraConfig:
     def from_peft_dict(cls, d: Mapping[str, Any]) -> LoraConfig:
         """Reads an ``adapter_config.json`` dict; a field jaxlora does not implement, set to anything but
         its off value (None, False, {} or []), raises ValueError naming it."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"an adapter config must be a JSON object of LoraConfig fields, got {type(d).__name__}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"peft_type={d.get('peft_type')!r}: jaxlora reads LoRA adapters only ('LORA')")
         fields = {f.name for f in dataclasses.fields(cls)}

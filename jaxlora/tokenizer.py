@@ -160,21 +160,46 @@ class HFTokenizer:
         return f"HFTokenizer({self.hf.name_or_path!r})"
 
 
+# Files from which transformers' AutoTokenizer can build a tokenizer (fast, sentencepiece, BPE, WordPiece).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+_HOW = "pass a tokenizer directory, a hub id, or 'byte' for jaxlora's built-in byte tokenizer"
+
+
+def has_tokenizer_files(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a tokenizer `load_tokenizer` can read without a network."""
+    return any(os.path.isfile(os.path.join(directory, f)) for f in (BYTE_TOKENIZER_FILE, *HF_TOKENIZER_FILES))
+
+
 def load_tokenizer(path_or_name: str) -> Tokenizer:
     """`"byte"` or a directory written by `ByteTokenizer.save` gives the `ByteTokenizer`; anything
     else goes to `transformers.AutoTokenizer.from_pretrained` (a local directory, or a hub id when
-    online)."""
+    online). A directory without tokenizer files, or a path that does not exist, raises
+    FileNotFoundError saying so (not the missing-sentencepiece error transformers would give)."""
     if path_or_name == "byte":
         return ByteTokenizer()
-    marker = os.path.join(path_or_name, BYTE_TOKENIZER_FILE)
+    path = str(path_or_name)
+    marker = os.path.join(path, BYTE_TOKENIZER_FILE)
     if os.path.isfile(marker):
-        with open(marker) as f:
-            kind = json.load(f).get("type")
+        try:
+            with open(marker) as f:
+                kind = json.load(f).get("type")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise ValueError(f"{marker}: not a JSON object with a 'type' ({e})") from None
         if kind != "byte":
             raise ValueError(f"{marker}: unknown tokenizer type {kind!r}, expected 'byte'")
         return ByteTokenizer()
+    if os.path.isdir(path) and not has_tokenizer_files(path):
+        raise FileNotFoundError(f"{path} holds no tokenizer ({', '.join(HF_TOKENIZER_FILES)} or "
+                                f"{BYTE_TOKENIZER_FILE}); {_HOW}")
+    if not os.path.isdir(path) and (os.path.exists(path) or path.startswith(("/", ".", "~")) or path.count("/") > 1):
+        raise FileNotFoundError(f"tokenizer {path}: no such directory; {_HOW}")
     try:
         from transformers import AutoTokenizer
     except ImportError as e:
-        raise ImportError(f"loading tokenizer {path_or_name!r} needs `transformers` (pip install transformers)") from e
-    return HFTokenizer(AutoTokenizer.from_pretrained(path_or_name))
+        raise ImportError(f"loading tokenizer {path!r} needs `transformers` (pip install transformers); "
+                          "or use 'byte' for the built-in byte tokenizer") from e
+    try:
+        hf = AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # offline, unknown hub id, a broken tokenizer.json: transformers raises many kinds
+        raise ValueError(f"tokenizer {path!r} could not be loaded ({type(e).__name__}: {e}); {_HOW}") from e
+    return HFTokenizer(hf)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from jaxlora.checks import number
+
 ModelType = Literal["llama", "mistral", "qwen2"]
 MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -26,6 +28,12 @@ class RopeScaling:
     low_freq_factor: float = 1.0  # "llama3" only (Llama 3.1 uses 1)
     high_freq_factor: float = 4.0  # "llama3" only (Llama 3.1 uses 4)
     original_max_position_embeddings: int | None = None  # "llama3": the pre-training context length
+
+    def __post_init__(self):
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            number(f"rope_scaling.{name}", getattr(self, name), gt=0)
+        number("rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings,
+               integer=True, gt=0, none=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -56,6 +64,25 @@ class LlamaConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        # Types and ranges first: a bad value here otherwise surfaces as a deep jax error or NaN logits.
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "max_position_embeddings"):
+            number(name, getattr(self, name), integer=True, gt=0)
+        for name in ("num_key_value_heads", "head_dim", "sliding_window"):
+            number(name, getattr(self, name), integer=True, gt=0, none=True)
+        number("rms_norm_eps", self.rms_norm_eps, gt=0)
+        number("rope_theta", self.rope_theta, gt=0)
+        number("initializer_range", self.initializer_range, ge=0)
+        number("bos_token_id", self.bos_token_id, integer=True, ge=0, none=True)
+        number("pad_token_id", self.pad_token_id, integer=True, none=True)  # some llama configs say -1
+        for eos in self.eos_token_id if isinstance(self.eos_token_id, tuple) else (self.eos_token_id,):
+            number("eos_token_id", eos, integer=True, ge=0, none=True)
+        for name in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                             f"{self.num_attention_heads} (and no head_dim is given)")
         # Resolve transformers' "None means derived" fields once, so equal architectures compare equal.
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
@@ -75,6 +102,9 @@ class LlamaConfig:
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        if self.layer_types is not None and not set(self.layer_types) <= {"full_attention", "sliding_attention"}:
+            raise ValueError(f"layer_types={list(self.layer_types)!r}: each must be 'full_attention' or "
+                             "'sliding_attention'")
         if self.layer_types is not None and len(self.layer_types) != self.num_hidden_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_hidden_layers} layers")
 
@@ -96,7 +126,10 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        """Reads a ``config.json`` dict; unknown keys are ignored, unsupported values raise ValueError."""
+        """Reads a ``config.json`` dict; unknown keys are ignored, unsupported values raise ValueError
+        naming the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"a config.json must hold a JSON object, got {type(d).__name__}")
         model_type = d.get("model_type")
         if model_type not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_TYPES)}")
@@ -109,8 +142,11 @@ class LlamaConfig:
         if isinstance(kw.get("eos_token_id"), list):
             kw["eos_token_id"] = tuple(kw["eos_token_id"])
         # transformers 5 folds rope_theta into rope_parameters; 4 keeps rope_scaling beside rope_theta.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"rope_scaling / rope_parameters={rope!r} must be an object or null")
+        rope = dict(rope)
+        theta = number("rope_theta", rope.pop("rope_theta", None) or d.get("rope_theta") or 10000.0, gt=0)
         rope_type = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
         known = {f.name for f in dataclasses.fields(RopeScaling)}
         extra = set(rope) - known
@@ -123,10 +159,13 @@ class LlamaConfig:
         if model_type == "qwen2" and not d.get("use_sliding_window", False):
             kw["sliding_window"] = None  # qwen2 configs carry a window that is off unless use_sliding_window
         if kw.get("sliding_window") is not None and d.get("layer_types") is not None:
+            if not isinstance(d["layer_types"], list):
+                raise ValueError(f"layer_types={d['layer_types']!r} must be a list, one entry per layer")
             kw["layer_types"] = tuple(d["layer_types"])
         elif kw.get("sliding_window") is not None and model_type == "qwen2":
             first = d.get("max_window_layers", 28)  # transformers' Qwen2Config: layers >= this slide
-            n = kw.get("num_hidden_layers", 32)
+            number("max_window_layers", first, integer=True, ge=0)
+            n = number("num_hidden_layers", kw.get("num_hidden_layers", 32), integer=True, gt=0)
             kw["layer_types"] = tuple("sliding_attention" if i >= first else "full_attention" for i in range(n))
         return cls(**kw)
 

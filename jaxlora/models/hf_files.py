@@ -65,7 +65,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
     """Checkpoint key -> the safetensors file holding it, from the headers alone."""
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _weight_map(index)
         files = sorted({directory / f for f in weight_map.values()})
     elif (directory / SINGLE_FILE).is_file():
         files = [directory / SINGLE_FILE]
@@ -86,6 +86,19 @@ def weight_files(directory: Path) -> dict[str, Path]:
         if absent:
             raise ValueError(f"{index}: keys listed but in no shard: {absent[:5]}")
     return where
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (key -> shard file name) of a sharded checkpoint's index."""
+    try:
+        data = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index}: not valid JSON ({e})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: needs a \"weight_map\" object of tensor name -> shard file name, got "
+                         f"{type(weight_map).__name__ if isinstance(data, dict) else type(data).__name__}")
+    return weight_map
 
 
 def open_safetensors(file: Path):

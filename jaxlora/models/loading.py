@@ -266,7 +266,10 @@ def _fill(model: LlamaForCausalLM, directory: Path, config: LlamaConfig, quant: 
                 except OSError as e:
                     raise ValueError(f"{file}: cannot read {key}, corrupt or truncated ({e})") from e
                 if key not in owners:
-                    _load_tensor(slots[key], array)
+                    try:
+                        _load_tensor(slots[key], array)
+                    except ValueError as e:  # e.g. a NaN in a weight quantized on load
+                        raise ValueError(f"{file}: {key}: {e}") from None
                     del array  # one host tensor alive at a time
                     continue
                 base = owners[key]

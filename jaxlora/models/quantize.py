@@ -57,7 +57,8 @@ class QuantConfig:
         if self.double_quant and self.quant_type == "dynamic8":
             raise ValueError("QuantConfig.double_quant=True is 4-bit only (bitsandbytes nests absmax of 4-bit "
                              "weights); pass double_quant=False with quant_type='dynamic8'")
-        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
+        blocksize = self.blocksize
+        if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
             raise ValueError(f"QuantConfig.blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
         try:
             cd = np.dtype(self.compute_dtype)

@@ -75,6 +75,8 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
         meta = json.loads(bytes(np.asarray(mine[qs_keys[0]], dtype=np.uint8)).decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{qs_keys[0]} does not hold a JSON quant state: {e}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{qs_keys[0]} must hold a JSON object (QuantState.as_dict), got {type(meta).__name__}")
     quant_type = meta.get("quant_type")
     if quant_type not in ("nf4", "fp4") or qs_keys[0] != f"{p}.quant_state.bitsandbytes__{quant_type}":
         raise ValueError(f"quant_type must be 'nf4' or 'fp4' and match the key {qs_keys[0]!r}, got {quant_type!r}")
@@ -88,7 +90,17 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
         )
     if meta.get("dtype") not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {meta.get('dtype')!r}")
-    shape = tuple(int(s) for s in meta["shape"])
+    shape = meta.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in shape):
+        raise ValueError(f"{qs_keys[0]}: 'shape' must be a list of non-negative ints, e.g. [64, 64], got {shape!r}")
+    shape = tuple(shape)
+    blocksize = meta.get("blocksize")
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise ValueError(f"{qs_keys[0]}: 'blocksize' must be an int, e.g. 64, got {blocksize!r}")
+    offset = meta.get("nested_offset")
+    if nested and (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)):
+        raise ValueError(f"{qs_keys[0]}: 'nested_offset' must be a finite number, got {offset!r}")
     arr = {k: np.asarray(v) for k, v in mine.items()}
     for key, dtype in [(p + ".quant_map", np.float32)] + ([(p + ".nested_quant_map", np.float32)] if nested else []):
         if arr[key].dtype != dtype:
@@ -113,10 +125,10 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
         codes=codes.reshape(-1),
         absmax=arr[p + ".absmax"],
         nested_absmax=arr[p + ".nested_absmax"] if nested else None,
-        offset=np.asarray(np.float32(meta["nested_offset"])) if nested else None,
+        offset=np.asarray(np.float32(offset)) if nested else None,
         shape=shape,
         dtype=_DTYPES[meta["dtype"]],
-        blocksize=int(meta.get("blocksize", -1)),
+        blocksize=blocksize,
         quant_type=quant_type,
     ).validate()  # on the numpy arrays, before jnp.asarray could silently cast a wrong dtype
     return jax.tree.map(jnp.asarray, qt)

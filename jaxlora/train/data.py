@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxlora.checks import number
 from jaxlora.tokenizer import Tokenizer
 from jaxlora.train.batching import Batch, make_batch, plan_rows
 from jaxlora.train.records import FORMATS, OVERLONG, Example, Format, Overlong, load_examples
@@ -49,6 +50,7 @@ class DataConfig:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        number("seed", self.seed, integer=True, ge=0)  # numpy's default_rng takes no negative seed
         if self.eval_path is not None and self.eval_fraction > 0:
             raise ValueError("give eval_path or eval_fraction, not both")
 

@@ -11,6 +11,8 @@ from typing import Literal
 
 import optax
 
+from jaxlora.checks import number
+
 OPTIMS = ("adamw", "adam", "sgd")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -21,14 +23,14 @@ class OptimizerConfig:
 
     optim: Literal["adamw", "adam", "sgd"] = "adamw"  # seed 003: AdamW is the sensible default
     learning_rate: float = 2e-4  # QLoRA paper's rate for small models
-    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_scheduler_type: Literal["cosine", "linear", "constant"] = "cosine"  # after the warm-up
     warmup_steps: int = 0  # linear warm-up from 0 to learning_rate
     max_steps: int = 1000  # the schedule decays to 0 at this step (cosine / linear)
     weight_decay: float = 0.0  # decoupled (AdamW-style) for adamw; L2 added to grads for adam / sgd
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    momentum: float = 0.9  # sgd only
+    adam_beta1: float = 0.9  # decay of Adam's first moment, in [0, 1)
+    adam_beta2: float = 0.999  # decay of Adam's second moment, in [0, 1)
+    adam_epsilon: float = 1e-8  # > 0, added to the root of the second moment
+    momentum: float = 0.9  # sgd only, in [0, 1)
     max_grad_norm: float | None = 1.0  # global-norm clipping, as torch.nn.utils.clip_grad_norm_; None: off
     gradient_accumulation_steps: int = 1  # micro-batches averaged per optimizer update
 
@@ -39,20 +41,18 @@ class OptimizerConfig:
             raise ValueError(
                 f"lr_scheduler_type={self.lr_scheduler_type!r} is not supported; choose one of {SCHEDULES}"
             )
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate!r} must be > 0")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps!r} must be >= 1")
-        if not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError(f"warmup_steps={self.warmup_steps!r} must be in [0, max_steps={self.max_steps}]")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} must be > 0 or None")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError(
-                f"gradient_accumulation_steps={self.gradient_accumulation_steps!r} must be >= 1"
-            )
+        number("learning_rate", self.learning_rate, gt=0)
+        number("max_steps", self.max_steps, integer=True, ge=1)
+        number("warmup_steps", self.warmup_steps, integer=True, ge=0, le=self.max_steps)
+        number("weight_decay", self.weight_decay, ge=0)
+        # Adam's moment decays must stay below 1 (at 1 the bias correction divides by zero); epsilon > 0
+        # keeps the update finite where the second moment is 0.
+        number("adam_beta1", self.adam_beta1, ge=0, lt=1)
+        number("adam_beta2", self.adam_beta2, ge=0, lt=1)
+        number("adam_epsilon", self.adam_epsilon, gt=0)
+        number("momentum", self.momentum, ge=0, lt=1)  # >= 1 makes SGD's velocity grow without bound
+        number("max_grad_norm", self.max_grad_norm, gt=0, none=True)
+        number("gradient_accumulation_steps", self.gradient_accumulation_steps, integer=True, ge=1)
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
