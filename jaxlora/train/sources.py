@@ -16,6 +16,7 @@ With `streaming`, rows are read one at a time (`IterableDataset`) and never held
 
 from __future__ import annotations
 
+import csv
 import itertools
 import os
 from collections.abc import Iterator, Mapping
@@ -129,7 +130,12 @@ def _load(path: str, kind: str, *, split: str, streaming: bool, config_name: str
         return ds.to_iterable_dataset() if streaming else ds
     kw = dict(split=split, streaming=streaming, cache_dir=cache_dir)
     if kind == "file":
-        return datasets.load_dataset(_BUILDERS[Path(path).suffix], data_files=os.path.expanduser(path), **kw)
+        file = os.path.expanduser(path)
+        if Path(file).suffix == ".csv":  # every CSV cell is text; pandas would read a completion "42" as an int
+            with open(file, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+            kw["features"] = datasets.Features({name: datasets.Value("string") for name in header})
+        return datasets.load_dataset(_BUILDERS[Path(file).suffix], data_files=file, **kw)
     if kind == "dir":
         return datasets.load_dataset(os.path.expanduser(path), **kw)
     try:
