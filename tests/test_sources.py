@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from jaxlora.tokenizer import ByteTokenizer
 from jaxlora.train.data import DataConfig, DataState, load_data, train_batches
@@ -179,24 +178,13 @@ def test_parquet_resume_sees_the_same_batches(tmp_path, table, packing):
             assert all(np.array_equal(a, b) for a, b in zip(got, want))
 
 
-class ByteDense(nnx.Module):
-    """The smallest model whose loss curve depends on which batches it saw, and in what order."""
-
-    def __init__(self, rngs):
-        self.embed = nnx.Embed(TOK.vocab_size, 8, rngs=rngs)
-        self.proj = nnx.LoRALinear(8, TOK.vocab_size, lora_rank=2, rngs=rngs)
-
-    def __call__(self, ids, attention_mask=None):
-        return self.proj(self.embed(ids))
-
-
-def test_training_on_parquet_resumes_to_the_uninterrupted_curve(tmp_path, table):
+def test_training_on_parquet_resumes_to_the_uninterrupted_curve(tmp_path, table, byte_dense):
     path = WRITERS["parquet"](table, tmp_path)
     data_cfg = config(path, batch_size=4, eval_fraction=0.2, cache_dir=str(tmp_path / "cache"))
 
     def run(out, *, resume=False, on_step=None):
         return train(
-            ByteDense(nnx.Rngs(0)), load_data(data_cfg, TOK), data_cfg=data_cfg,
+            byte_dense(0), load_data(data_cfg, TOK), data_cfg=data_cfg,
             optim_cfg=OptimizerConfig(learning_rate=3e-2, max_steps=8, warmup_steps=2),
             train_cfg=TrainConfig(output_dir=str(out), save_every=3, eval_every=4, progress=False),
             pad_token_id=TOK.pad_token_id, resume=resume, on_step=on_step,
