@@ -149,6 +149,7 @@ def test_token_cache_is_reused_and_keyed(tmp_path, table, reference):
     again = CountingTokenizer()
     cached = load_data(cfg, again).train
     assert again.calls == 0 and tokens(cached) == reference and isinstance(cached.ids, np.memmap)
+    assert tokens(cached[3:7]) == reference[3:7] and tokens(cached[::-2]) == reference[::-2]
     streamed = CountingTokenizer()  # streaming reads the same records: the same entry
     assert tokens(load_data(config(path, cache_dir=cfg.cache_dir, streaming=True), streamed).train) == reference
     assert streamed.calls == 0

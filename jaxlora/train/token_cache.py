@@ -41,7 +41,9 @@ class TokenStore(Sequence[Example]):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def __getitem__(self, i: int) -> Example:
+    def __getitem__(self, i: int | slice) -> Example | TokenStore:
+        if isinstance(i, slice):
+            return self.select(np.arange(len(self))[i])
         n = len(self.lengths)
         if not -n <= i < n:
             raise IndexError(f"example {i} of {n}")
