@@ -67,6 +67,7 @@ ALIASES = {
     "max_steps": "optim.max_steps",
     "eval_every": "train.eval_every",
     "save_every": "train.save_every",
+    "report_to": "train.report_to",
 }
 
 

@@ -1,12 +1,15 @@
-"""The training data pipeline: JSONL -> examples -> deterministic, resumable fixed-shape batches.
+"""The training data pipeline: records -> tokenized examples -> deterministic, resumable fixed-shape batches.
 
-    config = DataConfig(path="train.jsonl", max_seq_len=512, batch_size=8)
+    config = DataConfig(path="train.jsonl", max_seq_len=512, batch_size=8)   # or .parquet, a hub id, ...
     data = load_data(config, tokenizer)
     for batch, state in train_batches(data.train, config, pad_token_id=tokenizer.pad_token_id):
         ...  # train on batch; checkpoint state.to_dict() with the weights
     # resume: train_batches(..., start=DataState.from_dict(saved)) yields the batches that followed.
 
-Record formats, masks and bos/eos: `jaxlora.train.records`. Padding and packing: `jaxlora.train.batching`.
+Sources (JSONL, parquet, csv, arrow, saved datasets, hub ids): `jaxlora.train.sources`. Record formats,
+masks and bos/eos: `jaxlora.train.records`. Token storage and its cache: `jaxlora.train.token_cache`.
+Padding and packing: `jaxlora.train.batching`. The order of examples is a function of (seed, epoch) and
+the examples alone, so every source, streamed or not, cached or not, yields the same batches.
 Host-side numpy only; the train step moves batches to devices.
 """
 
@@ -14,14 +17,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from jaxlora.checks import number
 from jaxlora.tokenizer import Tokenizer
+from jaxlora.train import sources
 from jaxlora.train.batching import Batch, make_batch, plan_rows
-from jaxlora.train.records import FORMATS, OVERLONG, Example, Format, Overlong, load_examples
+from jaxlora.train.records import FORMATS, OVERLONG, Example, Format, Overlong, encode_records
+from jaxlora.train.token_cache import (
+    TokenStore,
+    build_store,
+    cache_entry,
+    example_lengths,
+    open_store,
+    tokenizer_fingerprint,
+)
 
 # Separate random streams per purpose, so the eval split never moves with the epoch shuffles.
 _SHUFFLE, _SPLIT = 0, 1
@@ -29,7 +42,7 @@ _SHUFFLE, _SPLIT = 0, 1
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    path: str  # training JSONL file
+    path: str  # .jsonl / .json / .parquet / .arrow / .csv file or directory, a save_to_disk directory, or a hub id
     max_seq_len: int  # tokens per row; at most what the model allows (its max_position_embeddings)
     batch_size: int  # rows per batch
     format: Format = "auto"  # "text" | "prompt_completion" | "chat"; "auto" detects from the first record
@@ -38,6 +51,15 @@ class DataConfig:
     eval_fraction: float = 0.0  # else hold out this fraction of the training examples, chosen by seed
     seed: int = 0  # drives the eval split and every epoch's shuffle
     overlong: Overlong = "error"  # an example over max_seq_len: "error", "truncate" (keep the head), "drop"
+    split: str = "train"  # the split of `path` to train on
+    eval_split: str | None = None  # an eval split of eval_path (or of path); excludes eval_fraction
+    config_name: str | None = None  # a hub dataset's configuration (load_dataset's `name`)
+    text_column: str = "text"  # the column (or JSONL key) holding each format's fields
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    streaming: bool = False  # read rows one at a time, for sources larger than RAM (needs cache_dir)
+    cache_dir: str | None = None  # keep tokenized examples here, memory-mapped and reused; None: in RAM
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -51,8 +73,16 @@ class DataConfig:
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         number("seed", self.seed, integer=True, ge=0)  # numpy's default_rng takes no negative seed
-        if self.eval_path is not None and self.eval_fraction > 0:
-            raise ValueError("give eval_path or eval_fraction, not both")
+        if (self.eval_path is not None or self.eval_split is not None) and self.eval_fraction > 0:
+            raise ValueError("give eval_path / eval_split or eval_fraction, not both")
+        if self.streaming and self.cache_dir is None:
+            raise ValueError("streaming=True needs cache_dir: streamed examples are tokenized to files there, not to RAM")
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """{record key: column name} (see jaxlora.train.sources)."""
+        return {"text": self.text_column, "prompt": self.prompt_column, "completion": self.completion_column,
+                "messages": self.messages_column}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,18 +101,17 @@ class DataState:
 
 
 class Data(NamedTuple):
-    train: list[Example]
-    eval: list[Example]  # empty when neither eval_path nor eval_fraction is set
+    train: TokenStore
+    eval: TokenStore  # empty when no eval_path, eval_split or eval_fraction is set
     dropped: int  # examples dropped by the overlong policy (or left without any target)
 
 
 def load_data(config: DataConfig, tokenizer: Tokenizer) -> Data:
-    """Read, validate and tokenize the training (and eval) JSONL; errors name the file and line."""
-    kw = dict(tokenizer=tokenizer, format=config.format, max_seq_len=config.max_seq_len, overlong=config.overlong)
-    train, dropped = load_examples(config.path, **kw)
-    evals: list[Example] = []
-    if config.eval_path is not None:
-        evals, dropped_eval = load_examples(config.eval_path, **kw)
+    """Read, validate and tokenize the training (and eval) data; errors name the file and line (or row)."""
+    train, dropped = load_split(config, tokenizer, config.path, config.split)
+    evals = TokenStore(np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64))
+    if config.eval_path is not None or config.eval_split is not None:
+        evals, dropped_eval = load_split(config, tokenizer, config.eval_path or config.path, config.eval_split or "train")
         dropped += dropped_eval
     elif config.eval_fraction > 0:
         n_eval = max(1, round(config.eval_fraction * len(train)))
@@ -93,9 +122,33 @@ def load_data(config: DataConfig, tokenizer: Tokenizer) -> Data:
         held = np.random.default_rng([config.seed, _SPLIT, 0]).permutation(len(train))[:n_eval]
         is_eval = np.zeros(len(train), dtype=bool)
         is_eval[held] = True
-        evals = [ex for ex, e in zip(train, is_eval) if e]  # both splits keep file order
-        train = [ex for ex, e in zip(train, is_eval) if not e]
+        evals, train = train.select(np.flatnonzero(is_eval)), train.select(np.flatnonzero(~is_eval))  # source order
     return Data(train, evals, dropped)
+
+
+def load_split(config: DataConfig, tokenizer: Tokenizer, path: str, split: str) -> tuple[TokenStore, int]:
+    """One split's examples and drop count, from the token cache when it holds them."""
+    entry, cached = None, None
+    if config.cache_dir is not None:
+        entry = cache_entry(config.cache_dir, {
+            "source": sources.fingerprint(path, split=split, config_name=config.config_name),
+            "format": config.format, "columns": config.columns, "max_seq_len": config.max_seq_len,
+            "overlong": config.overlong, "tokenizer": tokenizer_fingerprint(tokenizer),
+        })
+        cached = open_store(entry)
+    if cached is None:
+        records = sources.read_records(
+            path, split=split, columns=config.columns, format=config.format, streaming=config.streaming,
+            config_name=config.config_name,
+            hf_cache_dir=None if config.cache_dir is None else str(Path(config.cache_dir) / "datasets"),
+        )
+        kw = dict(format=config.format, max_seq_len=config.max_seq_len, overlong=config.overlong)
+        cached = build_store(encode_records(records, tokenizer, **kw), entry)
+    store, dropped = cached
+    if not len(store):
+        why = f" after dropping {dropped}" if dropped else ""
+        raise ValueError(f"{path}: no usable examples{why}")
+    return store, dropped
 
 
 def _epoch_rows(examples: Sequence[Example], config: DataConfig, epoch: int | None) -> list[list[int]]:
@@ -104,7 +157,7 @@ def _epoch_rows(examples: Sequence[Example], config: DataConfig, epoch: int | No
         order = np.arange(len(examples))
     else:
         order = np.random.default_rng([config.seed, _SHUFFLE, epoch]).permutation(len(examples))
-    return plan_rows([len(ex.input_ids) for ex in examples], order, config.max_seq_len, config.packing)
+    return plan_rows(example_lengths(examples), order, config.max_seq_len, config.packing)
 
 
 def batches_per_epoch(examples: Sequence[Example], config: DataConfig, epoch: int = 0) -> int:

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import resource
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,6 +22,7 @@ from jaxlora.generate import inference_view
 from jaxlora.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from jaxlora.train.data import Data, DataConfig, DataState, eval_batches, train_batches
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
+from jaxlora.train.report import Reporter, device_memory_mb, parse_report_to
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
 from jaxlora.train.step import eval_step, offload_optimizer_state, train_step
 
@@ -38,6 +38,7 @@ class TrainConfig:
     mesh_data: int = 1  # data-parallel axis of the device mesh
     mesh_fsdp: int | None = None  # FSDP axis; None: all devices that mesh_data leaves
     progress: bool = True  # a one-line progress display on stderr
+    report_to: str | tuple[str, ...] = "none"  # also log to "tensorboard" / "wandb" (a list for both); see report.py
 
     def __post_init__(self):
         for name in ("eval_every", "save_every", "log_every"):
@@ -47,6 +48,7 @@ class TrainConfig:
             raise ValueError("log_every=0 must be >= 1")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None")
+        parse_report_to(self.report_to)
 
 
 def check_output_dir(output_dir: str | Path, *, resume: bool) -> None:
@@ -134,6 +136,8 @@ def train(
             wrt=wrt,
         )
 
+    reporter = Reporter.create(train_cfg.report_to, out, total=optim_cfg.max_steps, log_every=train_cfg.log_every,
+                               start_step=step, progress=train_cfg.progress, config=run_info)
     accum = optim_cfg.gradient_accumulation_steps
     stream = train_batches(data.train, data_cfg, pad_token_id=pad_token_id, start=data_state)
     # cached_partial walks the model graph once instead of on every call (~20% of a small step on CPU).
@@ -165,22 +169,19 @@ def train(
             "grad_norm": float(res["grad_norm"]),
             "tokens_per_s": tokens / dt,
             "rss_mb": _rss_mb(),
+            **device_memory_mb(),
         }
-        if step % train_cfg.log_every == 0 or step == optim_cfg.max_steps:
-            _append(metrics_file, last)
-        if train_cfg.progress:
-            _progress(step, optim_cfg.max_steps, last)
+        reporter.log(step, last)
         at_end = step == optim_cfg.max_steps
         if data.eval and ((train_cfg.eval_every and step % train_cfg.eval_every == 0) or at_end):
             eval_loss = evaluate(model, data.eval, data_cfg, pad_token_id=pad_token_id, mesh=mesh)
             last["eval_loss"] = eval_loss
-            _append(metrics_file, {"step": step, "eval_loss": eval_loss})
+            reporter.log(step, {"eval_loss": eval_loss})
         if (train_cfg.save_every and step % train_cfg.save_every == 0) or at_end:
             last_ckpt = checkpoint()
         if on_step is not None:
             on_step(last)
-    if train_cfg.progress and sys.stderr.isatty():
-        print(file=sys.stderr)
+    reporter.close()
     elapsed = time.perf_counter() - t_run
     plot = plot_metrics(metrics_file, out / "loss.png")
     return {
@@ -225,25 +226,11 @@ def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
     return png
 
 
-def _progress(step: int, total: int, m: dict) -> None:
-    """One line rewritten in place on a terminal; whole lines, about 20 per run, in a log file."""
-    line = f"step {step}/{total}  loss {m['loss']:.4f}  {m['tokens_per_s']:,.0f} tok/s  rss {m['rss_mb']:,.0f} MB"
-    if sys.stderr.isatty():
-        print("\r" + line, end="", file=sys.stderr, flush=True)
-    elif step == 1 or step == total or step % max(1, total // 20) == 0:
-        print(line, file=sys.stderr, flush=True)
-
-
 def _device_batch(batch, mesh, packing: bool = False) -> dict:
     arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
     if packing:  # several examples per row: the model must keep them apart
         arrays.update(positions=batch.positions, segment_ids=batch.segment_ids)
     return shard_batch(arrays, mesh) if mesh is not None else arrays
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def _truncate_log(path: Path, step: int) -> None:

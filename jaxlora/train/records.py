@@ -1,7 +1,8 @@
-"""JSONL records -> tokenized examples with a loss mask.
+"""Records -> tokenized examples with a loss mask.
 
-One record per line, in one of three formats (detected per file from the first record; a file that
-mixes them is rejected):
+A record is a dict in one of three formats (detected per source from the first record; a source that
+mixes them is rejected). JSONL holds one per line; `jaxlora.train.sources` reads tables (parquet, csv,
+arrow, Hugging Face datasets) into the same dicts, renaming mapped columns to these keys:
 
 - `{"text": str}`: loss on every token.
 - `{"prompt": str, "completion": str}`: loss on the completion only. The two are joined with no
@@ -27,7 +28,7 @@ Alignment: `loss_mask[t]` says whether token `t` is a *target*, i.e. whether the
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -145,22 +146,22 @@ def encode_record(record: dict, fmt: str, tokenizer: Tokenizer, where: str) -> E
     return Example(np.asarray(ids, dtype=np.int32), mask)
 
 
-def load_examples(
-    path: str, tokenizer: Tokenizer, *, format: Format, max_seq_len: int, overlong: Overlong
-) -> tuple[list[Example], int]:
-    """All examples of a JSONL file and how many were dropped (overlong, or no loss left after truncation)."""
+def encode_records(
+    records: Iterable[tuple[str, dict]], tokenizer: Tokenizer, *, format: Format, max_seq_len: int, overlong: Overlong
+) -> Iterator[Example | None]:
+    """Tokenize `(where, record)` pairs in order; None stands for a record dropped by the overlong policy
+    (or left without a target after truncation). `where` ("file:line", "source row i") prefixes errors."""
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
     if overlong not in OVERLONG:
         raise ValueError(f"overlong must be one of {OVERLONG}, got {overlong!r}")
-    examples, dropped, fmt, first = [], 0, None if format == "auto" else format, None
-    for lineno, record in read_jsonl(path):
-        where = f"{path}:{lineno}"
+    fmt, first = None if format == "auto" else format, None
+    for where, record in records:
         got = record_format(record, where)
         if fmt is None:
-            fmt, first = got, lineno
+            fmt, first = got, where
         elif got != fmt:
-            origin = f"detected at line {first}" if first else "requested"
+            origin = f"detected at {first}" if first else "requested"
             raise ValueError(f"{where}: {got!r} record in a {fmt!r} file ({origin}); formats cannot be mixed")
         ex = encode_record(record, fmt, tokenizer, where)
         n = len(ex.input_ids)
@@ -171,14 +172,8 @@ def load_examples(
                     "(set overlong='truncate' or 'drop' to allow this)"
                 )
             if overlong == "drop":
-                dropped += 1
+                yield None
                 continue
             ex = Example(ex.input_ids[:max_seq_len], ex.loss_mask[:max_seq_len])
-        if not ex.loss_mask.any():
-            dropped += 1  # truncation cut every target away, or a one-token text
-            continue
-        examples.append(ex)
-    if not examples:
-        why = f" after dropping {dropped}" if dropped else ""
-        raise ValueError(f"{path}: no usable examples{why}")
-    return examples, dropped
+        # Truncation can cut every target away; a one-token text has none to begin with.
+        yield ex if ex.loss_mask.any() else None
