@@ -126,8 +126,9 @@ def bandwidth(spec: dict) -> dict:
         for batch in spec["batches"]:
             xs = jax.random.normal(jax.random.key(batch), (k, batch, n_in), jnp.float32).astype(jnp.bfloat16)
             io = batch * (n_in + n_out) * 2  # x read and y written, bf16
+            sweep = batch in spec["sweep_batches"] and f"{n_out}x{n_in}" in spec["sweep_shapes"]
             for label, tiles in [("kernel", {})] + [(f"kernel bn{bn} bk{bk}", dict(block_n=bn, block_k=bk))
-                                                   for bn, bk in spec["tile_sweep"] if batch in spec["sweep_batches"]]:
+                                                   for bn, bk in spec["tile_sweep"] if sweep]:
                 try:
                     fn = jax.jit(lambda xs, q, t=tiles: jnp.stack([nf4_matmul(xs[i], q, **t) for i in range(k)]))
                     s = _median_s(lambda: fn(xs, qt).block_until_ready(), repeats) / k
@@ -135,6 +136,8 @@ def bandwidth(spec: dict) -> dict:
                                      gb_s=(weight_bytes + io) / s / 1e9))
                 except Exception as e:  # an unsupported tile: recorded, the sweep goes on
                     rows.append(dict(shape=f"{n_out}x{n_in}", batch=batch, path=label, error=repr(e)[:300]))
+            if batch not in spec["jnp_batches"]:
+                continue
             ref = jax.jit(lambda xs, q: jnp.stack([
                 jnp.matmul(xs[i], dequantize(q, q.dtype).T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
                 for i in range(k)]))

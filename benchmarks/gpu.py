@@ -1,6 +1,6 @@
 """Every GPU figure in one command: ``timeout 540 python -m benchmarks.gpu`` (<= 8 minutes on one H200).
 
-    python -m benchmarks.gpu [--dry-run] [--only exactness,bandwidth,train,bnb_quant] [--budget-s 480]
+    python -m benchmarks.gpu [--dry-run] [--only exactness,bandwidth,bnb_quant,train] [--budget-s 480]
                              [--out benchmarks/results]
 
 Sections, each in its own process (so jax and torch never share the GPU's memory, and a crash or a
@@ -10,10 +10,10 @@ timeout loses that section only; the report records its error):
    identity; within the float32 reordering bound on random inputs);
 2. bandwidth: kernel GB/s at decode shapes (batch 1-16, 4096x4096, 11008x4096, 4096x11008) vs the jnp
    path and a device-to-device copy, and a small tile sweep;
-3. train: QLoRA tokens/s and peak device memory, jaxlora vs PEFT + bitsandbytes (PEFT LoRA over bf16 when
+3. bnb_quant: bitsandbytes' CUDA quantize_4bit bytes vs jaxlora's (bnb_backend="cuda" on a GPU);
+4. train: QLoRA tokens/s and peak device memory, jaxlora vs PEFT + bitsandbytes (PEFT LoRA over bf16 when
    bitsandbytes is absent), same checkpoint and batches, on a 1B-class and a 7B-shaped 2-layer llama;
-   the 7B-shaped step's real peak device memory beside XLA's compiled memory_analysis;
-4. bnb_quant: bitsandbytes' CUDA quantize_4bit bytes vs jaxlora's (bnb_backend="cuda" on a GPU).
+   the 7B-shaped step's real peak device memory beside XLA's compiled memory_analysis.
 
 The report (JSON + markdown, ``<date>_<hardware>_gpu``) is rewritten after every section, so a run
 killed by its timeout still leaves what it finished. ``--dry-run``: tiny shapes on CPU, a minute at
@@ -36,7 +36,7 @@ from pathlib import Path
 from benchmarks.run import machine
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("exactness", "bandwidth", "train", "bnb_quant")
+SECTIONS = ("exactness", "bandwidth", "bnb_quant", "train")  # the cheap ones first
 GiB = 2**30
 
 # Model shapes: a 1B-class llama (TinyLlama-1.1B's) and two layers of Llama-2-7B; vocabularies kept at
@@ -56,17 +56,18 @@ def specs(dry_run: bool) -> dict:
     if dry_run:
         return dict(
             exactness=dict(identity_shape=[32, 128], shapes=[[32, 128]], rows=[2]),
-            bandwidth=dict(shapes=[[32, 128]], batches=[1], unroll=2, repeats=1, copy_bytes=2**16,
-                           tile_sweep=[[16, 64]], sweep_batches=[1]),
+            bandwidth=dict(shapes=[[32, 128]], batches=[1], unroll=2, repeats=1, copy_bytes=2**16, jnp_batches=[1],
+                           tile_sweep=[[16, 64]], sweep_shapes=["32x128"], sweep_batches=[1]),
             train={"tiny": dict(model=TINY_MODEL, batch=2, seq=32, steps=1, repeats=1, gen_batch=1, prompt_len=8,
                                 new_tokens=2, memory_analysis=True)},
             bnb_quant=dict(cases=[[[64, 128], "nf4", True], [[33, 65], "nf4", True], [[64, 128], "fp4", False]]),
         )
     decode = [[4096, 4096], [11008, 4096], [4096, 11008]]
     return dict(
-        exactness=dict(identity_shape=[256, 1024], shapes=decode, rows=[1, 16, 512]),
+        exactness=dict(identity_shape=[256, 1024], shapes=decode, rows=[1, 512]),
         bandwidth=dict(shapes=decode, batches=[1, 2, 4, 8, 16], unroll=32, repeats=5, copy_bytes=GiB,
-                       tile_sweep=[[16, 256], [16, 512], [32, 512], [64, 256]], sweep_batches=[1, 16]),
+                       jnp_batches=[1, 16], tile_sweep=[[16, 256], [16, 512], [32, 512], [64, 256]],
+                       sweep_shapes=["4096x4096"], sweep_batches=[1, 16]),
         train={
             "1b": dict(model=MODELS["1b"], batch=4, seq=512, steps=5, repeats=2, gen_batch=1, prompt_len=32,
                        new_tokens=16, memory_analysis=False),
@@ -79,7 +80,7 @@ def specs(dry_run: bool) -> dict:
 
 
 # Per-section time limits (s) on a GPU; a section also never runs past the overall budget.
-LIMITS = {"exactness": 60, "bandwidth": 90, "train": 300, "bnb_quant": 45}
+LIMITS = {"exactness": 60, "bandwidth": 90, "bnb_quant": 45, "train": 280}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -29,7 +29,7 @@ def test_arguments() -> None:
 def test_unknown_sections_are_rejected_by_name(only, capsys) -> None:
     with pytest.raises(SystemExit):
         gpu.parse_args(["--only", only])
-    assert "choose from exactness,bandwidth,train,bnb_quant" in capsys.readouterr().err
+    assert "choose from exactness,bandwidth,bnb_quant,train" in capsys.readouterr().err
 
 
 def test_the_full_plan_fits_the_gpu_budget() -> None:
