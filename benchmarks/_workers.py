@@ -116,14 +116,17 @@ def jax_side(spec: dict) -> dict:
 
     train = timed_repeats(run_steps, spec)
 
+    device = jax.devices()[0]
+    train_device_peak = (device.memory_stats() or {}).get("peak_bytes_in_use")  # before generation
+    compiled = compiled_memory(train_step, model, optimizer, data[0]) if spec.get("memory_analysis") else {}
     prompt = jnp.asarray(batches(spec)[0][: spec["gen_batch"], : spec["prompt_len"]])
     def gen(_n):
         jax.block_until_ready(generate(model, prompt, max_new_tokens=spec["new_tokens"]))
 
     result = _summary(spec, train, timed_repeats(gen, dict(spec, steps=1)), losses[0])
-    device = jax.devices()[0]
     stats = device.memory_stats() or {}
-    return result | dict(
+    return result | compiled | dict(
+        train_device_peak_bytes=train_device_peak, use_kernel=kernel_on(model),
         load_s=load_s, rss_after_import=rss_import, rss_after_load=rss_loaded,
         load_peak_rss=load_peak, device_peak_bytes=stats.get("peak_bytes_in_use"),
         train_dispatch_s_per_step=statistics.median(dispatch[2:]),
@@ -133,24 +136,47 @@ def jax_side(spec: dict) -> dict:
     )
 
 
+def compiled_memory(train_step, model, optimizer, batch) -> dict:
+    """XLA's own account of one train step's device memory (``memory_analysis`` of the compiled step)."""
+    m = train_step.lower(model, optimizer, batch).compile().memory_analysis()
+    return {f"compiled_{k}": getattr(m, f"{k}_in_bytes", None)
+            for k in ("argument_size", "output_size", "alias_size", "temp_size", "generated_code_size")}
+
+
+def kernel_on(model) -> bool | None:
+    """Whether the model's quantized layers run the fused kernels (None: no quantized layer)."""
+    from flax import nnx
+
+    from jaxlora.qlinear import QuantizedLinear
+
+    flags = {m.use_kernel for _, m in nnx.iter_graph(model) if isinstance(m, QuantizedLinear)}
+    return None if not flags else all(flags)
+
+
 def torch_side(spec: dict) -> dict:
-    import bitsandbytes as bnb
     import peft
     import torch
     import transformers
+
+    try:  # absent on some GPU images: then PEFT LoRA over the bf16 model, and the result says so
+        import bitsandbytes as bnb
+    except ImportError as e:
+        if spec.get("torch_quant") == "required":
+            raise
+        bnb, bnb_missing = None, str(e)
 
     rss_import = _status("VmRSS")
     cuda = torch.cuda.is_available()
     cd = getattr(torch, spec["dtype"])
     t0 = time.perf_counter()
-    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                            bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cd)
+    quant = None if bnb is None else transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=cd)
     # sdpa: transformers' default and its fastest CPU attention; PyTorch gets its best ordinary setup.
     model = transformers.AutoModelForCausalLM.from_pretrained(
         spec["model_dir"], quantization_config=quant, dtype=cd, attn_implementation="sdpa",
         local_files_only=True, device_map="cuda" if cuda else "cpu")
     for module in model.modules():  # spec bnb-4bit.md "TRAP": the AVX512-BF16 eval path repacks weights
-        if isinstance(module, bnb.nn.Linear4bit):
+        if bnb is not None and isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
     if spec["remat"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -194,11 +220,12 @@ def torch_side(spec: dict) -> dict:
 
     result = _summary(spec, train, timed_repeats(gen, dict(spec, steps=1)), losses[0])
     return result | dict(
+        quantized=bnb is not None, bnb_missing=None if bnb is not None else bnb_missing,
         load_s=load_s, rss_after_import=rss_import, rss_after_load=rss_loaded,
         load_peak_rss=load_peak, device_peak_bytes=device_peak, device="gpu" if cuda else "cpu",
         backend=(f"torch {torch.__version__} on {dev} ({torch.get_num_threads()} threads, "
                  f"{torch.backends.cpu.get_cpu_capability()}); transformers {transformers.__version__}, "
-                 f"peft {peft.__version__}, bitsandbytes {bnb.__version__}"),
+                 f"peft {peft.__version__}, bitsandbytes {bnb.__version__ if bnb else 'absent'}"),
         jax_imported="jax" in sys.modules,
     )
 

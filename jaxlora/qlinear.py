@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora import platform
 from jaxlora.qmatmul import dequantize, qmatmul
 from jaxlora.quant.tensor import QuantizedTensor
 
@@ -23,9 +24,12 @@ class FrozenBias(nnx.Variable):
 
 
 def quantize_weight(w: jax.Array, *, quant_type: str, blocksize: int, double_quant: bool,
-                    bnb_backend: str = "cpu") -> QuantizedTensor:
-    """Quantize a dense weight to 4 bits ("nf4", "fp4") or bitsandbytes' 8-bit map ("dynamic8")."""
+                    bnb_backend: str | None = None) -> QuantizedTensor:
+    """Quantize a dense weight to 4 bits ("nf4", "fp4") or bitsandbytes' 8-bit map ("dynamic8").
+    ``bnb_backend=None``: the bytes of this platform's bitsandbytes (`jaxlora.platform`)."""
     from jaxlora.quant.blockwise import quantize_4bit, quantize_blockwise
+
+    bnb_backend = bnb_backend or platform.defaults().bnb_backend
 
     if quant_type == "dynamic8":
         if double_quant:  # bitsandbytes nests absmax of 4-bit weights only
@@ -39,10 +43,12 @@ class QuantizedLinear(nnx.Module):
     """``y = x @ dequantize(W).T + bias`` in ``compute_dtype``, cast back to x's dtype (bnb Linear4bit).
 
     W is a QuantizedTensor in PyTorch's ``(out, in)`` layout, byte-identical to ``bnb.nn.Linear4bit``.
+    ``use_kernel`` (None: this platform's default, on for a GPU; `jaxlora.platform`) runs the matmul
+    in the fused Pallas kernels where they support the case.
     """
 
     def __init__(self, weight: QuantizedTensor, bias: jax.Array | None = None, *, compute_dtype=jnp.bfloat16,
-                 use_kernel: bool = False):
+                 use_kernel: bool | None = None):
         if len(weight.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D (out, in), got shape {weight.shape}")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
@@ -50,7 +56,7 @@ class QuantizedLinear(nnx.Module):
         self.weight = QuantizedWeight(weight)
         self.bias = nnx.data(None if bias is None else FrozenBias(jnp.asarray(bias)))
         self.compute_dtype = jnp.dtype(compute_dtype)
-        self.use_kernel = use_kernel
+        self.use_kernel = platform.defaults().use_kernel if use_kernel is None else bool(use_kernel)
 
     @classmethod
     def from_weight(cls, weight: jax.Array, bias: jax.Array | None = None, *, quant_type: str = "nf4",
@@ -79,10 +85,11 @@ class QuantizedLinear(nnx.Module):
         """The dense ``(out, in)`` weight."""
         return dequantize(self.weight.value, dtype)
 
-    def requantize(self, weight: jax.Array, *, bnb_backend: str = "cpu") -> None:
+    def requantize(self, weight: jax.Array, *, bnb_backend: str | None = None) -> None:
         """Store a new dense ``(out, in)`` weight with the stored tensor's settings: 4- or 8-bit quant
         type, blocksize, double quantization and dtype. A QuantizedTensor does not record which
-        bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default "cpu")."""
+        bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default: this platform's,
+        "cuda" on a GPU and "cpu" elsewhere; `jaxlora.platform`)."""
         qt = self.weight.value
         self.weight.value = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type,
                                             blocksize=qt.blocksize, double_quant=qt.double_quant,

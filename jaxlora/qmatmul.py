@@ -48,15 +48,10 @@ def _fused(qt: QuantizedTensor, operand: jax.Array, use_kernel: bool, *, transpo
     return kernels if able else None
 
 
-def _interpret() -> bool:
-    # The kernels are written for the GPU (Triton); elsewhere Pallas interprets the same kernel body.
-    return jax.default_backend() != "gpu"
-
-
 def _reference(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
     fused = _fused(qt, x, use_kernel)
     if fused is not None:
-        return fused.nf4_matmul(x, qt, compute_dtype=compute_dtype, out_dtype=jnp.float32, interpret=_interpret())
+        return fused.nf4_matmul(x, qt, compute_dtype=compute_dtype, out_dtype=jnp.float32)
     # float32 accumulator out, as torch's addmm: the caller adds the bias before the one rounding to cd
     return jnp.matmul(x, _weight(qt, compute_dtype).T, preferred_element_type=jnp.float32)
 
@@ -77,7 +72,7 @@ def _bwd(compute_dtype, use_kernel, qt, dy):
     # bitsandbytes: grad_x = grad_out @ W, both in the compute dtype (dy holds compute-dtype values here)
     fused = _fused(qt, dy, use_kernel, transpose=True)
     if fused is not None:
-        dx = fused.nf4_matmul_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype, interpret=_interpret())
+        dx = fused.nf4_matmul_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype)
     else:
         dx = jnp.matmul(dy.astype(compute_dtype), _weight(qt, compute_dtype), preferred_element_type=jnp.float32)
         dx = dx.astype(compute_dtype)
@@ -101,7 +96,8 @@ def qmatmul(x: jax.Array, qt: QuantizedTensor, *, compute_dtype=jnp.bfloat16, us
     ``cd`` after adding any bias, as torch's addmm does); x ``(..., in)``, qt ``(out, in)``. Gradient
     flows to x only. ``use_kernel`` runs the forward and the input gradient in the fused Pallas kernels
     (jaxlora/kernels/nf4_matmul.py) where they support the case (4-bit, tile-divisible shapes), and the
-    jnp path otherwise; the jnp path is their reference. Off the GPU the kernels run interpreted."""
+    jnp path otherwise; the jnp path is their reference. The kernels are compiled (Triton) when the
+    program is lowered for CUDA and interpreted for any other platform (see jaxlora.kernels.nf4_matmul)."""
     if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
         raise ValueError(f"x {x.shape} does not match a quantized weight of shape (out, in) = {qt.shape}")
     return _qmatmul(x.astype(compute_dtype), qt, jnp.dtype(compute_dtype), use_kernel)

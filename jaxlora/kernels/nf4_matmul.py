@@ -12,7 +12,10 @@ exactly as `jaxlora.quant.blockwise.dequantize_4bit` (and bitsandbytes) compute 
 accumulation order differs from the jnp path (float32 accumulation in both).
 
 Written for the Pallas Triton lowering (GPU: H100 / H200); ``interpret=True`` runs the same kernel
-on CPU for tests. All tile sizes must be powers of two (a Triton requirement) and divide the matrix.
+on CPU for tests. The default, ``interpret=None``, decides when the program is lowered
+(`jax.lax.platform_dependent`): the Triton kernel for CUDA, the interpreter for any other platform. So
+a function traced on a CPU-only machine and lowered with ``lowering_platforms=("cuda",)`` carries
+the real kernels (tests/test_cuda_lowering.py does exactly that). All tile sizes must be powers of two (a Triton requirement) and divide the matrix.
 
 Choosing tiles on Hopper (H100: 3.35 TB/s, H200: 4.8 TB/s HBM):
 
@@ -77,7 +80,7 @@ def nf4_matmul(
     *,
     compute_dtype: jnp.dtype = jnp.bfloat16,
     out_dtype: jnp.dtype | None = None,
-    interpret: bool = False,
+    interpret: bool | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -103,7 +106,7 @@ def nf4_matmul_t(
     qt: QuantizedTensor,  # (out_features, in_features), PyTorch layout
     *,
     compute_dtype: jnp.dtype = jnp.bfloat16,
-    interpret: bool = False,
+    interpret: bool | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -124,7 +127,7 @@ def nf4_matmul_t(
 
 
 def _call(body, a: jax.Array, qt: QuantizedTensor, t: tiling.Tiles, *, transpose: bool, compute_dtype,
-          out_dtype, interpret: bool, num_warps: int, num_stages: int) -> jax.Array:
+          out_dtype, interpret: bool | None, num_warps: int, num_stages: int) -> jax.Array:
     """The pallas_call shared by both kernels: grid (row tiles of `a`, output column tiles).
 
     Forward: `a` is ``(..., in)``, a program owns ``block_n`` output features and all their weight
@@ -135,17 +138,26 @@ def _call(body, a: jax.Array, qt: QuantizedTensor, t: tiling.Tiles, *, transpose
     n_cols, block_cols = (n_in, t.block_k) if transpose else (n_out, t.block_n)
     weight_map = (lambda i, j: (0, j)) if transpose else (lambda i, j: (j, 0))
     a2, m = _pad_rows(a.reshape(-1, a.shape[-1]).astype(compute_dtype), t.block_m)  # (M, in | out)
-    kernel = functools.partial(body, t=t, qt_meta=_meta(qt), double_quant=qt.double_quant, interpret=interpret)
-    y = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((a2.shape[0], n_cols), out_dtype),
-        grid=(a2.shape[0] // t.block_m, n_cols // block_cols),
-        in_specs=[pl.BlockSpec((t.block_m, a2.shape[1]), lambda i, j: (i, 0)),
-                  *_weight_specs(qt, t, weight_map, transpose=transpose)],
-        out_specs=pl.BlockSpec((t.block_m, block_cols), lambda i, j: (i, j)),
-        compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-    )(a2, *_weight_operands(qt, *_tables(qt)))
+    operands = (a2, *_weight_operands(qt, *_tables(qt)))
+
+    def run(interpret: bool, *operands):
+        kernel = functools.partial(body, t=t, qt_meta=_meta(qt), double_quant=qt.double_quant, interpret=interpret)
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct((a2.shape[0], n_cols), out_dtype),
+            grid=(a2.shape[0] // t.block_m, n_cols // block_cols),
+            in_specs=[pl.BlockSpec((t.block_m, a2.shape[1]), lambda i, j: (i, 0)),
+                      *_weight_specs(qt, t, weight_map, transpose=transpose)],
+            out_specs=pl.BlockSpec((t.block_m, block_cols), lambda i, j: (i, j)),
+            compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+            interpret=interpret,
+        )(*operands)
+
+    if interpret is None:  # chosen per lowering platform; only the chosen branch is lowered
+        y = lax.platform_dependent(*operands, cuda=functools.partial(run, False),
+                                   default=functools.partial(run, True))
+    else:
+        y = run(interpret, *operands)
     return y[:m].reshape(*a.shape[:-1], n_cols)
 
 

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxlora import platform
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import unstacked
 from jaxlora.qlinear import QuantizedLinear
@@ -47,7 +48,11 @@ class QuantConfig:
     # a module boundary, a regex, or a suffix: "lm_head", "layers.0", r"layers\.\d+\.mlp", "down_proj").
     skip_modules: tuple[str, ...] = ("lm_head",)
     # Which bitsandbytes backend's bytes to reproduce where CPU and CUDA kernels differ (quantize_4bit).
-    bnb_backend: Literal["cpu", "cuda"] = "cpu"
+    # None: the platform's (jaxlora.platform): "cuda" when the weights are quantized on a GPU, else "cpu".
+    bnb_backend: Literal["cpu", "cuda"] | None = None
+    # Run the quantized layers' matmuls in the fused Pallas kernels where they support the case (jaxlora
+    # only; no BitsAndBytesConfig field). None: the platform's default (jaxlora.platform), on for a GPU.
+    use_kernel: bool | None = None
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:
@@ -72,6 +77,13 @@ class QuantConfig:
         if isinstance(skip, str) or not all(isinstance(s, str) for s in skip):
             raise ValueError(f"QuantConfig.skip_modules must be a sequence of module names, got {skip!r}")
         object.__setattr__(self, "skip_modules", tuple(skip))
+        resolved = platform.defaults()
+        if self.bnb_backend is None:
+            object.__setattr__(self, "bnb_backend", resolved.bnb_backend)
+        if self.use_kernel is None:
+            object.__setattr__(self, "use_kernel", resolved.use_kernel)
+        if not isinstance(self.use_kernel, bool):
+            raise ValueError(f"QuantConfig.use_kernel must be a bool or None, got {self.use_kernel!r}")
         if self.bnb_backend not in BACKENDS:
             raise ValueError(f"QuantConfig.bnb_backend must be one of {BACKENDS}, got {self.bnb_backend!r}")
 
@@ -160,7 +172,7 @@ def quantize_model(model: nnx.Module, config: QuantConfig) -> nnx.Module:
                 continue
             bias = None if linear.bias is None else linear.bias.get_value()
             qlinear = QuantizedLinear(config.quantize(jnp.asarray(linear.kernel.get_value()).T), bias,
-                                      compute_dtype=config.compute_dtype)
+                                      compute_dtype=config.compute_dtype, use_kernel=config.use_kernel)
             replace_module(model, path, qlinear)
     return model
 
