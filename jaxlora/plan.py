@@ -4,8 +4,8 @@
     report = plan_step(LlamaConfig(...), seq=2048, batch=1)  # compiled argument / temp bytes + the floor
 
 `abstract_qlora` builds model, adapters and optimizer under `nnx.eval_shape` (every array a
-``jax.ShapeDtypeStruct``), so a 70B step is planned on a laptop; `compiled_step` lowers the real
-`train_step` for it with XLA (the CPU backend by default, or any platform jax can lower for) and reads
+``jax.ShapeDtypeStruct``), so a 70B step is planned on a laptop; `compiled_step` compiles the real
+`train_step` for it with XLA on this backend (`lowered_step` lowers for any platform, e.g. "cuda") and reads
 ``memory_analysis()`` and ``cost_analysis()``. The trained state (adapters, optimizer state) is donated, as a
 training loop that reuses its buffers does, so argument + temp is the step's device footprint.
 """
@@ -76,8 +76,9 @@ class StepPlan:
         return self.frozen + self.trained + self.activations
 
 
-def compiled_step(model, optimizer, *, seq: int, batch: int = 1, platform: str | None = None) -> StepPlan:
-    """Lower and compile `train_step` for the abstract (model, optimizer); nothing runs."""
+def lowered_step(model, optimizer, *, seq: int, batch: int = 1, platform: str | None = None):
+    """`train_step` for the abstract (model, optimizer) traced and lowered (for `platform`, default this
+    machine's backend); the trained state is donated. Returns (lowered, (trained, opt_state, frozen))."""
     graphdef, trained, opt_state, frozen = nnx.split((model, optimizer), nnx.LoRAParam, nnx.OptState, ...)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = dict(input_ids=tokens, attention_mask=tokens, loss_mask=jax.ShapeDtypeStruct((batch, seq), bool))
@@ -89,9 +90,15 @@ def compiled_step(model, optimizer, *, seq: int, batch: int = 1, platform: str |
         return new_trained, new_opt, metrics
 
     args = (_abstract(trained), _abstract(opt_state), _abstract(frozen), data)
-    t0 = time.perf_counter()
     traced = jax.jit(step, donate_argnums=(0, 1)).trace(*args)
     lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+    return lowered, (trained, opt_state, frozen)
+
+
+def compiled_step(model, optimizer, *, seq: int, batch: int = 1) -> StepPlan:
+    """Lower and compile `train_step` for the abstract (model, optimizer) on this backend; nothing runs."""
+    t0 = time.perf_counter()
+    lowered, (trained, opt_state, frozen) = lowered_step(model, optimizer, seq=seq, batch=batch)
     compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
@@ -107,11 +114,10 @@ def compiled_step(model, optimizer, *, seq: int, batch: int = 1, platform: str |
     )
 
 
-def plan_step(config: LlamaConfig, *, seq: int, batch: int = 1, remat: bool | str = "full",
-              platform: str | None = None, **build) -> StepPlan:
+def plan_step(config: LlamaConfig, *, seq: int, batch: int = 1, remat: bool | str = "full", **build) -> StepPlan:
     """`compiled_step` of `abstract_qlora(config, ...)`."""
     model, optimizer = abstract_qlora(config, remat=remat, **build)
-    return compiled_step(model, optimizer, seq=seq, batch=batch, platform=platform)
+    return compiled_step(model, optimizer, seq=seq, batch=batch)
 
 
-__all__ = ["GiB", "StepPlan", "abstract_qlora", "compiled_step", "plan_step"]
+__all__ = ["GiB", "StepPlan", "abstract_qlora", "compiled_step", "lowered_step", "plan_step"]

@@ -232,3 +232,19 @@ def test_cudnn_attention_lowers_where_cudnn_is_present() -> None:
             pytest.skip("cuDNN is not installed: its attention cannot be lowered on this machine")
         raise
     assert "cudnn" in text.lower()
+
+
+@pytest.mark.parametrize("remat", ["full", "offload"])
+def test_scanned_remat_blockwise_train_step_lowers_for_cuda(remat) -> None:
+    """The GPU training path of the real model as it runs at length: scanned layers, remat_scan keeping the
+    layer boundaries (on the device, or offloaded to pinned host memory), blockwise attention past one
+    512-key block, the chunked loss and the Pallas kernels."""
+    from jaxlora.plan import abstract_qlora, lowered_step
+
+    config = jaxlora.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model, optimizer = abstract_qlora(config, remat=remat, quantization=jaxlora.QuantConfig(use_kernel=True))
+    lowered, _ = lowered_step(model, optimizer, seq=1024, platform="cuda")
+    text = lowered.as_text()
+    assert "triton" in text  # the Pallas kernels, compiled for the GPU
+    assert ("pinned_host" in text) == (remat == "offload")  # the saved boundaries' memory kind
