@@ -44,7 +44,10 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # storage of the unquantized params
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # of activations (unset: dtype)
     quantize: bool = True  # QLoRA: quantize the linear layers while loading (the `quantization` section)
-    remat: bool = False  # recompute each block's activations in the backward pass (less memory)
+    # gradient checkpointing per decoder layer: "full" keeps only layer inputs (QLoRA's recipe), "offload"
+    # keeps them in host memory, "dots" also the matmul outputs, "none" everything (fastest); true = "full"
+    remat: Literal["none", "full", "dots", "offload"] | bool = "full"
+    attention: Literal["auto", "eager", "blockwise", "cudnn"] = "auto"  # auto: blockwise past 512 keys
     seed: int = 0  # adapter initialisation and dropout
 
     def __post_init__(self):
@@ -124,7 +127,7 @@ def load_model(directory, cfg: ModelConfig, quant: QuantConfig | None):
         directory,
         dtype=jnp.dtype(cfg.dtype),
         compute_dtype=None if cfg.compute_dtype is None else jnp.dtype(cfg.compute_dtype),
-        remat=cfg.remat,
+        remat=cfg.remat, attention=cfg.attention,
         quantization=quant if cfg.quantize else None,
     )
 
