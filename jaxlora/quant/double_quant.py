@@ -25,12 +25,14 @@ def _unfused(prod: jax.Array, guard: jax.Array) -> jax.Array:
 
     XLA fuses ``prod + c`` into one FMA (one rounding where bitsandbytes rounds twice). It removes
     optimization barriers, and LLVM folds an add into the arms of a select, so neither stops it. An
-    integer round trip does: the bits of `prod` are XORed with the sign of `guard`, a value that is
-    never negative here (a scale or a shifted index) but that the compiler cannot prove so.
+    integer round trip does: the bits of `prod` are XORed with a mask the compiler cannot prove zero,
+    ``isnan(guard)``, where `guard` is a factor of `prod`. It is 0 unless `guard` is NaN, and then `prod`
+    is NaN too and stays NaN with its lowest mantissa bit flipped. (The sign of `guard` would not do: a
+    scale may be negative, e.g. bitsandbytes' test_dequantize_blockwise draws absmax from a normal.)
     """
     i32 = jnp.int32
-    sign = jax.lax.shift_right_arithmetic(jax.lax.bitcast_convert_type(guard, i32), i32(31))  # 0
-    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(prod, i32) ^ sign, _F32)
+    mask = jnp.isnan(guard).astype(i32)
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(prod, i32) ^ mask, _F32)
 
 
 # ---- torch's float32 sum, single-threaded (ATen SumKernel.cpp cascade_sum) --------------------------
