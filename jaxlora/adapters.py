@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -23,7 +24,7 @@ from flax import nnx
 from jaxlora.graph import replace_module
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.qlinear import QuantizedLinear
-from jaxlora.lora import CombinationType
+from jaxlora.lora import CombinationType, pissa_niter
 from jaxlora.lora_config import LoraConfig
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
@@ -64,20 +65,23 @@ def adapter_configs(model: nnx.Module) -> dict[str, LoraConfig]:
 def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
     targets = []
-    for name, (path, module) in linear_modules(model).items():
+    linears = linear_modules(model)
+    for name, (path, module) in linears.items():
         if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
             continue
-        r = config.r_for(name)
-        in_f, out_f = module.in_features, module.out_features
-        if r > min(in_f, out_f):
-            raise ValueError(f"{name}: r={r} exceeds min(in_features, out_features) = {min(in_f, out_f)}")
-        if config.init_lora_weights in ("pissa", "loftq") and isinstance(_base(module), QuantizedLinear):
+        r = config.r_for(name)  # may exceed min(in, out): PEFT accepts that too
+        needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
+        if needs_dense and isinstance(_base(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
                              "this layer is already quantized; inject into the dense model and quantize with "
                              "QLoRALinear.from_linear")
         targets.append(Target(path, name, module, r, config.alpha_for(name)))
+    if config.exclude_modules and not any(config.excludes(name) for name in linears):
+        # PEFT's inject_adapter warns the same way: an exclusion that names nothing is likely a typo.
+        warnings.warn(f"exclude_modules={config.exclude_modules!r} excludes no linear layer of the model; "
+                      "check its names", UserWarning, stacklevel=3)
     if not targets:
-        names = list(linear_modules(model))
+        names = list(linears)
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
                          f"matches no linear layer; available names: {suffixes}, e.g. paths {names[:4]}")

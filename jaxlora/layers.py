@@ -87,13 +87,15 @@ class LoRALinear(nnx.Module):
         adapter = LoRAAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
                               init_lora_weights=init_lora_weights, param_dtype=param_dtype, rngs=rngs)
-        if init_lora_weights in ("pissa", "loftq"):
+        niter = lora.pissa_niter(init_lora_weights)
+        if init_lora_weights in ("pissa", "loftq") or niter is not None:
             if not isinstance(self.base, nnx.Linear):
                 raise ValueError(f"init_lora_weights={init_lora_weights!r} needs the dense weight; build the "
                                  "layer with QLoRALinear(dense_linear, ...), which quantizes after the init")
             kernel = self.base.kernel.value
-            if init_lora_weights == "pissa":
-                a, b, kernel = lora.pissa(kernel, r, adapter.scaling)
+            if init_lora_weights == "pissa" or niter is not None:  # the fast SVD draws its sketch from rngs
+                key = None if niter is None else rngs.params()
+                a, b, kernel = lora.pissa(kernel, r, adapter.scaling, niter=niter, key=key)
             else:  # PEFT's LoftQ quantizes with NF4, blocksize 64, no double quantization
                 def quantize(w, dtype=kernel.dtype):
                     return quantize_weight(w.astype(dtype), quant_type="nf4", blocksize=64, double_quant=False)
