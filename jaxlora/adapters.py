@@ -186,7 +186,9 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
 def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: CombinationType = "svd", svd_rank: int | None = None) -> None:
     """PEFT's ``add_weighted_adapter``: a new adapter on the union of the sources' layers, combined per layer
-    ("linear" or "svd", see `jaxlora.lora`), with scale 1 (lora_alpha = r). Not activated."""
+    ("linear", "svd" or "cat", see `jaxlora.lora`), with scale 1 (lora_alpha = r). Not activated. With
+    "cat" a layer's rank is the sum of the ranks present there (PEFT pads to the global sum with zero
+    columns of B: the same delta)."""
     configs = adapter_configs(model)
     unknown = [a for a in adapters if a not in configs]
     if unknown or not adapters:

@@ -139,7 +139,7 @@ class LoRALinear(nnx.Module):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: lora.CombinationType = "svd", svd_rank: int | None = None) -> None:
-        """PEFT's ``add_weighted_adapter`` ("linear" or "svd"): a new adapter, scale 1 (r = lora_alpha)."""
+        """PEFT's ``add_weighted_adapter`` ("linear", "svd" or "cat"): a new adapter, scale 1 (r = lora_alpha)."""
         sources = [self._adapter(n) for n in adapters]
         if any(s.use_dora for s in sources):
             raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
@@ -148,8 +148,10 @@ class LoRALinear(nnx.Module):
             a, b = lora.combine_linear(triples, weights)
         elif combination_type == "svd":
             a, b = lora.combine_svd(triples, weights, svd_rank)
+        elif combination_type == "cat":
+            a, b = lora.combine_cat(triples, weights)
         else:
-            raise ValueError(f"combination_type={combination_type!r}; expected 'linear' or 'svd'")
+            raise ValueError(f"combination_type={combination_type!r}; expected 'linear', 'svd' or 'cat'")
         rank = a.shape[1]
         new = self.add_adapter(adapter_name, r=rank, lora_alpha=rank, init_lora_weights=False,
                                param_dtype=sources[0].dtype, rngs=nnx.Rngs(0))

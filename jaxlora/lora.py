@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<n>", "loftq"
-CombinationType = Literal["linear", "svd"]
+CombinationType = Literal["linear", "svd", "cat"]
 
 
 def pissa_niter(init: bool | str) -> int | None:
@@ -198,6 +198,15 @@ def combine_linear(adapters: Sequence[tuple[jax.Array, jax.Array, float]], weigh
         a_sum = a * jnp.asarray(wa, a.dtype) if a_sum is None else a_sum + a * jnp.asarray(wa, a.dtype)
         b_sum = b * jnp.asarray(wb, b.dtype) if b_sum is None else b_sum + b * jnp.asarray(wb, b.dtype)
     return a_sum, b_sum
+
+
+def combine_cat(adapters: Sequence[tuple[jax.Array, jax.Array, float]], weights: Sequence[float]):
+    """PEFT ``add_weighted_adapter(combination_type="cat")``: A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...] and
+    B = [B_1; B_2; ...] (ranks add up), so A B = sum_i w_i s_i A_i B_i exactly; the result has scale 1."""
+    a = jnp.concatenate([a * jnp.asarray(w * s, a.dtype) for (a, _, s), w in zip(adapters, weights, strict=True)],
+                        axis=1)  # (in, sum r)
+    b = jnp.concatenate([b for _, b, _ in adapters], axis=0)  # (sum r, out)
+    return a, b
 
 
 def combine_svd(

@@ -123,3 +123,10 @@ def test_combinations():
     _close(a @ b, -0.3 * lora.delta_weight(a1, b1, 2.0), 1e-6)
     with pytest.raises(ValueError, match=r"equal ranks, got \[2, 4\]"):
         lora.combine_linear([(a1, b1, 1.0), (a1[:, :2], b1[:2], 1.0)], [1, 1])
+
+
+def test_cat_combination_is_exact_and_adds_ranks():
+    a1, b1, a2, b2 = _rand(5, (32, 4)), _rand(6, (4, 24)), _rand(7, (32, 2)), _rand(8, (2, 24))
+    a, b = lora.combine_cat([(a1, b1, 2.0), (a2, b2, 0.5)], [0.7, -1.2])
+    assert a.shape == (32, 6) and b.shape == (6, 24)  # ranks 4 + 2, unequal ranks allowed
+    _close(a @ b, 0.7 * lora.delta_weight(a1, b1, 2.0) - 1.2 * lora.delta_weight(a2, b2, 0.5), 1e-6)
