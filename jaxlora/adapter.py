@@ -38,10 +38,10 @@ class LoRAAdapter(nnx.Module):
         lora.check_rank(r, in_features, out_features)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
-        if init_lora_weights not in (True, False, "gaussian", "pissa", "loftq"):
-            raise ValueError(
-                f"init_lora_weights={init_lora_weights!r}; expected True, False, 'gaussian', 'pissa' or 'loftq'"
-            )
+        if init_lora_weights not in (True, False, "gaussian", "pissa", "loftq") and lora.pissa_niter(
+                init_lora_weights) is None:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r}; expected True, False, 'gaussian', "
+                             "'pissa', 'pissa_niter_<n>' or 'loftq'")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.use_rslora, self.use_dora = lora_alpha, use_rslora, use_dora
         self.scaling = lora.scaling(r, lora_alpha, use_rslora=use_rslora)

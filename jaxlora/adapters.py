@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -25,7 +26,7 @@ from jaxlora.graph import replace_module
 from jaxlora.models.stack import per_layer, unstacked
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.qlinear import QuantizedLinear
-from jaxlora.lora import CombinationType
+from jaxlora.lora import CombinationType, pissa_niter
 from jaxlora.lora_config import LoraConfig
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
@@ -69,20 +70,23 @@ def adapter_configs(model: nnx.Module) -> dict[str, LoraConfig]:
 def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
     targets = []
-    for name, (path, module) in linear_modules(model).items():
+    linears = linear_modules(model)
+    for name, (path, module) in linears.items():
         if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
             continue
-        r = config.r_for(name)
-        in_f, out_f = module.in_features, module.out_features
-        if r > min(in_f, out_f):
-            raise ValueError(f"{name}: r={r} exceeds min(in_features, out_features) = {min(in_f, out_f)}")
-        if config.init_lora_weights in ("pissa", "loftq") and isinstance(_base(module), QuantizedLinear):
+        r = config.r_for(name)  # may exceed min(in, out): PEFT accepts that too
+        needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
+        if needs_dense and isinstance(_base(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
                              "this layer is already quantized; inject into the dense model and quantize with "
                              "QLoRALinear.from_linear")
         targets.append(Target(path, name, module, r, config.alpha_for(name)))
+    if config.exclude_modules and not any(config.excludes(name) for name in linears):
+        # PEFT's inject_adapter warns the same way: an exclusion that names nothing is likely a typo.
+        warnings.warn(f"exclude_modules={config.exclude_modules!r} excludes no linear layer of the model; "
+                      "check its names", UserWarning, stacklevel=3)
     if not targets:
-        names = list(linear_modules(model))
+        names = list(linears)
         suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
                          f"matches no linear layer; available names: {suffixes}, e.g. paths {names[:4]}")
@@ -194,7 +198,9 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
 def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: CombinationType = "svd", svd_rank: int | None = None) -> None:
     """PEFT's ``add_weighted_adapter``: a new adapter on the union of the sources' layers, combined per layer
-    ("linear" or "svd", see `jaxlora.lora`), with scale 1 (lora_alpha = r). Not activated."""
+    ("linear", "svd" or "cat", see `jaxlora.lora`), with scale 1 (lora_alpha = r). Not activated. With
+    "cat" a layer's rank is the sum of the ranks present there (PEFT pads to the global sum with zero
+    columns of B: the same delta)."""
     configs = adapter_configs(model)
     unknown = [a for a in adapters if a not in configs]
     if unknown or not adapters:

@@ -87,13 +87,15 @@ class LoRALinear(nnx.Module):
         adapter = LoRAAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
                               init_lora_weights=init_lora_weights, param_dtype=param_dtype, rngs=rngs)
-        if init_lora_weights in ("pissa", "loftq"):
+        niter = lora.pissa_niter(init_lora_weights)
+        if init_lora_weights in ("pissa", "loftq") or niter is not None:
             if not isinstance(self.base, nnx.Linear):
                 raise ValueError(f"init_lora_weights={init_lora_weights!r} needs the dense weight; build the "
                                  "layer with QLoRALinear(dense_linear, ...), which quantizes after the init")
             kernel = self.base.kernel.value
-            if init_lora_weights == "pissa":
-                a, b, kernel = lora.pissa(kernel, r, adapter.scaling)
+            if init_lora_weights == "pissa" or niter is not None:  # the fast SVD draws its sketch from rngs
+                key = None if niter is None else rngs.params()
+                a, b, kernel = lora.pissa(kernel, r, adapter.scaling, niter=niter, key=key)
             else:  # PEFT's LoftQ quantizes with NF4, blocksize 64, no double quantization
                 def quantize(w, dtype=kernel.dtype):
                     return quantize_weight(w.astype(dtype), quant_type="nf4", blocksize=64, double_quant=False)
@@ -137,7 +139,7 @@ class LoRALinear(nnx.Module):
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: lora.CombinationType = "svd", svd_rank: int | None = None) -> None:
-        """PEFT's ``add_weighted_adapter`` ("linear" or "svd"): a new adapter, scale 1 (r = lora_alpha)."""
+        """PEFT's ``add_weighted_adapter`` ("linear", "svd" or "cat"): a new adapter, scale 1 (r = lora_alpha)."""
         sources = [self._adapter(n) for n in adapters]
         if any(s.use_dora for s in sources):
             raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
@@ -146,8 +148,10 @@ class LoRALinear(nnx.Module):
             a, b = lora.combine_linear(triples, weights)
         elif combination_type == "svd":
             a, b = lora.combine_svd(triples, weights, svd_rank)
+        elif combination_type == "cat":
+            a, b = lora.combine_cat(triples, weights)
         else:
-            raise ValueError(f"combination_type={combination_type!r}; expected 'linear' or 'svd'")
+            raise ValueError(f"combination_type={combination_type!r}; expected 'linear', 'svd' or 'cat'")
         rank = a.shape[1]
         new = self.add_adapter(adapter_name, r=rank, lora_alpha=rank, init_lora_weights=False,
                                param_dtype=sources[0].dtype, rngs=nnx.Rngs(0))

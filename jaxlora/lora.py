@@ -17,13 +17,23 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-InitLoraWeights = bool | Literal["gaussian", "pissa", "loftq"]
-CombinationType = Literal["linear", "svd"]
+InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<n>", "loftq"
+CombinationType = Literal["linear", "svd", "cat"]
+
+
+def pissa_niter(init: bool | str) -> int | None:
+    """The power iterations of PEFT's fast-SVD PiSSA, ``init_lora_weights="pissa_niter_<n>"``; None otherwise."""
+    if isinstance(init, str) and init.startswith("pissa_niter_") and init[len("pissa_niter_"):].isdigit():
+        return int(init[len("pissa_niter_"):])
+    return None
 
 
 def check_rank(r: int, in_features: int, out_features: int) -> None:
-    if not isinstance(r, int) or r <= 0 or r > min(in_features, out_features):
-        raise ValueError(f"r={r!r} must be an int in [1, min(in, out)] = [1, {min(in_features, out_features)}]")
+    """r is a positive int. It may exceed min(in, out), as PEFT allows: the product A B then has rank at
+    most min(in, out) but trains and merges the same way (PiSSA and LoftQ, which take r singular
+    vectors, check their own bound)."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r={r!r} must be a positive int (layer of {in_features} -> {out_features})")
 
 
 def scaling(r: int, lora_alpha: float, *, use_rslora: bool = False) -> float:
@@ -111,13 +121,37 @@ def dora_unmerge(kernel: jax.Array, a, b, magnitude: jax.Array, norm: jax.Array,
     return (kernel.astype(a.dtype) / (magnitude / norm)[None, :] - delta_weight(a, b, scale)).astype(kernel.dtype)
 
 
-def pissa(kernel: jax.Array, r: int, scale: float):
-    """PiSSA (Meng et al. 2024), PEFT's ``pissa_init`` with the exact SVD: W = U S Vh in (out, in)
-    layout; B = U_r sqrt(S_r/scale), A = sqrt(S_r/scale) Vh_r, residual W - scale * B A, in float32.
-    Returns ``a (in, r)``, ``b (r, out)``, residual kernel ``(in, out)`` in the kernel's dtype. Singular
-    vectors are unique only up to a sign per pair, which flips a row of A and the matching column of B."""
+def svd_lowrank(w: jax.Array, q: int, niter: int, key: jax.Array):
+    """torch.svd_lowrank(w, q, niter) (Halko et al. 2011, algorithm 4.4): a Gaussian sketch of the range,
+    `niter` QR-stabilised power iterations, then the exact SVD of the small projection. Returns u (m, q),
+    s (q,), vh (q, n). The sketch is random (a jax key here, torch's generator there), so only the
+    decomposition's quality, not its bits, is comparable with torch."""
+    m, n = w.shape
+    if m < n:  # torch works on the tall orientation
+        u, s, vh = svd_lowrank(w.T, q, niter, key)
+        return vh.T, s, u.T
+    qb = jnp.linalg.qr(w @ jax.random.normal(key, (n, q), w.dtype))[0]
+    for _ in range(niter):
+        qb = jnp.linalg.qr(w.T @ qb)[0]
+        qb = jnp.linalg.qr(w @ qb)[0]
+    u, s, vh = jnp.linalg.svd(qb.T @ w, full_matrices=False)
+    return qb @ u, s, vh
+
+
+def pissa(kernel: jax.Array, r: int, scale: float, *, niter: int | None = None, key: jax.Array | None = None):
+    """PiSSA (Meng et al. 2024), PEFT's ``pissa_init``: W = U S Vh in (out, in) layout, exactly
+    (``init_lora_weights="pissa"``) or by `svd_lowrank` with `niter` power iterations and `key`
+    (``"pissa_niter_<niter>"``); B = U_r sqrt(S_r/scale), A = sqrt(S_r/scale) Vh_r, residual
+    W - scale * B A, in float32. Returns ``a (in, r)``, ``b (r, out)``, residual kernel ``(in, out)`` in
+    the kernel's dtype. Singular vectors are unique only up to a sign per pair, which flips a row of A
+    and the matching column of B."""
     w = kernel.astype(jnp.float32).T  # (out, in), as PEFT decomposes it
-    u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    if r > min(w.shape):
+        raise ValueError(f"PiSSA takes r <= min(in, out) = {min(w.shape)} singular vectors, got r={r}")
+    if niter is None:
+        u, s, vh = jnp.linalg.svd(w, full_matrices=False)
+    else:
+        u, s, vh = svd_lowrank(w, r, niter, key)
     sr = jnp.sqrt(s[:r] / jnp.float32(scale))
     b_peft = u[:, :r] * sr[None, :]  # (out, r)
     a_peft = sr[:, None] * vh[:r]  # (r, in)
@@ -164,6 +198,15 @@ def combine_linear(adapters: Sequence[tuple[jax.Array, jax.Array, float]], weigh
         a_sum = a * jnp.asarray(wa, a.dtype) if a_sum is None else a_sum + a * jnp.asarray(wa, a.dtype)
         b_sum = b * jnp.asarray(wb, b.dtype) if b_sum is None else b_sum + b * jnp.asarray(wb, b.dtype)
     return a_sum, b_sum
+
+
+def combine_cat(adapters: Sequence[tuple[jax.Array, jax.Array, float]], weights: Sequence[float]):
+    """PEFT ``add_weighted_adapter(combination_type="cat")``: A = [w_1 s_1 A_1 | w_2 s_2 A_2 | ...] and
+    B = [B_1; B_2; ...] (ranks add up), so A B = sum_i w_i s_i A_i B_i exactly; the result has scale 1."""
+    a = jnp.concatenate([a * jnp.asarray(w * s, a.dtype) for (a, _, s), w in zip(adapters, weights, strict=True)],
+                        axis=1)  # (in, sum r)
+    b = jnp.concatenate([b for _, b, _ in adapters], axis=0)  # (sum r, out)
+    return a, b
 
 
 def combine_svd(

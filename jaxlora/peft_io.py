@@ -80,10 +80,14 @@ def _expected(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[int, ...
 
 @per_layer
 def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str = "default",
-                 rngs: nnx.Rngs) -> nnx.Module:
+                 rngs: nnx.Rngs | None = None) -> nnx.Module:
     """Injects the adapter of a PEFT adapter directory into `model` and fills it. Every tensor's name, shape
     and dtype is checked against the model before the model is touched. The first adapter of a model
-    becomes active; a further one does not (PEFT's ``load_adapter``; use `set_adapter`)."""
+    becomes active; a further one does not (PEFT's ``load_adapter``; use `set_adapter`).
+
+    `rngs` is optional, as in PEFT: every weight comes from the file, so the draws it would seed are
+    overwritten; only a `lora_dropout` layer keeps a stream from it (default ``nnx.Rngs(0)``)."""
+    rngs = nnx.Rngs(0) if rngs is None else rngs
     directory = Path(directory)
     config = read_adapter_config(directory)
     file = directory / WEIGHTS_NAME

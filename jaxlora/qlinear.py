@@ -6,6 +6,8 @@ neither an ``nnx.Param``, so no optimizer selects them.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -87,13 +89,13 @@ class QuantizedLinear(nnx.Module):
 
     def requantize(self, weight: jax.Array, *, bnb_backend: str | None = None) -> None:
         """Store a new dense ``(out, in)`` weight with the stored tensor's settings: 4- or 8-bit quant
-        type, blocksize, double quantization and dtype. A QuantizedTensor does not record which
-        bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default: this platform's,
+        type, blocksize, double quantization, dtype and quant_storage. A QuantizedTensor does not record
+        which bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default: this platform's,
         "cuda" on a GPU and "cpu" elsewhere; `jaxlora.platform`)."""
         qt = self.weight.value
-        self.weight.value = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type,
-                                            blocksize=qt.blocksize, double_quant=qt.double_quant,
-                                            bnb_backend=bnb_backend)
+        new = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type, blocksize=qt.blocksize,
+                              double_quant=qt.double_quant, bnb_backend=bnb_backend)
+        self.weight.value = dataclasses.replace(new, quant_storage=qt.quant_storage)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
         y = qmatmul(x, self.weight.value, compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)

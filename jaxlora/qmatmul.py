@@ -5,10 +5,13 @@ autodiff of ``x @ dequantize(qt).T`` would instead keep every layer's dequantize
 forward pass to the backward pass. ``jax.custom_vjp`` reproduces bitsandbytes: the residual is the
 QuantizedTensor itself, the backward re-dequantizes, and no gradient is formed for the weight.
 
-dtype order, as bitsandbytes' Linear4bit on CPU (spec "Linear4bit forward / backward"):
-forward ``y = x.astype(cd) @ dequantize(W, W.dtype).astype(cd).T`` accumulated in float32 and returned
-unrounded, so the caller adds the bias before the single rounding to ``cd`` (torch's addmm);
-backward ``dx = (dy.astype(cd) @ dequantize(W, W.dtype).astype(cd)).astype(cd)``.
+dtype order, as the installed bitsandbytes 0.50.2 runs Linear4bit on CPU (measured on identical bytes,
+parity_tests/test_qmatmul_dtype_parity.py): its forward (``gemm_4bit``) dequantizes straight to the
+compute dtype, ``y = x.astype(cd) @ dequantize(W, cd).T`` (one rounding of each weight element),
+accumulated in float32 and returned unrounded, so the caller adds the bias before the single rounding
+to ``cd`` (torch's addmm); its backward (``MatMul4Bit.backward``) dequantizes to the weight's own dtype
+and then casts, ``dx = (dy.astype(cd) @ dequantize(W, W.dtype).astype(cd)).astype(cd)`` (two roundings
+when the dtypes differ).
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
 
 
 def _weight(qt: QuantizedTensor, dtype) -> jax.Array:
-    # Dequantize to the stored dtype first, then cast: bitsandbytes' ``dequantize_4bit(W).to(cd)``; a
-    # bf16 weight dequantized straight to float32 would skip one rounding and differ.
+    # The forward's weight: dequantized straight to the compute dtype (bitsandbytes' gemm_4bit passes
+    # A.dtype to dequantize_4bit), one rounding.
+    return dequantize(qt, dtype)
+
+
+def _weight_t(qt: QuantizedTensor, dtype) -> jax.Array:
+    # The backward's weight: bitsandbytes' ``dequantize_4bit(W).to(grad.dtype)``, rounded to the stored
+    # dtype first; a bf16 weight dequantized straight to float32 would skip that rounding and differ.
     return dequantize(qt, qt.dtype).astype(dtype)
 
 
@@ -74,7 +83,7 @@ def _bwd(compute_dtype, use_kernel, qt, dy):
     if fused is not None:
         dx = fused.nf4_matmul_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype)
     else:
-        dx = jnp.matmul(dy.astype(compute_dtype), _weight(qt, compute_dtype), preferred_element_type=jnp.float32)
+        dx = jnp.matmul(dy.astype(compute_dtype), _weight_t(qt, compute_dtype), preferred_element_type=jnp.float32)
         dx = dx.astype(compute_dtype)
     # The base is frozen: integer leaves get float0 cotangents, float leaves (scales) zeros.
     dqt = jax.tree.map(

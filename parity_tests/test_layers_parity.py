@@ -203,7 +203,7 @@ def test_loftq_vs_peft_algorithm(num_iter):
     assert np.abs(q + _np(b_ref @ a_ref) - w).mean() < np.abs(q - w).mean()
 
 
-@pytest.mark.parametrize("combination_type", ["linear", "svd"])
+@pytest.mark.parametrize("combination_type", ["linear", "svd", "cat"])
 def test_weighted_adapter_vs_peft(combination_type):
     w, b = _rand(0, OUT, IN), _rand(1, OUT)
     model, peft_layer = lora_ref.peft_model(lora_ref.dense_linear(w, b), r=R, lora_alpha=ALPHA)

@@ -35,7 +35,13 @@ def _quantized(double_quant: bool, quant_type: str = "nf4", dtype=jnp.float32, s
 
 
 def _dense(qt: QuantizedTensor, compute_dtype) -> np.ndarray:  # (out, in)
+    """The input gradient's weight: rounded to the stored dtype, then cast (bitsandbytes' backward)."""
     return np.asarray(dequantize_4bit(qt, qt.dtype).astype(compute_dtype))
+
+
+def _dense_forward(qt: QuantizedTensor, compute_dtype) -> np.ndarray:  # (out, in)
+    """The forward's weight: dequantized straight to the compute dtype (bitsandbytes' gemm_4bit)."""
+    return np.asarray(dequantize_4bit(qt, compute_dtype))
 
 
 def _matmul_tolerance(x: np.ndarray, w: np.ndarray, compute_dtype) -> np.ndarray:
@@ -108,7 +114,7 @@ SHAPES = [(1,), (2, 5), (3, 40)]  # decode; batch × seq padded to a row tile; s
 def test_forward_matches_jnp_path(lead, compute_dtype, double_quant: bool) -> None:
     qt = _quantized(double_quant, dtype=jnp.bfloat16, seed=1)
     x = jax.random.normal(jax.random.key(2), (*lead, IN), jnp.float32)
-    w = _dense(qt, compute_dtype)
+    w = _dense_forward(qt, compute_dtype)
     xc = x.astype(compute_dtype)
     want = np.asarray(xc @ jnp.asarray(w).T, np.float64)
     got = nf4_matmul(x, qt, compute_dtype=compute_dtype, interpret=True, **TILES)

@@ -145,12 +145,21 @@ def test_peft_layout_roundtrip_and_errors():
 
 
 @pytest.mark.parametrize(("kw", "match"), [
-    (dict(r=0), "r=0"), (dict(r=IN), f"r={IN}"), (dict(r=4, lora_alpha=-1.0), "lora_alpha=-1.0"),
+    (dict(r=0), "r=0"), (dict(r=4.0), "r=4.0"), (dict(r=4, lora_alpha=-1.0), "lora_alpha=-1.0"),
     (dict(r=4, init_lora_weights="olora"), "init_lora_weights='olora'"),
+    (dict(r=IN, init_lora_weights="pissa"), "PiSSA takes r <= min"),
 ])
 def test_bad_knobs(kw, match):
     with pytest.raises(ValueError, match=match):
         LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), rngs=nnx.Rngs(1), **kw)
+
+
+def test_rank_above_the_smaller_dimension_trains_and_merges():
+    layer = LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=IN, init_lora_weights=False, rngs=nnx.Rngs(1))
+    assert IN > min(IN, OUT) and layer.adapters["default"].lora_a.value.shape == (IN, IN)
+    y = layer(_x())
+    merged = layer.merge_and_unload()
+    np.testing.assert_allclose(np.asarray(merged(_x())), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
 # --- quantized base -----------------------------------------------------------------------------------

@@ -27,10 +27,38 @@ def test_scaling_plain_and_rslora():
         lora.scaling(8, 0)
 
 
-@pytest.mark.parametrize("r", [0, -1, 9, 2.0])
+@pytest.mark.parametrize("r", [0, -1, 2.0, True])
 def test_check_rank_rejects(r):
     with pytest.raises(ValueError, match=f"r={r!r}"):
         lora.check_rank(r, 8, 12)
+
+
+def test_check_rank_accepts_r_above_the_smaller_dimension():
+    lora.check_rank(9, 8, 12)  # PEFT accepts it: A B then has rank <= 8, but trains and merges the same way
+
+
+def test_pissa_niter_is_a_low_rank_svd_that_keeps_the_output():
+    """PEFT's test_lora_pissa_linear_init_default, both variants: base + adapter equals the base within 1e-6."""
+    key_w, key_x, key_s = jax.random.split(jax.random.key(0), 3)
+    kernel = jax.random.uniform(key_w, (1000, 1000), jnp.float32, -1 / 1000**0.5, 1 / 1000**0.5)  # nn.Linear init
+    x = jax.random.uniform(key_x, (10, 1000), jnp.float32)  # torch.rand(10, 1000)
+    base = x @ kernel
+    exact, fast = lora.pissa(kernel, 8, 1.0), lora.pissa(kernel, 8, 1.0, niter=16, key=key_s)
+    for a, b, residual in (exact, fast):
+        # torch.allclose(atol=1e-6) as upstream asserts it (its rtol=1e-5 included): fp32 rounding of
+        # x @ (W - BA) + (x A) B against x @ W is ~1e-6 absolute on outputs of ~0.3
+        np.testing.assert_allclose(np.asarray(x @ residual + lora.delta(x, a, b, 1.0)), np.asarray(base),
+                                   rtol=1e-5, atol=1e-6)
+    # Where the top r singular values stand apart (rank 8 plus small noise), the sketch finds the exact
+    # SVD's subspace: A B agrees (it is sign-invariant) to the noise level.
+    k1, k2, k3 = jax.random.split(key_w, 3)
+    gapped = (jax.random.normal(k1, (300, 8)) @ jax.random.normal(k2, (8, 200))
+              + 1e-4 * jax.random.normal(k3, (300, 200)))
+    exact, fast = lora.pissa(gapped, 8, 2.0), lora.pissa(gapped, 8, 2.0, niter=4, key=key_s)
+    _close(fast[0] @ fast[1], exact[0] @ exact[1], 1e-4)
+    assert lora.pissa_niter("pissa_niter_16") == 16 and lora.pissa_niter("pissa") is None
+    with pytest.raises(ValueError, match="r <= min"):
+        lora.pissa(kernel[:, :4], 8, 1.0)
 
 
 def test_init_statistics_match_peft():
@@ -95,3 +123,10 @@ def test_combinations():
     _close(a @ b, -0.3 * lora.delta_weight(a1, b1, 2.0), 1e-6)
     with pytest.raises(ValueError, match=r"equal ranks, got \[2, 4\]"):
         lora.combine_linear([(a1, b1, 1.0), (a1[:, :2], b1[:2], 1.0)], [1, 1])
+
+
+def test_cat_combination_is_exact_and_adds_ranks():
+    a1, b1, a2, b2 = _rand(5, (32, 4)), _rand(6, (4, 24)), _rand(7, (32, 2)), _rand(8, (2, 24))
+    a, b = lora.combine_cat([(a1, b1, 2.0), (a2, b2, 0.5)], [0.7, -1.2])
+    assert a.shape == (32, 6) and b.shape == (6, 24)  # ranks 4 + 2, unequal ranks allowed
+    _close(a @ b, 0.7 * lora.delta_weight(a1, b1, 2.0) - 1.2 * lora.delta_weight(a2, b2, 0.5), 1e-6)

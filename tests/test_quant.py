@@ -85,12 +85,28 @@ def test_state_dict_round_trip():
     assert back.shape == qt.shape and back.dtype == qt.dtype
 
 
+@pytest.mark.parametrize("storage, rows", [("float16", 512), ("bfloat16", 512), ("float32", 256)])
+def test_quant_storage_views_the_same_bytes(storage, rows):
+    qt = quantize_4bit(normal((16, 128), jnp.bfloat16), compress_statistics=True, quant_storage=storage)
+    sd = to_bnb_state_dict(qt)
+    assert sd["weight"].shape == (rows, 1) and sd["weight"].dtype == np.dtype(jnp.dtype(storage))
+    plain = to_bnb_state_dict(quantize_4bit(normal((16, 128), jnp.bfloat16), compress_statistics=True))
+    assert sd["weight"].tobytes() == plain["weight"].tobytes()
+    back = from_bnb_state_dict(sd)
+    assert back.quant_storage == storage and back.codes.dtype == jnp.uint8
+    np.testing.assert_array_equal(dequantize_4bit(back), dequantize_4bit(qt))
+    with pytest.raises(ValueError, match=r"uint8\[1024, 1\].*got float16\[1024, 1\]"):
+        from_bnb_state_dict(sd | {"weight": np.zeros((1024, 1), np.float16)})
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
         (lambda: quantize_4bit(normal((64,)), blocksize=48), r"blocksize must be one of \(32, .*got 48"),
         (lambda: quantize_4bit(normal((64,)), quant_type="int4"), r"quant_type must be one of .*'int4'"),
         (lambda: quantize_4bit(normal((64,)), bnb_backend="rocm"), r"bnb_backend must be .*'rocm'"),
+        (lambda: quantize_4bit(normal((64,)), quant_storage="int4"), r"quant_storage must be one of .*'int4'"),
+        (lambda: quantize_4bit(normal((6,)), quant_storage="float32"), r"3 bytes \(not a multiple of 4\)"),
         (lambda: quantize_4bit(jnp.arange(64)), r"dtype must be one of float32, float16, bfloat16, got int32"),
         (lambda: quantize_4bit(jnp.zeros((0, 4))), r"at least one element, got shape \(0, 4\)"),
         (lambda: quantize_4bit(normal((64,)).at[3].set(jnp.nan)), r"1 non-finite .*index 3"),

@@ -298,7 +298,7 @@ def test_error_dense_weight_where_config_says_quantized(saved_bnb):
 @pytest.mark.parametrize("changes, match", [
     (dict(load_in_4bit=False, _load_in_4bit=False, load_in_8bit=True), "load_in_8bit=True .*LLM.int8.* not supported"),
     (dict(quant_method="gptq"), "quant_method 'gptq' is not supported.*'bitsandbytes'"),
-    (dict(bnb_4bit_quant_storage="bfloat16"), "bnb_4bit_quant_storage 'bfloat16' is not supported.*'uint8'"),
+    (dict(bnb_4bit_quant_storage="int8"), "bnb_4bit_quant_storage 'int8' is not supported.*'uint8', 'float16'"),
     (dict(bnb_4bit_compute_dtype="int8"), "quantization_config: QuantConfig.compute_dtype .*'int8'"),
 ])  # fmt: skip
 def test_error_unreadable_quantization_config(saved_bnb, changes, match):

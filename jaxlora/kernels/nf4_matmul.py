@@ -230,7 +230,7 @@ def _fwd_kernel(x_ref, codes_ref, absmax_ref, table_ref, *rest, t, qt_meta, doub
             codes_ref[:, pl.ds(pl.multiple_of(col0 // 2, t.block_k // 2), t.block_k // 2)],
             absmax_ref[:, pl.ds(scales_col, t.scales_per_tile)],
             table_ref, dq_refs, row0=row0, scales_col=scales_col, qt_meta=qt_meta,
-            double_quant=double_quant, interpret=interpret, dtype=x_ref.dtype,
+            double_quant=double_quant, interpret=interpret, dtype=x_ref.dtype, via_stored=False,
         )  # (bn, bk)
         xk = x_ref[:, pl.ds(pl.multiple_of(col0, t.block_k), t.block_k)]  # (bm, bk)
         return acc + lax.dot_general(xk, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
@@ -253,7 +253,7 @@ def _bwd_kernel(dy_ref, codes_ref, absmax_ref, table_ref, *rest, t, qt_meta, dou
         w = _dequant_tile(
             codes_ref[rows, :], absmax_ref[rows, :], table_ref, dq_refs, row0=row0,
             scales_col=scales_col, qt_meta=qt_meta, double_quant=double_quant,
-            interpret=interpret, dtype=dy_ref.dtype,
+            interpret=interpret, dtype=dy_ref.dtype, via_stored=True,
         )  # (bn, bk)
         dyn = dy_ref[:, rows]  # (bm, bn)
         return acc + lax.dot_general(dyn, w, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
@@ -263,11 +263,12 @@ def _bwd_kernel(dy_ref, codes_ref, absmax_ref, table_ref, *rest, t, qt_meta, dou
 
 
 def _dequant_tile(packed, absmax, table_ref, dq_refs, *, row0, scales_col, qt_meta, double_quant,
-                  interpret, dtype):
-    """One weight tile, ``dtype(stored(f32(table[code] * absmax)))``: (bn, bk / 2) bytes -> (bn, bk).
+                  interpret, dtype, via_stored):
+    """One weight tile, ``dtype(f32(table[code] * absmax))``: (bn, bk / 2) bytes -> (bn, bk).
 
-    Rounded to the weight's stored dtype first, then cast: bitsandbytes' ``dequantize_4bit(W).to(cd)``,
-    which `jaxlora.qmatmul` reproduces (bf16-stored weights computed in float32 round twice).
+    With `via_stored`, rounded to the weight's stored dtype first, then cast (``dtype(stored(...))``):
+    bitsandbytes 0.50's backward, ``dequantize_4bit(W).to(grad.dtype)``; its forward dequantizes straight
+    to the compute dtype. `jaxlora.qmatmul` has the same two orders.
     """
     n_in, blocksize, nested_blocksize, stored = qt_meta
     bn, half = packed.shape
@@ -286,7 +287,8 @@ def _dequant_tile(packed, absmax, table_ref, dq_refs, *, row0, scales_col, qt_me
             offset_ref[0], interpret=interpret,
         )
     scale = jnp.broadcast_to(absmax[:, :, None], (bn, nb, 2 * half // nb)).reshape(bn, 2 * half)
-    return (values * scale).astype(stored).astype(dtype)
+    w = values * scale
+    return (w.astype(stored) if via_stored else w).astype(dtype)
 
 
 def _two_rounding_mul_add(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:

@@ -45,6 +45,8 @@ from jaxlora.models.stack import device_arrays, host_buffers, unstacked
 from jaxlora.quant import from_bnb_state_dict, to_bnb_state_dict
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype tags a float parameter may come in
+# safetensors tags a bitsandbytes packed weight may be stored as (its quant_storage), and their byte sizes.
+_STORAGE_SIZES = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4}
 # Keys some checkpoints carry that hold no parameter: old llama checkpoints saved RoPE's inv_freq.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -204,11 +206,13 @@ def _check(slots: dict[str, _Slot], where: dict[str, Path], config: LlamaConfig,
             for key in (k for k in f.keys() if k in slots):
                 info = f.get_slice(key)
                 shape, expected = tuple(info.get_shape()), _hf_shape(slots[key])
-                if key in owners:  # bitsandbytes packs two 4-bit codes per byte, as ((n + 1) // 2, 1) uint8
-                    n = int(np.prod(expected))
-                    if info.get_dtype() != "U8" or shape != ((n + 1) // 2, 1):
+                if key in owners:  # bitsandbytes packs two 4-bit codes per byte, as ((n + 1) // 2, 1) uint8,
+                    n = int(np.prod(expected))  # or those bytes viewed as its quant_storage dtype
+                    size = _STORAGE_SIZES.get(info.get_dtype())
+                    if size is None or shape != ((n + 1) // 2 // size, 1):
                         raise ValueError(f"{key} in {file.name}: {info.get_dtype()}{list(shape)}, a bitsandbytes "
-                                         f"4-bit weight of shape {list(expected)} is U8{[(n + 1) // 2, 1]}")
+                                         f"4-bit weight of shape {list(expected)} is U8{[(n + 1) // 2, 1]} (or "
+                                         "those bytes as F16 / BF16 / F32, bnb_4bit_quant_storage)")
                     continue
                 if shape != expected:
                     raise ValueError(f"{key} in {file.name}: shape {shape}, the config implies {expected}")

@@ -26,7 +26,7 @@ from jaxlora.models.stack import unstacked
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant import quantize_4bit, quantize_blockwise
 from jaxlora.quant.validate import BACKENDS
-from jaxlora.quant.tensor import BLOCKSIZES, QUANT_TYPES, QuantizedTensor
+from jaxlora.quant.tensor import BLOCKSIZES, QUANT_STORAGES, QUANT_TYPES, QuantizedTensor
 
 COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 
@@ -53,6 +53,9 @@ class QuantConfig:
     # Run the quantized layers' matmuls in the fused Pallas kernels where they support the case (jaxlora
     # only; no BitsAndBytesConfig field). None: the platform's default (jaxlora.platform), on for a GPU.
     use_kernel: bool | None = None
+    # bnb_4bit_quant_storage: the dtype the packed bytes are viewed as in checkpoints (FSDP-QLoRA uses the
+    # model's float dtype); the bytes, and so the numbers, are the same for every choice.
+    quant_storage: Literal["uint8", "float16", "bfloat16", "float32"] = "uint8"
 
     def __post_init__(self):
         if self.quant_type not in QUANT_TYPES:
@@ -86,13 +89,19 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.use_kernel must be a bool or None, got {self.use_kernel!r}")
         if self.bnb_backend not in BACKENDS:
             raise ValueError(f"QuantConfig.bnb_backend must be one of {BACKENDS}, got {self.bnb_backend!r}")
+        storage = getattr(self.quant_storage, "name", self.quant_storage)  # a numpy / jnp dtype, or its name
+        if storage not in QUANT_STORAGES or (storage != "uint8" and self.quant_type == "dynamic8"):
+            raise ValueError(f"QuantConfig.quant_storage must be one of {QUANT_STORAGES} ('uint8' for "
+                             f"quant_type='dynamic8'), got {self.quant_storage!r}")
+        object.__setattr__(self, "quant_storage", storage)
 
     def quantize(self, w: jax.Array) -> QuantizedTensor:
         """One dense ``(out, in)`` weight, in its own dtype (which the QuantizedTensor records)."""
         if self.quant_type == "dynamic8":
             return quantize_blockwise(w, blocksize=self.blocksize, bnb_backend=self.bnb_backend)
         return quantize_4bit(w, blocksize=self.blocksize, quant_type=self.quant_type,
-                             compress_statistics=self.double_quant, bnb_backend=self.bnb_backend)
+                             compress_statistics=self.double_quant, bnb_backend=self.bnb_backend,
+                             quant_storage=self.quant_storage)
 
     def targets(self, name: str) -> bool:
         """Whether the linear layer at module path `name` ("model.layers.0.mlp.up_proj") is quantized.
@@ -113,15 +122,15 @@ class QuantConfig:
             "llm_int8_threshold": 6.0, "llm_int8_skip_modules": list(self.skip_modules),
             "llm_int8_enable_fp32_cpu_offload": False, "llm_int8_has_fp16_weight": False,
             "bnb_4bit_quant_type": self.quant_type, "bnb_4bit_use_double_quant": self.double_quant,
-            "bnb_4bit_compute_dtype": self.compute_dtype.name, "bnb_4bit_quant_storage": "uint8",
+            "bnb_4bit_compute_dtype": self.compute_dtype.name, "bnb_4bit_quant_storage": self.quant_storage,
             "load_in_4bit": True, "load_in_8bit": False,
         }  # fmt: skip
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> QuantConfig:
         """Reads a config.json ``quantization_config``; raises ValueError naming any value jaxlora cannot
-        read (another quant_method, LLM.int8, a quant_storage other than uint8). `overrides` replace
-        fields (e.g. ``bnb_backend``)."""
+        read (another quant_method, LLM.int8, an unknown quant_storage). `overrides` replace fields
+        (e.g. ``bnb_backend``)."""
         method = d.get("quant_method")
         if method != "bitsandbytes":
             raise ValueError(f"quantization_config.quant_method {method!r} is not supported; jaxlora reads "
@@ -136,16 +145,17 @@ class QuantConfig:
         if quant_type not in ("nf4", "fp4"):
             raise ValueError(f"quantization_config.bnb_4bit_quant_type {quant_type!r} is not supported; "
                              "supported: 'nf4', 'fp4'")
-        storage = d.get("bnb_4bit_quant_storage", "uint8")
-        if storage != "uint8":
+        storage = d.get("bnb_4bit_quant_storage") or "uint8"
+        if storage not in QUANT_STORAGES:
             raise ValueError(f"quantization_config.bnb_4bit_quant_storage {storage!r} is not supported; "
-                             "jaxlora reads packed weights stored as 'uint8'")
+                             f"supported: {', '.join(map(repr, QUANT_STORAGES))}")
         skip = d.get("llm_int8_skip_modules")
         kw = dict(
             quant_type=quant_type,
             double_quant=bool(d.get("bnb_4bit_use_double_quant", False)),
             compute_dtype=d.get("bnb_4bit_compute_dtype") or "float32",  # BitsAndBytesConfig: None -> fp32
             skip_modules=("lm_head",) if skip is None else tuple(skip),
+            quant_storage=storage,
         )
         try:
             return cls(**(kw | overrides))
@@ -189,12 +199,12 @@ def _hf_quantization_config(model: nnx.Module) -> dict[str, Any] | None:
     quantized = [(p, m) for p, m in nnx.iter_graph(model) if isinstance(m, QuantizedLinear)]
     if not quantized:
         return None
-    kinds = {(m.weight.get_value().quant_type, m.weight.get_value().double_quant, m.compute_dtype.name)
-             for _, m in quantized}
+    kinds = {(m.weight.get_value().quant_type, m.weight.get_value().double_quant, m.compute_dtype.name,
+              m.weight.get_value().quant_storage) for _, m in quantized}
     if len(kinds) != 1:
-        raise ValueError(f"quantized layers disagree on (quant_type, double_quant, compute_dtype): {sorted(kinds)}; "
-                         "a transformers checkpoint has one quantization_config")
-    (quant_type, double_quant, compute_dtype), = kinds
+        raise ValueError(f"quantized layers disagree on (quant_type, double_quant, compute_dtype, quant_storage): "
+                         f"{sorted(kinds)}; a transformers checkpoint has one quantization_config")
+    (quant_type, double_quant, compute_dtype, quant_storage), = kinds
     if quant_type == "dynamic8":
         raise ValueError("quant_type='dynamic8' layers have no bitsandbytes checkpoint format (transformers' "
                          "8-bit is LLM.int8); save 'nf4' or 'fp4' models")
@@ -202,5 +212,5 @@ def _hf_quantization_config(model: nnx.Module) -> dict[str, Any] | None:
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         skip.append("lm_head")  # transformers' lm_head shares embed_tokens' matrix: it must stay dense
     config = QuantConfig(quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype,
-                         skip_modules=tuple(skip))
+                         skip_modules=tuple(skip), quant_storage=quant_storage)
     return config.to_hf_dict()

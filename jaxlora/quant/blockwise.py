@@ -26,6 +26,7 @@ as all-zero here on both backends. Double quantization's offset is torch's singl
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -34,7 +35,7 @@ import numpy as np
 
 from jaxlora.quant import codes as C
 from jaxlora.quant import double_quant as DQ
-from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor
+from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, check_quant_storage
 from jaxlora.quant.validate import check_finite, check_options, check_weight
 
 Backend = Literal["cpu", "cuda"]
@@ -79,8 +80,9 @@ def _quantize_4bit(w, *, blocksize, quant_type, compress, backend):
         xf = x[: nfull * blocksize].reshape(nfull, blocksize)  # (nfull, blocksize)
         am = jnp.max(jnp.abs(xf), axis=1)
         if backend == "cpu":
-            inv = jnp.where(am == 0, _INV_TINY, 1.0 / am)  # 1 / max(am, 1e-38)
-            s = jnp.clip(xf * inv[:, None], -1.0, 1.0)
+            # x * f32(1 / max(am, 1e-38)), with a subnormal reciprocal (am >= 2^126) kept as bitsandbytes keeps it
+            scaled = DQ.times_reciprocal(xf, am)
+            s = jnp.clip(jnp.where((am == 0)[:, None], xf * _INV_TINY, scaled), -1.0, 1.0)
         else:
             s = xf * (1.0 / am)[:, None]
         packed.append(_pack(_codes4(s, quant_type, backend)))
@@ -115,9 +117,12 @@ def quantize_4bit(
     compress_statistics: bool = False,
     bnb_backend: Backend = "cpu",
     allow_non_finite: bool = False,
+    quant_storage: str = "uint8",
 ) -> QuantizedTensor:
     """Quantize `w` (any shape, float32/float16/bfloat16) to 4 bits in blocks, as
     ``bitsandbytes.functional.quantize_4bit`` does on `bnb_backend` (see the module docstring).
+    `quant_storage` ("uint8", "float16", "bfloat16", "float32") is the dtype bitsandbytes views the
+    packed bytes as in a state dict; the codes themselves stay uint8.
 
     With `compress_statistics`, absmax is double-quantized: its offset is torch's float32 mean,
     reproduced in torch's single-threaded CPU summation order (``torch.set_num_threads(1)``; with more
@@ -133,13 +138,15 @@ def quantize_4bit(
     """
     check_options(blocksize=blocksize, quant_type=quant_type, bnb_backend=bnb_backend, four_bit=True)
     check_weight(w)
+    check_quant_storage(quant_storage, (math.prod(w.shape) + 1) // 2)
     if not allow_non_finite:
         check_finite(w)
     codes, absmax, nested, offset = _quantize_4bit(
         w, blocksize=blocksize, quant_type=quant_type, compress=compress_statistics, backend=bnb_backend
     )
     return QuantizedTensor(
-        codes, absmax, nested, offset, tuple(w.shape), np.dtype(w.dtype), blocksize, quant_type
+        codes, absmax, nested, offset, tuple(w.shape), np.dtype(w.dtype), blocksize, quant_type,
+        quant_storage=quant_storage,
     )
 
 

@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.quant import codes as C
-from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor
+from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QUANT_STORAGES, QuantizedTensor
 
 # torch dtype names as QuantState writes them (str(torch.bfloat16).strip("torch.")).
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(jnp.bfloat16): "bfloat16"}
 _DTYPES = {v: k for k, v in _DTYPE_NAMES.items()}
+_STORAGE = {name: np.dtype(jnp.dtype(name)) for name in QUANT_STORAGES}
 
 
 def _quant_map(quant_type: str) -> np.ndarray:
@@ -37,8 +38,10 @@ def to_bnb_state_dict(qt: QuantizedTensor, prefix: str = "") -> dict[str, np.nda
     if qt.bits != 4:
         raise ValueError(f"only 4-bit tensors have a bitsandbytes checkpoint format, got {qt.quant_type!r}")
     p = prefix + "weight"
+    # Params4bit keeps the packed bytes as ((n + 1) // 2, 1) uint8, or viewed as its quant_storage dtype:
+    # ((n + 1) // 2 // itemsize, 1), the same bytes.
     out = {
-        p: np.asarray(qt.codes).reshape(-1, 1),  # Params4bit keeps packed bytes as ((n + 1) // 2, 1)
+        p: np.asarray(qt.codes).view(_STORAGE[qt.quant_storage]).reshape(-1, 1),
         p + ".absmax": np.asarray(qt.absmax),
         p + ".quant_map": _quant_map(qt.quant_type),
     }
@@ -58,6 +61,15 @@ def to_bnb_state_dict(qt: QuantizedTensor, prefix: str = "") -> dict[str, np.nda
         json.dumps(meta).encode("utf-8"), dtype=np.uint8
     ).copy()
     return out
+
+
+def _numpy(v) -> np.ndarray:
+    """An array or CPU tensor as numpy; torch's bfloat16 (which .numpy() refuses) bit for bit."""
+    if type(v).__module__.startswith("torch") and str(v.dtype) == "torch.bfloat16":
+        import torch  # reached only with a torch tensor in hand
+
+        return v.detach().cpu().view(torch.int16).numpy().view(np.dtype(jnp.bfloat16))
+    return np.asarray(v)
 
 
 def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
@@ -101,7 +113,7 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
     offset = meta.get("nested_offset")
     if nested and (isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset)):
         raise ValueError(f"{qs_keys[0]}: 'nested_offset' must be a finite number, got {offset!r}")
-    arr = {k: np.asarray(v) for k, v in mine.items()}
+    arr = {k: _numpy(v) for k, v in mine.items()}
     for key, dtype in [(p + ".quant_map", np.float32)] + ([(p + ".nested_quant_map", np.float32)] if nested else []):
         if arr[key].dtype != dtype:
             raise ValueError(f"{key} must be float32, got {arr[key].dtype}")
@@ -117,10 +129,13 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
             raise ValueError(f"{p}.nested_quant_map is not bitsandbytes' signed dynamic map")
     codes = arr[p]
     n = math.prod(shape)
-    if codes.dtype != np.uint8 or codes.shape != ((n + 1) // 2, 1):
+    storage = next((name for name, dt in _STORAGE.items() if dt == codes.dtype), None)
+    if storage is None or codes.shape != ((n + 1) // 2 // codes.dtype.itemsize, 1):
         raise ValueError(
-            f"{p} must be uint8[{(n + 1) // 2}, 1] for shape {list(shape)}, got {codes.dtype}{list(codes.shape)}"
+            f"{p} must be uint8[{(n + 1) // 2}, 1] for shape {list(shape)} (or those bytes viewed as a "
+            f"quant_storage of {', '.join(QUANT_STORAGES[1:])}), got {codes.dtype}{list(codes.shape)}"
         )
+    codes = np.ascontiguousarray(codes).view(np.uint8)
     qt = QuantizedTensor(
         codes=codes.reshape(-1),
         absmax=arr[p + ".absmax"],
@@ -130,5 +145,6 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
         dtype=_DTYPES[meta["dtype"]],
         blocksize=blocksize,
         quant_type=quant_type,
+        quant_storage=storage,
     ).validate()  # on the numpy arrays, before jnp.asarray could silently cast a wrong dtype
     return jax.tree.map(jnp.asarray, qt)

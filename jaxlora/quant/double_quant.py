@@ -25,12 +25,14 @@ def _unfused(prod: jax.Array, guard: jax.Array) -> jax.Array:
 
     XLA fuses ``prod + c`` into one FMA (one rounding where bitsandbytes rounds twice). It removes
     optimization barriers, and LLVM folds an add into the arms of a select, so neither stops it. An
-    integer round trip does: the bits of `prod` are XORed with the sign of `guard`, a value that is
-    never negative here (a scale or a shifted index) but that the compiler cannot prove so.
+    integer round trip does: the bits of `prod` are XORed with a mask the compiler cannot prove zero,
+    ``isnan(guard)``, where `guard` is a factor of `prod`. It is 0 unless `guard` is NaN, and then `prod`
+    is NaN too and stays NaN with its lowest mantissa bit flipped. (The sign of `guard` would not do: a
+    scale may be negative, e.g. bitsandbytes' test_dequantize_blockwise draws absmax from a normal.)
     """
     i32 = jnp.int32
-    sign = jax.lax.shift_right_arithmetic(jax.lax.bitcast_convert_type(guard, i32), i32(31))  # 0
-    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(prod, i32) ^ sign, _F32)
+    mask = jnp.isnan(guard).astype(i32)
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(prod, i32) ^ mask, _F32)
 
 
 # ---- torch's float32 sum, single-threaded (ATen SumKernel.cpp cascade_sum) --------------------------
@@ -120,6 +122,60 @@ def torch_mean_f32(x: jax.Array) -> jax.Array:
     return torch_sum_f32(x) / n
 
 
+# ---- x * (1 / absmax) when 1 / absmax is subnormal ------------------------------------------------------
+
+_BIG = 2.0**126  # absmax >= 2^126 (~8.5e37): 1 / absmax is a subnormal float32, which XLA flushes to 0
+
+
+def _odd_times_mantissa_below(odd: jax.Array, m: jax.Array) -> jax.Array:
+    """``odd * m < 2^24`` exactly, for odd ints < 2^25 and float32 m in [1, 4): the 48-bit product
+    ``odd * M`` (M m's 24-bit integer mantissa) against ``2^(47 - e)``, in 12-bit limbs of int32."""
+    i32 = jnp.int32
+    bits = jax.lax.bitcast_convert_type(m, i32)
+    e = (bits >> 23) - 127  # 0 or 1
+    mant = (bits & 0x7FFFFF) | 0x800000
+    ah, al, mh, ml = odd >> 12, odd & 0xFFF, mant >> 12, mant & 0xFFF
+    mid = ah * ml + al * mh  # < 2^26
+    lo = al * ml + ((mid & 0xFFF) << 12)  # < 2^25
+    hi = ah * mh + (mid >> 12) + (lo >> 24)  # the product is hi * 2^24 + (lo & 0xFFFFFF)
+    return hi < (i32(1) << (23 - e))  # equality is impossible: odd * M is never a power of two past 1
+
+
+def times_reciprocal(x: jax.Array, absmax: jax.Array) -> jax.Array:
+    """``f32(x * f32(1 / absmax))`` per block (x (nblocks, blocksize), absmax (nblocks,)) with IEEE
+    subnormals, as bitsandbytes' CPU code computes it; XLA flushes a subnormal ``1 / absmax`` to 0.
+
+    For absmax >= 2^126 the reciprocal is k * 2^-149 with k = round(2^149 / absmax), an integer < 2^24:
+    k is found from a float32 estimate and an exact integer test of the two half-way points, and the
+    product is formed as ``(x * 2^-64) * (k * 2^-85)``, two normal factors with one rounding. In those
+    blocks a product that is itself subnormal comes back as ±2^-126 (see below): equal codes, not bits.
+    """
+    inv = (1.0 / absmax)[:, None]
+    big = (absmax >= _BIG) & (absmax < jnp.inf)
+    m = jnp.where(big, absmax, _BIG) * _F32(2.0**-126)  # [1, 4), exact
+    c = jnp.round(_F32(2.0**23) / m)  # within 1 of round(2^23 / m): the quotient is off by <= 1/4
+    ci = c.astype(jnp.int32)
+    up = _odd_times_mantissa_below(2 * ci + 1, m)  # 2^23 / m > c + 1/2
+    down = ~_odd_times_mantissa_below(2 * ci - 1, m)  # 2^23 / m < c - 1/2
+    k = (ci + up.astype(jnp.int32) - down.astype(jnp.int32)).astype(_F32)
+    # The power-of-two scalings are done on the exponent bits: XLA would fold float constants into one
+    # 2^-149 factor, which flushes to 0. |x| < 2^-62 would scale to a subnormal: such x give a 0 anyway.
+    x_small = jnp.where(jnp.abs(x) >= _F32(2.0**-62), _shift_exponent(x, -64), _F32(0) * x)
+    emulated = x_small * _shift_exponent(k, -85)[:, None]
+    # A product that IEEE keeps as a nonzero subnormal (|x| k > 1/2, in units of 2^-149) flushes to 0
+    # here; ±2^-126 stands in for it: every code table compares such values only with 0 and with
+    # thresholds far above 2^-126 (FP4's sign-of-zero code tells +subnormal from 0), so codes agree.
+    kept = (emulated == 0) & (jnp.abs(x) * k[:, None] > 0.5)
+    emulated = jnp.where(kept, jnp.where(x > 0, _F32(2.0**-126), _F32(-(2.0**-126))), emulated)
+    return jnp.where(big[:, None], emulated, x * inv)
+
+
+def _shift_exponent(v: jax.Array, by: int) -> jax.Array:
+    """v * 2^by for normal v whose result is normal, as an integer add on the exponent field."""
+    i32 = jnp.int32
+    return jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(v, i32) + i32(by << 23), _F32)
+
+
 # ---- signed dynamic 8-bit blockwise codes -------------------------------------------------------------
 
 
@@ -168,11 +224,10 @@ def quantize_dynamic8(x: jax.Array, blocksize: int, backend: str) -> tuple[jax.A
     n = x.shape[0]
     xb = _blocks(x, blocksize)
     absmax = jnp.max(jnp.abs(xb), axis=1)
-    inv = (1.0 / absmax)[:, None]
     if backend == "cpu":
-        q = jnp.where((absmax == 0)[:, None], jnp.uint8(0), _codes8_cpu(xb * inv))
-    else:
-        q = _codes8_cuda(xb * inv)
+        q = jnp.where((absmax == 0)[:, None], jnp.uint8(0), _codes8_cpu(times_reciprocal(xb, absmax)))
+    else:  # CUDA's fast-math reciprocal flushes a subnormal 1 / absmax to 0, as XLA does
+        q = _codes8_cuda(xb * (1.0 / absmax)[:, None])
     return q.reshape(-1)[:n], absmax
 
 
@@ -204,6 +259,7 @@ def dequantize_absmax(q: jax.Array, nested_absmax: jax.Array, offset: jax.Array,
 
 
 __all__ = [
+    "times_reciprocal",
     "torch_sum_f32",
     "torch_mean_f32",
     "quantize_dynamic8",

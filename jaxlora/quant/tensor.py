@@ -9,6 +9,8 @@ signed dynamic 8-bit map) times each block's absmax. The layout is bitsandbytes'
 * 4-bit codes are packed two to a byte, the first element in the HIGH nibble; an odd count is padded
   with one zero element;
 * 8-bit codes (``quant_type="dynamic8"``) are one byte per element;
+* ``codes`` are always uint8 here; ``quant_storage`` only says which dtype bitsandbytes views those
+  bytes as in a state dict (`to_bnb_state_dict`): the bytes are the same;
 * ``absmax`` holds one float32 scale per block, or, when double-quantized (``compress_statistics``),
   the uint8 codes of ``absmax - offset`` in bitsandbytes' signed dynamic map, blocks of
   ``nested_blocksize`` (256) scaled by ``nested_absmax``.
@@ -33,6 +35,9 @@ QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "dynamic8")
 BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 # bitsandbytes double-quantizes absmax in blocks of 256 (functional.quantize_4bit).
 NESTED_BLOCKSIZE = 256
+# bitsandbytes' quant_storage: the dtype its packed 4-bit bytes are *viewed* as (``packed.view(dtype)``;
+# FSDP-QLoRA stores them as the model's float dtype so that they shard like the other parameters).
+QUANT_STORAGES: tuple[str, ...] = ("uint8", "float16", "bfloat16", "float32")
 
 
 @jax.tree_util.register_dataclass
@@ -49,6 +54,7 @@ class QuantizedTensor:
     blocksize: int = dataclasses.field(metadata=dict(static=True))
     quant_type: str = dataclasses.field(metadata=dict(static=True))  # one of QUANT_TYPES
     nested_blocksize: int = dataclasses.field(default=NESTED_BLOCKSIZE, metadata=dict(static=True))
+    quant_storage: str = dataclasses.field(default="uint8", metadata=dict(static=True))  # one of QUANT_STORAGES
 
     @property
     def numel(self) -> int:
@@ -83,6 +89,7 @@ class QuantizedTensor:
             raise ValueError(f"shape {self.shape} has no elements")
         ncodes = (self.numel + 1) // 2 if self.bits == 4 else self.numel
         _expect("codes", self.codes, (ncodes,), np.uint8, self.shape)
+        check_quant_storage(self.quant_storage, ncodes if self.bits == 4 else None)
         if (self.nested_absmax is None) != (self.offset is None):
             raise ValueError("nested_absmax and offset must both be set (double quantization) or both None")
         if self.double_quant:
@@ -93,6 +100,21 @@ class QuantizedTensor:
         else:
             _expect("absmax", self.absmax, (self.nblocks,), np.float32, self.shape)
         return self
+
+
+def check_quant_storage(quant_storage: str, nbytes: int | None) -> None:
+    """`quant_storage` is one of QUANT_STORAGES and, for `nbytes` packed 4-bit bytes, divides them (bitsandbytes
+    views the bytes as that dtype); 8-bit tensors (`nbytes` None) have no bitsandbytes format and stay uint8."""
+    if quant_storage not in QUANT_STORAGES:
+        raise ValueError(f"quant_storage must be one of {QUANT_STORAGES}, got {quant_storage!r}")
+    if nbytes is None:
+        if quant_storage != "uint8":
+            raise ValueError(f"quant_storage={quant_storage!r} applies to 4-bit tensors only; 8-bit codes are uint8")
+        return
+    size = np.dtype(jnp.dtype(quant_storage)).itemsize
+    if nbytes % size:
+        raise ValueError(f"quant_storage={quant_storage!r} views the packed bytes {size} at a time, but this tensor "
+                         f"has {nbytes} bytes (not a multiple of {size}); use 'uint8' or another shape")
 
 
 def _expect(name: str, a, shape: tuple[int, ...], dtype, of_shape: tuple[int, ...]) -> None:
