@@ -64,3 +64,22 @@ def test_unstacked_edits_reach_the_stack():
         model.model.layers[1].mlp.up_proj.kernel.value = jnp.full((32, 64), 7.0)
     kernel = np.asarray(model.model.layers.runs[0].mlp.up_proj.kernel.value)
     assert (kernel[1] == 7.0).all() and not (kernel[0] == 7.0).any()
+
+
+def test_chunked_mlp_equals_one_call(monkeypatch):
+    """Long sequences run the MLP in rematerialized chunks of positions: the same logits and gradients."""
+    from jaxlora.models import llama
+
+    model = LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
+    ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 64, dtype=jnp.int32)
+
+    def loss(m):
+        return jnp.mean(m(ids) ** 2)
+
+    whole, g_whole = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    monkeypatch.setattr(llama, "MLP_CHUNK", 4)  # 8 positions: two chunks
+    chunked, g_chunked = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    np.testing.assert_allclose(chunked, whole, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_chunked), jax.tree.leaves(g_whole)):  # fp32, another summation order
+        assert np.abs(np.asarray(a - b)).max() <= 1e-5 * np.abs(np.asarray(b)).max()

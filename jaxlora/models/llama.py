@@ -17,7 +17,7 @@ from flax import nnx
 
 from jaxlora.models import attention as attn
 from jaxlora.models.config import LlamaConfig
-from jaxlora.models.stack import LayerStack, remat_policy
+from jaxlora.models.stack import LayerStack, remat_policy, stochastic
 
 
 @jax.tree_util.register_dataclass
@@ -87,6 +87,9 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
 
 
+MLP_CHUNK = 1024  # positions per MLP chunk on long sequences (a multiple of them; see LlamaMLP)
+
+
 class LlamaMLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         hidden, inter, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
@@ -95,6 +98,26 @@ class LlamaMLP(nnx.Module):
         self.down_proj = _linear(inter, hidden, bias, config, dtype, param_dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (batch, seq, hidden)
+        b, t, d = x.shape
+        if t <= MLP_CHUNK or t % MLP_CHUNK:
+            return self._dense(x)
+        # Long sequences: a rematerialized scan over chunks of positions, so the (tokens, intermediate)
+        # activations and their gradients exist for one chunk at a time (each is ~5x the layer's input).
+        # Dropout streams advance from chunk to chunk, as in one call.
+        graphdef, rng, rest = nnx.split(self, nnx.RngState, ...)
+
+        @jax.checkpoint
+        def chunk(rng, xc):
+            mlp = nnx.merge(graphdef, rng, rest)
+            return nnx.state(mlp, nnx.RngState), mlp._dense(xc)
+
+        chunks = jnp.moveaxis(x.reshape(b, t // MLP_CHUNK, MLP_CHUNK, d), 1, 0)
+        rng, y = jax.lax.scan(chunk, rng, chunks)
+        if stochastic(self):  # in eval mode nothing advanced (and nothing may be written in a decode loop)
+            nnx.update(self, rng)
+        return jnp.moveaxis(y, 0, 1).reshape(b, t, y.shape[-1])
+
+    def _dense(self, x: jax.Array) -> jax.Array:
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 

@@ -194,13 +194,13 @@ class LayerStack(nnx.Module):
                 x, (new_rng, new_cache) = scan.checkpoint_scan(step, x, diff, rest, consts, policy=policy)
             else:
                 x, (new_rng, new_cache) = scan.remat_scan(step, x, diff, rest, consts, offload=remat == "offload")
-            if _stochastic(run):  # dropout drew masks: advance the streams (in eval mode nothing changed)
+            if stochastic(run):  # dropout drew masks: advance the streams (in eval mode nothing changed)
                 nnx.update(run, new_rng)
             new_caches.append(new_cache)
         return x, None if caches is None else tuple(new_caches)
 
 
-def _stochastic(module: nnx.Module) -> bool:
+def stochastic(module: nnx.Module) -> bool:
     """Whether some submodule draws random numbers in its current mode (a Dropout in train mode)."""
     return any(getattr(m, "deterministic", True) is False for _, m in nnx.iter_graph(module))
 
