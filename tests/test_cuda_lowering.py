@@ -22,6 +22,7 @@ from flax import nnx
 import jaxlora
 from jaxlora import platform
 from jaxlora.kernels import nf4_matmul, nf4_matmul_t, tiling
+from jaxlora.models.stack import unstacked
 from jaxlora.quant.blockwise import quantize_4bit
 from jaxlora.train.step import train_step
 
@@ -143,7 +144,8 @@ def _lower_train_step(defaults, batch: dict, **config) -> str:
 
 def test_gpu_defaults_turn_the_kernels_on_and_quantize_with_cuda_bytes() -> None:
     model, _ = _abstract_qlora(GPU)
-    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, jaxlora.QuantizedLinear)]
+    with unstacked(model):  # per layer: the decoder layers are stacked
+        layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, jaxlora.QuantizedLinear)]
     assert len(layers) == N_LINEARS * TINY["num_hidden_layers"]
     assert all(m.use_kernel and m.compute_dtype == jnp.bfloat16 for m in layers)
     assert (GPU.compute_dtype, GPU.attention_impl, GPU.bnb_backend) == (jnp.bfloat16, "cudnn", "cuda")
