@@ -6,8 +6,9 @@ split over both axes. jit then compiles the collectives (GSPMD): weights are all
 matmul needs them and gradients reduce-scattered, which is FSDP, with "data" as plain data parallelism.
 
 Multi-host: call `jax.distributed.initialize()` (coordinator address, process count and id from the
-cluster, or auto-detected on TPU / SLURM) in every process before building the mesh; `make_mesh` then
-spans all processes' devices, and each process feeds the batch rows of its own devices
+cluster, or auto-detected on TPU / SLURM) in every process before building the mesh, or let `jaxlora
+train` do it from JAXLORA_* variables (`jaxlora.train.distributed`); `make_mesh` then spans all
+processes' devices, and each process feeds the batch rows of its own devices
 (`jax.make_array_from_process_local_data`).
 """
 
@@ -74,5 +75,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
                 f"batch[{key!r}] has {value.shape[0]} rows, which the {n} devices of the mesh "
                 f"{dict(mesh.shape)} do not divide; use a batch size that is a multiple of {n}"
             )
-        out[key] = jax.device_put(value, sharding)
+        # Every process holds the same global batch (the data pipeline is deterministic); each hands its
+        # own devices their rows, so this also feeds a mesh that spans several processes.
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), value.shape)
     return out
