@@ -135,6 +135,8 @@ def train(
     the one an uninterrupted run would have drawn (adapters, optimizer state, dropout RNG and data
     position all come from the checkpoint).
     on_step: called with each step's metrics after logging, evaluation and checkpointing.
+    write_adapter: `write_adapter(model, path)` fills the (existing, empty) directory `path` of each
+    checkpoint with a PEFT adapter; called on process 0 only.
     wrt: the variables trained — adapters by default; `nnx.Param` trains a dense model in full (the
     demo pretrains its tiny base this way).
     """
