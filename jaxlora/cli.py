@@ -30,6 +30,7 @@ from jaxlora import config_io
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.train.data import DataConfig
+from jaxlora.train.lock import RunLockedError
 from jaxlora.train.loop import TrainConfig
 from jaxlora.train.optim import OptimizerConfig
 
@@ -114,13 +115,23 @@ def _tokenizer(cfg: ModelConfig):
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
+    from jaxlora.train.distributed import initialize_from_env
+    from jaxlora.train.loop import run_lock
+
+    initialize_from_env()  # several processes: JAXLORA_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
+    file_cfg = config_io.read_config_file(args.config) if args.config else {}
+    cfg = resolve_config(file_cfg, _overrides(args))
+    with run_lock(cfg.train.output_dir):  # one run per output_dir, refused before anything is written
+        return _train(args, cfg)
+
+
+def _train(args: argparse.Namespace, cfg: RunConfig) -> dict:
     from jaxlora.adapters import get_peft_model, print_trainable_parameters
     from jaxlora.peft_io import save_adapter
     from jaxlora.train.data import load_data
+    from jaxlora.train.distributed import host_local, is_primary
     from jaxlora.train.loop import check_output_dir, train
 
-    file_cfg = config_io.read_config_file(args.config) if args.config else {}
-    cfg = resolve_config(file_cfg, _overrides(args))
     out = Path(cfg.train.output_dir)
     check_output_dir(out, resume=args.resume)  # before the (slow) model load
     tok = _tokenizer(cfg.model)
@@ -135,15 +146,21 @@ def cmd_train(args: argparse.Namespace) -> dict:
         trainable, total = print_trainable_parameters(model)
     data = load_data(cfg.data, tok)
     print(f"data: {len(data.train)} train / {len(data.eval)} eval examples ({data.dropped} dropped)", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if is_primary():
+        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+    def write_adapter(m, path):  # with the tokenizer, so `eval` / `generate --adapter` take the directory alone
+        save_adapter(m, path)
+        tok.save(str(path))
+
     summary = train(
         model, data, data_cfg=cfg.data, optim_cfg=cfg.optim, train_cfg=cfg.train,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-        write_adapter=lambda m, path: save_adapter(m, path), resume=args.resume, run_info=cfg.to_dict(),
+        write_adapter=write_adapter, resume=args.resume, run_info=cfg.to_dict(),
     )
-    save_adapter(model, out / "adapter")
-    tok.save(str(out / "adapter"))
+    with host_local(model):  # adapters sharded across processes are gathered for the writer
+        if is_primary():
+            write_adapter(model, out / "adapter")
     return {**summary, "adapter": str(out / "adapter"), "trainable_params": trainable, "all_params": total}
 
 
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RunLockedError) as e:
         print(f"jaxlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1, default=str))
