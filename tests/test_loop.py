@@ -94,8 +94,7 @@ def test_non_finite_loss_stops_and_names_a_checkpoint_that_resumes(tmp_path, jso
     msg = str(err.value)
     assert "checkpoint-000002 holds the weights that produced it" in msg
     assert msg.endswith(f"the last good checkpoint is {tmp_path / 'checkpoint-000001'}: resume from it (e.g. with a lower learning rate)")
-    assert (tmp_path / "latest").read_text() == "checkpoint-000001"
-    assert (tmp_path / "checkpoint-000002.nonfinite").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002.nonfinite"]
     # The named checkpoint really is good: training continues from it.
     summary = _run(tmp_path, jsonl, max_steps=8, resume=True, lr=3e-2)
     rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]

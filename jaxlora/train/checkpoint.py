@@ -8,7 +8,9 @@ Layout (one orbax checkpoint per step; names as transformers' Trainer uses them)
                          each process writing the shards it holds
         trainer_state/   JSON: step, data position, whatever the loop adds (the run's config)
         adapter/         optional: a PEFT adapter written once, by process 0, via `write_adapter`
-    run_dir/latest       the name of the newest complete checkpoint
+
+The newest checkpoint is the committed one with the highest step: there is no separate pointer that a
+kill between the commit and its update could leave behind.
 
 What orbax adds to the hand-written version it replaced: arrays are saved shard by shard from the
 devices that hold them (no process ever needs the whole array, so arrays sharded across processes
@@ -102,7 +104,7 @@ def save_checkpoint(
     keep: int | None = None,
     wrt=nnx.LoRAParam,
 ) -> Path:
-    """Write checkpoint-{step} atomically and point `latest` at it; keep the newest `keep` checkpoints.
+    """Write checkpoint-{step} atomically; keep the newest `keep` checkpoints.
 
     Every process must call it (a collective). wrt: the trained variables to store (adapters by
     default), besides optimizer state and RNG streams."""
@@ -116,10 +118,8 @@ def save_checkpoint(
         if write_adapter is not None:
             items[_ADAPTER] = AdapterSave(write_adapter)
         _checkpointer().save(final, args=ocp.args.Composite(**items))
-    if is_primary():
-        _write_atomic(run_dir / "latest", final.name)
-        if keep is not None:
-            prune_checkpoints(run_dir, keep, protect=final)
+    if keep is not None and is_primary():
+        prune_checkpoints(run_dir, keep, protect=final)
     return final
 
 
@@ -141,13 +141,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint named by `latest`, or the newest committed one if `latest` is missing or stale."""
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
-    if pointer.is_file():
-        path = run_dir / pointer.read_text().strip()
-        if _NAME.fullmatch(path.name) and path.is_dir():
-            return path
+    """The committed checkpoint with the highest step."""
     found = list_checkpoints(run_dir)
     return found[-1] if found else None
 
@@ -165,17 +159,11 @@ def clean_leftovers(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def set_aside(path: Path, why: str) -> Path:
-    """Rename a checkpoint out of the way (kept for inspection, never resumed from or pruned), and
-    point `latest` at the newest remaining one."""
+    """Rename a checkpoint out of the way: kept for inspection, never resumed from or pruned."""
     n, aside = 1, path.with_name(f"{path.name}.{why}")
     while aside.exists():
         n, aside = n + 1, path.with_name(f"{path.name}.{why}-{n}")
     os.rename(path, aside)
-    rest = list_checkpoints(path.parent)
-    if rest:
-        _write_atomic(path.parent / "latest", rest[-1].name)
-    else:
-        (path.parent / "latest").unlink(missing_ok=True)
     return aside
 
 
@@ -250,12 +238,3 @@ def restore_newest(run_dir: str | os.PathLike, *, model, optimizer, wrt=nnx.LoRA
 
 def _short(e: Exception) -> str:
     return str(e).split(" [tensorstore_spec=")[0]  # the spec that follows is a page of JSON
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -161,6 +161,8 @@ def _train_locked(
         mesh = make_mesh(data=train_cfg.mesh_data, fsdp=train_cfg.mesh_fsdp)
         shard_model(model, mesh)
     optimizer = nnx.Optimizer(model, make_optimizer(optim_cfg), wrt=wrt)
+    if mesh is not None:  # its moments follow the adapters' sharding; its step count is replicated
+        shard_model(optimizer, mesh)
     if train_cfg.offload_optimizer:
         offload_optimizer_state(optimizer)
     schedule = make_schedule(optim_cfg)

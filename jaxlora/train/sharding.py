@@ -59,9 +59,20 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> None:
         if not isinstance(x, jax.Array):
             return x
         spec = PartitionSpec() if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else param_spec(x.shape, fsdp_size)
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return _put(x, NamedSharding(mesh, spec))
 
     nnx.update(model, jax.tree.map(place, state))
+
+
+def _put(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    if jax.process_count() == 1 or not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    # A process-local array onto a mesh across processes: device_put cannot reach other processes'
+    # devices. Every process holds the same array (same seed), so each hands its own devices their shards.
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: host[index])
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
