@@ -31,7 +31,7 @@ from jaxlora.lora_config import LoraConfig
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.train.data import DataConfig
 from jaxlora.train.lock import RunLockedError
-from jaxlora.train.loop import TrainConfig
+from jaxlora.train.loop import NonFiniteLossError, TrainConfig
 from jaxlora.train.optim import OptimizerConfig
 
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.fn(args)
-    except (ValueError, FileNotFoundError, RunLockedError) as e:
+    except (ValueError, FileNotFoundError, RunLockedError, NonFiniteLossError) as e:
         print(f"jaxlora {args.command}: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=1, default=str))

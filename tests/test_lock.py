@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxlora.cli import main
 from jaxlora.train.lock import LOCK_NAME, RunLock, RunLockedError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ HOLDER = (
 )
 
 
-def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
@@ -29,7 +30,11 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
                                                  rf"{socket.gethostname()}, started .*{LOCK_NAME}"):
             with RunLock(out):
                 pass
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the refused run wrote nothing
+        # `jaxlora train` takes the lock first: refused before loading anything or writing a file.
+        assert main(["train", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no-data.jsonl"),
+                     "--output-dir", str(out), "--data.max_seq_len", "16", "--data.batch_size", "2"]) == 2
+        assert f"in use by another run (pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # the refused runs wrote nothing
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)

@@ -22,6 +22,7 @@ another mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -43,6 +44,10 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 # What killed saves leave behind: orbax's temporary step directories, and the ".name.tmp-*" /
 # ".name.old-*" directories of jaxlora's own atomic writes.
 _LEFTOVER = re.compile(r"checkpoint-\d+\.orbax-checkpoint-tmp.*|\..+\.(tmp|old)-.*")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint is readable but was written from another model or optimizer structure."""
 
 
 class _AdapterHandler(ocp.CheckpointHandler):
@@ -114,9 +119,10 @@ def save_checkpoint(
         raise FileExistsError(f"{final} exists already; set it aside before saving step {step} again")
     arrays = _flatten(_trainable(model, optimizer, wrt))  # taken before host_local swaps values in
     items = {_STATE: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave({"step": int(step), **(trainer_state or {})})}
-    with host_local(model, wrt):  # the PEFT writer turns adapters into numpy
-        if write_adapter is not None:
-            items[_ADAPTER] = AdapterSave(write_adapter)
+    if write_adapter is not None:
+        items[_ADAPTER] = AdapterSave(write_adapter)
+    # The PEFT writer turns adapters into numpy, which arrays sharded across processes do not allow.
+    with host_local(model, wrt) if write_adapter is not None else contextlib.nullcontext():
         _checkpointer().save(final, args=ocp.args.Composite(**items))
     if keep is not None and is_primary():
         prune_checkpoints(run_dir, keep, protect=final)
@@ -190,14 +196,14 @@ def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nn
         raise ValueError(f"checkpoint {path / _STATE} is unreadable (truncated or corrupt?): {_short(e)}") from e
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or extra:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint {path} does not fit this model/optimizer: missing keys {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}, unexpected keys {extra[:5]}{' ...' if len(extra) > 5 else ''}"
         )
     for key, want in expected.items():
         got = stored[key]
         if tuple(got.shape) != want.shape or got.dtype != want.dtype:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"checkpoint {path}: {key} has shape {tuple(got.shape)} dtype {got.dtype}, "
                 f"this model expects shape {want.shape} dtype {want.dtype}"
             )
@@ -225,9 +231,9 @@ def restore_newest(run_dir: str | os.PathLike, *, model, optimizer, wrt=nnx.LoRA
     while (path := latest_checkpoint(run_dir)) is not None:
         try:
             return path, load_checkpoint(path, model=model, optimizer=optimizer, wrt=wrt)
+        except CheckpointMismatchError:
+            raise  # the run changed, not the file: an older checkpoint would not fit either
         except (ValueError, FileNotFoundError) as e:
-            if "does not fit this model" in str(e) or "this model expects" in str(e):
-                raise  # the run changed, not the file: falling back would not help
             if is_primary():
                 aside = set_aside(path, "unreadable")
                 warnings.warn(f"{e}; moved it to {aside.name} and trying the previous checkpoint", stacklevel=2)
