@@ -124,13 +124,13 @@ def test_two_processes_train_resume_and_match_one(tmp_path, base_dir, data_file,
     assert names == sorted(["adapter", "checkpoint-000010", "checkpoint-000015", "checkpoint-000020",
                             "loss.png", "metrics.jsonl", "run_config.json"]), names
     ckpt = run / "checkpoint-000020"
-    # The checkpoint's adapter is the final one, with the tokenizer: `eval --adapter ckpt/adapter` works.
+    # The checkpoint's adapter is the final one, and carries the tokenizer: `eval --adapter` takes it alone.
+    final = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    want = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
+    assert final.keys() == want.keys() and all(np.array_equal(final[k], want[k]) for k in want)
     assert main(["eval", "--model", base_dir, "--adapter", str(ckpt / "adapter"), "--data", data_file,
                  "--max-seq-len", "16"]) == 0
-    from_ckpt = json.loads(capsys.readouterr().out)
-    assert main(["eval", "--model", base_dir, "--adapter", str(run / "adapter"), "--data", data_file,
-                 "--max-seq-len", "16"]) == 0
-    assert json.loads(capsys.readouterr().out) == from_ckpt
+    assert np.isfinite(json.loads(capsys.readouterr().out)["eval_loss"])
 
     # Written by 2 processes x 2 devices, restored here on 1 device: the same adapter.
     model = load_model(ModelConfig(name_or_path=base_dir, tokenizer="byte"), QuantConfig(compute_dtype=jnp.float32))
@@ -139,6 +139,5 @@ def test_two_processes_train_resume_and_match_one(tmp_path, base_dir, data_file,
                         wrt=nnx.LoRAParam)
     assert load_checkpoint(ckpt, model=model, optimizer=opt)["step"] == STEPS
     save_adapter(model, tmp_path / "restored")
-    want = load_file(str(ckpt / "adapter" / "adapter_model.safetensors"))
     got = load_file(str(tmp_path / "restored" / "adapter_model.safetensors"))
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
