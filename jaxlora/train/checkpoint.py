@@ -36,7 +36,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxlora.train.distributed import host_local, is_primary
+from jaxlora.train.distributed import barrier, host_local, is_primary
 
 _STATE, _META, _ADAPTER = "state", "trainer_state", "adapter"
 _KEY_SUFFIX = "#key_data"  # a typed PRNG key is stored as its raw key data under this suffix
@@ -238,7 +238,7 @@ def restore_newest(run_dir: str | os.PathLike, *, model, optimizer, wrt=nnx.LoRA
                 aside = set_aside(path, "unreadable")
                 warnings.warn(f"{e}; moved it to {aside.name} and trying the previous checkpoint", stacklevel=2)
             # Every process must see the rename before looking for the next one.
-            ocp.multihost.sync_global_processes(f"jaxlora_set_aside_{path.name}")
+            barrier(f"jaxlora set aside {path.name}")
     raise FileNotFoundError(f"cannot resume: no readable checkpoint in {run_dir}")
 
 

@@ -51,6 +51,12 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def barrier(name: str) -> None:
+    """Wait until every process has arrived here (no-op for one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def all_agree(flag: bool) -> bool:
     """True when `flag` is True on every process (a collective: every process must call it)."""
     if jax.process_count() == 1:

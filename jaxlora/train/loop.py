@@ -38,7 +38,7 @@ from jaxlora.train.checkpoint import (
     set_aside,
 )
 from jaxlora.train.data import Data, DataConfig, DataState, eval_batches, train_batches
-from jaxlora.train.distributed import all_agree, is_primary
+from jaxlora.train.distributed import all_agree, barrier, is_primary
 from jaxlora.train.lock import RunLock, RunLockedError
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
@@ -153,6 +153,7 @@ def train(
 def _train_locked(
     model, data, out: Path, *, data_cfg, optim_cfg, train_cfg, pad_token_id, write_adapter, resume, run_info, on_step, wrt
 ) -> dict:
+    """`train`'s body, run while this process holds the output directory's lock."""
     if is_primary():
         for p in clean_leftovers(out):  # temporary directories of saves that were killed
             print(f"removed {p}, left by an interrupted save", file=sys.stderr)
@@ -256,6 +257,7 @@ def _non_finite(step: int, loss: float, grad_norm: float, unproven: Path | None,
         # Saved right before this step, so it holds the very weights whose loss is not finite.
         aside = set_aside(unproven, "nonfinite")
         what += f"; {unproven.name} holds the weights that produced it and was set aside as {aside.name}"
+    barrier("jaxlora non-finite")  # every process's message names the checkpoint left after the rename
     good = latest_checkpoint(out)
     if good is None:
         return what + "; no good checkpoint was written, so there is nothing to resume from"
