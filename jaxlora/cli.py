@@ -33,7 +33,8 @@ from jaxlora.checks import number
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.train.data import DataConfig
-from jaxlora.train.loop import TrainConfig
+from jaxlora.train.lock import RunLockedError
+from jaxlora.train.loop import NonFiniteLossError, TrainConfig
 from jaxlora.train.optim import OptimizerConfig
 
 
@@ -163,16 +164,27 @@ def check_fit(config, directory, tok, tok_source: str, *, max_seq_len: int | Non
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
-    from jaxlora.adapters import get_peft_model, print_trainable_parameters
     from jaxlora.fileio import check_directory_path
+    from jaxlora.train.distributed import initialize_from_env
+    from jaxlora.train.loop import run_lock
+
+    initialize_from_env()  # several processes: JAXLORA_COORDINATOR_ADDRESS / _NUM_PROCESSES / _PROCESS_ID
+    file_cfg = config_io.read_config_file(args.config) if args.config else {}
+    cfg = resolve_config(file_cfg, _overrides(args))
+    check_directory_path(cfg.train.output_dir, "train.output_dir")  # a file there: refused before the lock
+    with run_lock(cfg.train.output_dir):  # one run per output_dir, refused before anything is written
+        return _train(args, cfg)
+
+
+def _train(args: argparse.Namespace, cfg: RunConfig) -> dict:
+    from jaxlora.adapters import get_peft_model, print_trainable_parameters
     from jaxlora.peft_io import save_adapter
     from jaxlora.train.checkpoint import latest_checkpoint
     from jaxlora.train.data import load_data
+    from jaxlora.train.distributed import host_local, is_primary
     from jaxlora.train.loop import check_output_dir, train
 
-    file_cfg = config_io.read_config_file(args.config) if args.config else {}
-    cfg = resolve_config(file_cfg, _overrides(args))
-    out = check_directory_path(cfg.train.output_dir, "train.output_dir")
+    out = Path(cfg.train.output_dir)
     check_output_dir(out, resume=args.resume)  # before the (slow) model load
     if args.resume:
         ckpt = latest_checkpoint(out)
@@ -196,20 +208,25 @@ def cmd_train(args: argparse.Namespace) -> dict:
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
         trainable, total = print_trainable_parameters(model)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    if is_primary():
+        (out / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
 
     def report_eval(metrics: dict) -> None:  # the progress line shows the train loss only
         if "eval_loss" in metrics:
             print(f"step {metrics['step']}: eval_loss {metrics['eval_loss']:.4f}", file=sys.stderr)
 
+    def write_adapter(m, path):  # with the tokenizer, so `eval` / `generate --adapter` take the directory alone
+        save_adapter(m, path)
+        tok.save(str(path))
+
     summary = train(
         model, data, data_cfg=cfg.data, optim_cfg=cfg.optim, train_cfg=cfg.train,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0,
-        write_adapter=lambda m, path: save_adapter(m, path), resume=args.resume, run_info=cfg.to_dict(),
-        on_step=report_eval,
+        write_adapter=write_adapter, resume=args.resume, run_info=cfg.to_dict(), on_step=report_eval,
     )
-    save_adapter(model, out / "adapter")
-    tok.save(str(out / "adapter"))
+    with host_local(model):  # adapters sharded across processes are gathered for the writer
+        if is_primary():
+            write_adapter(model, out / "adapter")
     return {**summary, "adapter": str(out / "adapter"), "trainable_params": trainable, "all_params": total}
 
 
@@ -398,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError, NonFiniteLossError, SafetensorError) as e:
+    except (ValueError, OSError, ImportError, NonFiniteLossError, RunLockedError, SafetensorError) as e:
         if args.debug:
             raise
         print(f"{prog}: error: {_message(e)}", file=sys.stderr)

@@ -1,7 +1,9 @@
-"""The loop trains, logs, evaluates, checkpoints, resumes to the identical curve, and stops on NaN."""
+"""The loop trains, logs, evaluates, checkpoints, resumes to the identical curve (past a torn metrics
+line), and stops on a non-finite loss without applying it, naming a checkpoint that resumes."""
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -45,7 +47,7 @@ def _run(out, jsonl, *, max_steps, resume=False, save_every=0, lr=3e-2, model=No
         optim_cfg=OptimizerConfig(learning_rate=lr, max_steps=max_steps, warmup_steps=2),
         train_cfg=TrainConfig(output_dir=str(out), save_every=save_every, eval_every=3, progress=False),
         pad_token_id=TOK.pad_token_id,
-        write_adapter=lambda m, path: (path.mkdir(), (path / "marker").write_text("adapter")),
+        write_adapter=lambda m, path: (path / "marker").write_text("adapter"),
         resume=resume,
         on_step=on_step,
     )
@@ -72,19 +74,49 @@ def test_resume_gives_the_uninterrupted_curve(tmp_path, jsonl):
 
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "split", jsonl, max_steps=8, save_every=4, on_step=interrupt)
-    assert max(r["step"] for r in read_metrics(tmp_path / "split" / "metrics.jsonl")) == 6
-    _run(tmp_path / "split", jsonl, max_steps=8, resume=True)
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    assert max(r["step"] for r in read_metrics(metrics)) == 6
+    with open(metrics, "a") as f:
+        f.write('{"step": 7, "lo')  # torn: killed while writing the next line
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:\d+: dropped a torn last line"):
+        _run(tmp_path / "split", jsonl, max_steps=8, resume=True)
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     split = read_metrics(tmp_path / "split" / "metrics.jsonl")
     key = lambda rows: [(r["step"], r.get("loss"), r.get("eval_loss")) for r in rows]
     assert key(split) == key(straight)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, jsonl):
-    with pytest.raises(NonFiniteLossError, match=r"loss became (nan|inf) at step \d+.*checkpoint-000002"):
-        _run(tmp_path, jsonl, max_steps=50, save_every=2, lr=1e38)  # adapters overflow float32
-    saved = sorted(p.name for p in tmp_path.glob("checkpoint-*"))
-    assert saved and (tmp_path / "latest").read_text() == saved[-1]
+def test_non_finite_loss_stops_and_names_a_checkpoint_that_resumes(tmp_path, jsonl):
+    # lr 1e30 with a 2-step warmup: step 1 runs at lr 0 (checkpoint-1 = the initial weights), step 2
+    # blows the adapters up (checkpoint-2 holds finite but huge weights), step 3's loss overflows.
+    with pytest.raises(NonFiniteLossError, match=r"at step 3: the update was not applied") as err:
+        _run(tmp_path, jsonl, max_steps=8, save_every=1, lr=1e30)
+    msg = str(err.value)
+    assert "checkpoint-000002 holds the weights that produced it" in msg
+    assert msg.endswith(f"the last good checkpoint is {tmp_path / 'checkpoint-000001'}: resume from it (e.g. with a lower learning rate)")
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-000001", "checkpoint-000002.nonfinite"]
+    # The named checkpoint really is good: training continues from it.
+    summary = _run(tmp_path, jsonl, max_steps=8, resume=True, lr=3e-2)
+    rows = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(np.isfinite(r["loss"]) for r in rows)
+    assert summary["checkpoint"].endswith("checkpoint-000008")
+
+
+def test_a_non_finite_step_leaves_weights_and_optimizer_untouched():
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.train.step import train_step
+
+    model = ByteLM(nnx.Rngs(params=0, dropout=1))
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+    ids = np.random.default_rng(0).integers(0, TOK.vocab_size, (2, 8)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
+    assert bool(train_step(model, opt, batch)["finite"])
+    model.proj.lora.lora_b.value = model.proj.lora.lora_b.value.at[0, 0].set(jnp.inf)
+    before = jax.tree.map(np.asarray, nnx.state((model, opt), nnx.Any(nnx.LoRAParam, nnx.OptState)))
+    res = train_step(model, opt, batch)
+    assert not bool(res["finite"]) and not np.isfinite(float(res["loss"]))
+    after = jax.tree.map(np.asarray, nnx.state((model, opt), nnx.Any(nnx.LoRAParam, nnx.OptState)))
+    jax.tree.map(np.testing.assert_array_equal, after, before)  # bit for bit: nothing applied, step count too
 
 
 def test_evaluate_leaves_the_model_mode_alone(tmp_path, jsonl):

@@ -2,25 +2,43 @@
 
 It knows the model only as `model(input_ids, attention_mask=...) -> logits` with adapters held as
 `nnx.LoRAParam`, and file formats only through the `write_adapter` callback it is given.
+
+A checkpoint is good when training can continue from it. The step that computes a non-finite loss or
+gradient does not apply its update (see `train_step`), so what is in memory is never corrupted; but the
+weights that produced that loss are the previous step's, so a checkpoint of exactly those weights is not
+good either: it is set aside (`checkpoint-N.nonfinite`). Older checkpoints are pruned only once the
+newest one has been validated by a finite step, so `save_total_limit` never deletes the last good one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-import math
+import os
 import resource
 import time
+import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 from flax import nnx
 
 from jaxlora.generate import inference_view
-from jaxlora.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from jaxlora.train.checkpoint import (
+    clean_leftovers,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    restore_newest,
+    save_checkpoint,
+    set_aside,
+)
 from jaxlora.train.data import Data, DataConfig, DataState, eval_batches, train_batches
+from jaxlora.train.distributed import all_agree, barrier, is_primary
+from jaxlora.train.lock import RunLock, RunLockedError
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxlora.train.report import Reporter, device_memory_mb, parse_report_to
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
@@ -64,7 +82,28 @@ def check_output_dir(output_dir: str | Path, *, resume: bool) -> None:
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss; nothing was saved after the last good checkpoint."""
+    """A step's loss or gradient norm was NaN or Inf; its update was not applied and the run stopped.
+    The message names the last good checkpoint."""
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: str | Path) -> Iterator[None]:
+    """Hold the output directory's lock while the block runs: taken by process 0 for all processes of
+    the run, and every process raises RunLockedError if another run holds it (a collective)."""
+    lock = RunLock(output_dir) if is_primary() else contextlib.nullcontext()
+    error = None
+    try:
+        lock.__enter__()
+    except RunLockedError as e:
+        error = e
+    if not all_agree(error is None):
+        if error is None:
+            lock.__exit__(None, None, None)
+        raise error or RunLockedError(f"output_dir {output_dir} is in use by another run (see process 0's error)")
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def evaluate(model: nnx.Module, examples, data_cfg: DataConfig, *, pad_token_id: int, mesh=None) -> float:
@@ -98,17 +137,35 @@ def train(
     the one an uninterrupted run would have drawn (adapters, optimizer state, dropout RNG and data
     position all come from the checkpoint).
     on_step: called with each step's metrics after logging, evaluation and checkpointing.
+    write_adapter: `write_adapter(model, path)` fills the (existing, empty) directory `path` of each
+    checkpoint with a PEFT adapter; called on process 0 only.
     wrt: the variables trained — adapters by default; `nnx.Param` trains a dense model in full (the
     demo pretrains its tiny base this way).
     """
     out = Path(train_cfg.output_dir)
-    check_output_dir(out, resume=resume)
-    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        check_output_dir(out, resume=resume)
+        return _train_locked(
+            model, data, out, data_cfg=data_cfg, optim_cfg=optim_cfg, train_cfg=train_cfg,
+            pad_token_id=pad_token_id, write_adapter=write_adapter, resume=resume, run_info=run_info,
+            on_step=on_step, wrt=wrt,
+        )
+
+
+def _train_locked(
+    model, data, out: Path, *, data_cfg, optim_cfg, train_cfg, pad_token_id, write_adapter, resume, run_info, on_step, wrt
+) -> dict:
+    """`train`'s body, run while this process holds the output directory's lock."""
+    if is_primary():
+        for p in clean_leftovers(out):  # temporary directories of saves that were killed
+            print(f"removed {p}, left by an interrupted save", file=sys.stderr)
     mesh = None
     if jax.device_count() > 1:
         mesh = make_mesh(data=train_cfg.mesh_data, fsdp=train_cfg.mesh_fsdp)
         shard_model(model, mesh)
     optimizer = nnx.Optimizer(model, make_optimizer(optim_cfg), wrt=wrt)
+    if mesh is not None:  # its moments follow the adapters' sharding; its step count is replicated
+        shard_model(optimizer, mesh)
     if train_cfg.offload_optimizer:
         offload_optimizer_state(optimizer)
     schedule = make_schedule(optim_cfg)
@@ -117,11 +174,11 @@ def train(
     step, data_state = 0, DataState()
     metrics_file = out / "metrics.jsonl"
     if resume:
-        ckpt = latest_checkpoint(out)
-        meta = load_checkpoint(ckpt, model=model, optimizer=optimizer, wrt=wrt)
+        _, meta = restore_newest(out, model=model, optimizer=optimizer, wrt=wrt)
         step, data_state = meta["step"], DataState.from_dict(meta["data"])
-        _truncate_log(metrics_file, step)  # drop what the interrupted run logged after its checkpoint
-    elif metrics_file.exists():
+        if is_primary():
+            _truncate_log(metrics_file, step)  # drop what the interrupted run logged after its checkpoint
+    elif metrics_file.exists() and is_primary():
         metrics_file.unlink()
 
     def checkpoint():
@@ -132,18 +189,19 @@ def train(
             optimizer=optimizer,
             trainer_state={"data": data_state.to_dict(), "run": run_info or {}},
             write_adapter=save_adapter,
-            keep=train_cfg.save_total_limit,
             wrt=wrt,
         )
 
+    # Process 0 alone writes metrics (every process shows its progress).
     reporter = Reporter.create(train_cfg.report_to, out, total=optim_cfg.max_steps, log_every=train_cfg.log_every,
-                               start_step=step, progress=train_cfg.progress, config=run_info)
+                               start_step=step, progress=train_cfg.progress, config=run_info, write=is_primary())
     accum = optim_cfg.gradient_accumulation_steps
     stream = train_batches(data.train, data_cfg, pad_token_id=pad_token_id, start=data_state)
     # cached_partial walks the model graph once instead of on every call (~20% of a small step on CPU).
     step_fn = nnx.cached_partial(train_step, model, optimizer)
     model.train()
-    last_ckpt, t_run, tokens_run, last = latest_checkpoint(out), time.perf_counter(), 0, {}
+    keep = train_cfg.save_total_limit
+    last_ckpt, unproven, t_run, tokens_run, last = latest_checkpoint(out), None, time.perf_counter(), 0, {}
     while step < optim_cfg.max_steps:
         t0, losses, tokens = time.perf_counter(), [], 0
         for _ in range(accum):
@@ -153,13 +211,13 @@ def train(
                 _device_batch(batch, mesh, data_cfg.packing), offload_optimizer=train_cfg.offload_optimizer, wrt=wrt
             )
             losses.append(float(res["loss"]))
+            if not bool(res["finite"]):
+                raise NonFiniteLossError(_non_finite(step + 1, float(res["loss"]), float(res["grad_norm"]), unproven, out))
         step += 1
+        if unproven is not None and keep is not None and is_primary():
+            prune_checkpoints(out, keep, protect=unproven)  # the finite step just proved `unproven` good
+        unproven = None
         loss = float(np.mean(losses))
-        if not math.isfinite(loss):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-            raise NonFiniteLossError(
-                f"loss became {loss} at step {step}; training stopped and nothing was saved after it: {where}"
-            )
         dt = time.perf_counter() - t0
         tokens_run += tokens
         last = {
@@ -178,12 +236,14 @@ def train(
             last["eval_loss"] = eval_loss
             reporter.log(step, {"eval_loss": eval_loss})
         if (train_cfg.save_every and step % train_cfg.save_every == 0) or at_end:
-            last_ckpt = checkpoint()
+            last_ckpt = unproven = checkpoint()
+            if at_end and keep is not None and is_primary():
+                prune_checkpoints(out, keep, protect=last_ckpt)  # no next step to prove it: the run's result
         if on_step is not None:
             on_step(last)
     reporter.close()
     elapsed = time.perf_counter() - t_run
-    plot = plot_metrics(metrics_file, out / "loss.png")
+    plot = plot_metrics(metrics_file, out / "loss.png") if is_primary() else None
     return {
         **last,
         "checkpoint": str(last_ckpt) if last_ckpt else None,
@@ -192,11 +252,37 @@ def train(
     }
 
 
+def _non_finite(step: int, loss: float, grad_norm: float, unproven: Path | None, out: Path) -> str:
+    what = f"loss {loss}, gradient norm {grad_norm} at step {step}: the update was not applied and training stopped"
+    if unproven is not None and is_primary():
+        # Saved right before this step, so it holds the very weights whose loss is not finite.
+        aside = set_aside(unproven, "nonfinite")
+        what += f"; {unproven.name} holds the weights that produced it and was set aside as {aside.name}"
+    barrier("jaxlora non-finite")  # every process's message names the checkpoint left after the rename
+    good = latest_checkpoint(out)
+    if good is None:
+        return what + "; no good checkpoint was written, so there is nothing to resume from"
+    return what + f"; the last good checkpoint is {good}: resume from it (e.g. with a lower learning rate)"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (the run was killed while writing it) is dropped
+    with a warning, a bad line elsewhere is an error naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg}); only a torn last line is dropped") from None
+            warnings.warn(f"{path}:{i}: dropped a torn last line ({line[:40]!r}...)", stacklevel=2)
+    return rows
 
 
 def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
@@ -236,7 +322,9 @@ def _device_batch(batch, mesh, packing: bool = False) -> dict:
 def _truncate_log(path: Path, step: int) -> None:
     if path.exists():
         keep = [r for r in read_metrics(path) if r["step"] <= step]
-        path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)  # a kill while rewriting must not lose the curve
 
 
 def _rss_mb() -> float:

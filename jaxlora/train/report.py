@@ -197,10 +197,12 @@ class Reporter:
 
     @classmethod
     def create(cls, report_to: str | Sequence[str], output_dir: Path, *, total: int, log_every: int = 1,
-               start_step: int = 0, progress: bool = True, config: dict | None = None) -> Reporter:
-        """metrics.jsonl in `output_dir` plus the `report_to` backends; `start_step` > 0 on resume."""
-        writers: list[MetricsWriter] = [JsonlWriter(output_dir / "metrics.jsonl")]
-        for name in parse_report_to(report_to):
+               start_step: int = 0, progress: bool = True, config: dict | None = None,
+               write: bool = True) -> Reporter:
+        """metrics.jsonl in `output_dir` plus the `report_to` backends; `start_step` > 0 on resume.
+        write=False (every process of a multi-process run but the first): progress only, no files."""
+        writers: list[MetricsWriter] = [JsonlWriter(output_dir / "metrics.jsonl")] if write else []
+        for name in parse_report_to(report_to) if write else ():
             if name == "tensorboard":
                 writers.append(TensorBoardWriter(output_dir / "tensorboard", start_step=start_step, config=config))
             else:

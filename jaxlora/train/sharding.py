@@ -6,8 +6,9 @@ split over both axes. jit then compiles the collectives (GSPMD): weights are all
 matmul needs them and gradients reduce-scattered, which is FSDP, with "data" as plain data parallelism.
 
 Multi-host: call `jax.distributed.initialize()` (coordinator address, process count and id from the
-cluster, or auto-detected on TPU / SLURM) in every process before building the mesh; `make_mesh` then
-spans all processes' devices, and each process feeds the batch rows of its own devices
+cluster, or auto-detected on TPU / SLURM) in every process before building the mesh, or let `jaxlora
+train` do it from JAXLORA_* variables (`jaxlora.train.distributed`); `make_mesh` then spans all
+processes' devices, and each process feeds the batch rows of its own devices
 (`jax.make_array_from_process_local_data`).
 """
 
@@ -68,11 +69,22 @@ def shard_model(model: nnx.Module, mesh: Mesh) -> None:
             spec = PartitionSpec(None, *param_spec(x.shape[1:], fsdp_size))
         else:
             spec = param_spec(x.shape, fsdp_size)
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return _put(x, NamedSharding(mesh, spec))
 
     for path, var in nnx.to_flat_state(nnx.state(model)):
         layered = any(tuple(path[: len(p)]) == p for p in stacked)
         var.set_value(jax.tree.map(lambda x: place(x, layered), var.get_value()))
+
+
+def _put(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+    if jax.process_count() == 1 or not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    # A process-local array onto a mesh across processes: device_put cannot reach other processes'
+    # devices. Every process holds the same array (same seed), so each hands its own devices their shards.
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: host[index])
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -86,5 +98,7 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
                 f"batch[{key!r}] has {value.shape[0]} rows, which the {n} devices of the mesh "
                 f"{dict(mesh.shape)} do not divide; use a batch size that is a multiple of {n}"
             )
-        out[key] = jax.device_put(value, sharding)
+        # Every process holds the same global batch (the data pipeline is deterministic); each hands its
+        # own devices their rows, so this also feeds a mesh that spans several processes.
+        out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), value.shape)
     return out

@@ -36,7 +36,8 @@ def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]
 def train_step(
     model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, offload_optimizer: bool = False, wrt=nnx.LoRAParam
 ) -> dict:
-    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`).
+    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`), skipped when the
+    loss or the gradient norm is not finite (the result's `finite` is then False).
 
     wrt: which variables get gradients — adapters (`nnx.LoRAParam`) for LoRA training; `nnx.Param`
     for full training of a dense model (the demo pretrains its base that way). It must match the
@@ -55,13 +56,21 @@ def train_step(
     (loss, n), grads = grad_fn(model)
     # optax mixes its int32 step count with floats (bias correction, schedules): keep the user's strict
     # promotion mode for the model, but let optax's own arithmetic promote as it was written to.
+    grad_norm = optax.global_norm(grads)
     if offload_optimizer:
         _move_optimizer_state(optimizer, jax.memory.Space.Device)
+    # A non-finite loss or gradient must not reach the weights: the update is computed and then
+    # discarded (optax.apply_if_finite's semantics, without the extra state it would add), so the model
+    # and optimizer stay exactly as they were before this step and the caller can stop on `finite`.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    before = jax.tree.map(lambda x: x, nnx.state((model, optimizer), nnx.Any(wrt, nnx.OptState)))
     with jax.numpy_dtype_promotion("standard"):
         optimizer.update(model, grads)
+    after = nnx.state((model, optimizer), nnx.Any(wrt, nnx.OptState))
+    nnx.update((model, optimizer), jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))
     if offload_optimizer:
         _move_optimizer_state(optimizer, jax.memory.Space.Host)
-    return {"loss": loss, "tokens": n, "grad_norm": optax.global_norm(grads)}
+    return {"loss": loss, "tokens": n, "grad_norm": grad_norm, "finite": finite}
 
 
 @nnx.jit
