@@ -17,7 +17,15 @@ from jaxlora.adapters import (
 from jaxlora.generate import generate
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.lora_config import LoraConfig
-from jaxlora.models import LlamaConfig, LlamaForCausalLM, QuantConfig, from_pretrained, quantize_model, save_pretrained
+from jaxlora.models import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    QuantConfig,
+    from_config,
+    from_pretrained,
+    quantize_model,
+    save_pretrained,
+)
 from jaxlora.peft_io import load_adapter, save_adapter
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
 from jaxlora.qmatmul import qmatmul
@@ -51,6 +59,7 @@ __all__ = [
     "disable_adapters",
     "enable_adapters",
     "from_bnb_state_dict",
+    "from_config",
     "from_pretrained",
     "generate",
     "get_peft_model",

@@ -3,7 +3,7 @@
 from jaxlora.models.config import LlamaConfig, RopeScaling
 from jaxlora.models.hf_files import load_config
 from jaxlora.models.llama import KVCache, LlamaForCausalLM
-from jaxlora.models.loading import from_pretrained, save_pretrained, state_dict
+from jaxlora.models.loading import from_config, from_pretrained, save_pretrained, state_dict
 from jaxlora.models.quantize import QuantConfig, quantize_model
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "LlamaForCausalLM",
     "QuantConfig",
     "RopeScaling",
+    "from_config",
     "from_pretrained",
     "load_config",
     "quantize_model",
