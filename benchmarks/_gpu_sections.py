@@ -58,27 +58,33 @@ def exactness(spec: dict) -> dict:
     n_out, n_in = spec["identity_shape"]
     for quant_type, dq in (("nf4", True), ("nf4", False), ("fp4", True)):
         qt = _weight((n_out, n_in), 1, dq, quant_type)
-        dense = np.asarray(dequantize(qt, qt.dtype).astype(jnp.float32))
+        # The forward dequantizes straight to the compute dtype, the input gradient via the stored dtype
+        # (bitsandbytes' two orders, jaxlora.qmatmul).
+        dense = np.asarray(dequantize(qt, jnp.float32))
+        dense_t = np.asarray(dequantize(qt, qt.dtype).astype(jnp.float32))
         y = jax.jit(lambda x, q: nf4_matmul(x, q, compute_dtype=jnp.float32))(jnp.eye(n_in, dtype=jnp.float32), qt)
         dx = jax.jit(lambda d, q: nf4_matmul_t(d, q, compute_dtype=jnp.float32))(jnp.eye(n_out, dtype=jnp.float32), qt)
         rows_out.append(dict(case=f"identity {quant_type}{' +DQ' if dq else ''} {n_out}x{n_in} fp32",
                              forward_exact=bool(np.array_equal(np.asarray(y), dense.T)),
-                             input_grad_exact=bool(np.array_equal(np.asarray(dx), dense)),
+                             input_grad_exact=bool(np.array_equal(np.asarray(dx), dense_t)),
                              forward_mismatches=int(np.sum(np.asarray(y) != dense.T)),
-                             input_grad_mismatches=int(np.sum(np.asarray(dx) != dense))))
+                             input_grad_mismatches=int(np.sum(np.asarray(dx) != dense_t))))
     for n_out, n_in in spec["shapes"]:
         qt = _weight((n_out, n_in), 2)
         for rows in spec["rows"]:
             for cd in (jnp.bfloat16, jnp.float32):
                 x = jax.random.normal(jax.random.key(rows), (rows, n_in), jnp.float32).astype(cd)
                 dy = jax.random.normal(jax.random.key(rows + 1), (rows, n_out), jnp.float32).astype(cd)
-                w = dequantize(qt, qt.dtype).astype(cd)
+                # bitsandbytes' orders (jaxlora.qmatmul): the forward dequantizes straight to the compute
+                # dtype, the input gradient rounds to the stored dtype first.
+                w = dequantize(qt, cd)
+                w_t = dequantize(qt, qt.dtype).astype(cd)
                 ref_y = jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
-                ref_dx = jnp.matmul(dy, w, preferred_element_type=jnp.float32).astype(cd)
+                ref_dx = jnp.matmul(dy, w_t, preferred_element_type=jnp.float32).astype(cd)
                 y = jax.jit(lambda a, q, c=cd: nf4_matmul(a, q, compute_dtype=c, out_dtype=jnp.float32))(x, qt)
                 dx = jax.jit(lambda a, q, c=cd: nf4_matmul_t(a, q, compute_dtype=c))(dy, qt)
                 row = dict(case=f"random {n_out}x{n_in} rows {rows} {jnp.dtype(cd).name}")
-                for name, got, want, a, b in (("forward", y, ref_y, x, w), ("input_grad", dx, ref_dx, dy, w.T)):
+                for name, got, want, a, b in (("forward", y, ref_y, x, w), ("input_grad", dx, ref_dx, dy, w_t.T)):
                     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
                     bound = _bound(np.asarray(a, np.float64), np.asarray(b, np.float64), cd, rounded=name != "forward")
                     err = np.abs(got - want)
