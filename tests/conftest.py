@@ -1,8 +1,13 @@
 """Fixtures shared by tests/ (the strict JAX modes are set for every test in the root conftest.py)."""
 
+import json
+
 import pytest
 from flax import nnx
 
+from jaxlora.models.config import LlamaConfig
+from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.loading import save_pretrained
 from jaxlora.tokenizer import ByteTokenizer
 
 
@@ -23,3 +28,20 @@ class ByteDense(nnx.Module):
 def byte_dense():
     """A factory: `byte_dense(seed)` is a fresh ByteDense."""
     return lambda seed=0: ByteDense(nnx.Rngs(seed))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny byte-vocabulary llama checkpoint directory (the CLI tests' model)."""
+    cfg = LlamaConfig(vocab_size=ByteTokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return str(save_pretrained(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("m") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    """64 prompt/completion additions as JSONL."""
+    path = tmp_path_factory.mktemp("d") / "sums.jsonl"
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for b in range(8)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)

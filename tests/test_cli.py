@@ -10,32 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from flax import nnx
 
 from jaxlora.cli import main
-from jaxlora.models.config import LlamaConfig
-from jaxlora.models.llama import LlamaForCausalLM
-from jaxlora.models.loading import save_pretrained
 from jaxlora.tokenizer import ByteTokenizer
 from jaxlora.train.loop import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    cfg = LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return str(save_pretrained(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("m") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("d") / "sums.jsonl"
-    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for b in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _train_args(base_dir, data_file, out, *extra):

@@ -22,9 +22,6 @@ from safetensors.numpy import load_file
 from jaxlora.adapters import get_peft_model
 from jaxlora.cli import ModelConfig, load_model, main
 from jaxlora.lora_config import LoraConfig
-from jaxlora.models.config import LlamaConfig
-from jaxlora.models.llama import LlamaForCausalLM
-from jaxlora.models.loading import save_pretrained
 from jaxlora.peft_io import save_adapter
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.tokenizer import ByteTokenizer
@@ -37,20 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TOK = ByteTokenizer()
 STEPS, KILL_AFTER = 20, 10
 
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    cfg = LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return str(save_pretrained(LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)), tmp_path_factory.mktemp("m") / "tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("d") / "sums.jsonl"
-    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(8) for b in range(8)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def _free_port() -> int:
