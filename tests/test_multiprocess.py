@@ -116,7 +116,8 @@ def test_two_processes_train_resume_and_match_one(tmp_path, base_dir, data_file,
     assert np.isfinite(json.loads(capsys.readouterr().out)["eval_loss"])
 
     # Written by 2 processes x 2 devices, restored here on 1 device: the same adapter.
-    model = load_model(ModelConfig(name_or_path=base_dir, tokenizer="byte"), QuantConfig(compute_dtype=jnp.float32))
+    model = load_model(base_dir, ModelConfig(name_or_path=base_dir, tokenizer="byte"),
+                       QuantConfig(compute_dtype=jnp.float32))
     get_peft_model(model, LoraConfig(lora_dropout=0.1), rngs=nnx.Rngs(params=0, dropout=1))
     opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=STEPS, warmup_steps=2)),
                         wrt=nnx.LoRAParam)

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import resource
+import sys
 import time
 import warnings
 from pathlib import Path
