@@ -9,11 +9,11 @@ Each returns a JSON-able dict. They run on whatever device jax has: on a GPU the
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
+
+from benchmarks.timing import median_time
 
 
 def _device() -> dict:
@@ -21,17 +21,6 @@ def _device() -> dict:
 
     d = jax.devices()[0]
     return dict(platform=d.platform, device_kind=d.device_kind, jax=jax.__version__)
-
-
-def _median_s(fn, repeats: int) -> float:
-    """Median wall time of `fn()` (which must block on its result) after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _weight(shape, seed: int, double_quant: bool = True, quant_type: str = "nf4"):
@@ -122,7 +111,7 @@ def bandwidth(spec: dict) -> dict:
     n = spec["copy_bytes"]
     buf = jnp.zeros((n,), jnp.uint8)
     copy = jax.jit(lambda a, v: a ^ v)  # reads and writes every byte; a traced value XLA cannot fold
-    copy_s = _median_s(lambda: copy(buf, jnp.uint8(1)).block_until_ready(), repeats)
+    copy_s = median_time(lambda: copy(buf, jnp.uint8(1)).block_until_ready(), repeats)
     copy_gbs = 2 * n / copy_s / 1e9
     del buf
     rows = []
@@ -137,7 +126,7 @@ def bandwidth(spec: dict) -> dict:
                                                    for bn, bk in spec["tile_sweep"] if sweep]:
                 try:
                     fn = jax.jit(lambda xs, q, t=tiles: jnp.stack([nf4_matmul(xs[i], q, **t) for i in range(k)]))
-                    s = _median_s(lambda: fn(xs, qt).block_until_ready(), repeats) / k
+                    s = median_time(lambda: fn(xs, qt).block_until_ready(), repeats) / k
                     rows.append(dict(shape=f"{n_out}x{n_in}", batch=batch, path=label, us=s * 1e6,
                                      gb_s=(weight_bytes + io) / s / 1e9))
                 except Exception as e:  # an unsupported tile: recorded, the sweep goes on
@@ -147,7 +136,7 @@ def bandwidth(spec: dict) -> dict:
             ref = jax.jit(lambda xs, q: jnp.stack([
                 jnp.matmul(xs[i], dequantize(q, q.dtype).T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
                 for i in range(k)]))
-            s = _median_s(lambda: ref(xs, qt).block_until_ready(), repeats) / k
+            s = median_time(lambda: ref(xs, qt).block_until_ready(), repeats) / k
             rows.append(dict(shape=f"{n_out}x{n_in}", batch=batch, path="jnp (dequantize + matmul)", us=s * 1e6,
                              gb_s=(weight_bytes + io) / s / 1e9))
     for r in rows:

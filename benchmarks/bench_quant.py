@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -20,17 +18,8 @@ import numpy as np
 import torch
 
 import bitsandbytes.functional as F
+from benchmarks.timing import median_time
 from jaxlora.quant import dequantize_4bit, quantize_4bit
-
-
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up (compiles the jitted functions)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def machine() -> str:
