@@ -52,7 +52,7 @@ def _layout(q, k, v, q_slots, q_segments, kv_segments, block_q, block_k):
     b, tq, h, d = q.shape
     tk, kvh = k.shape[1], k.shape[2]
     nq, nk = -(-tq // block_q), -(-tk // block_k)
-    qb = _pad_to(q, 1, nq * block_q).reshape(b, nq, block_q, kvh, h // kvh, d).transpose(1, 0, 3, 4, 2, 5)
+    qb = _q_blocks(q, kvh, block_q)
     kb = _pad_to(k, 1, nk * block_k).reshape(b, nk, block_k, kvh, d).transpose(1, 0, 3, 2, 4)
     vb = _pad_to(v, 1, nk * block_k).reshape(b, nk, block_k, kvh, d).transpose(1, 0, 3, 2, 4)
     qs = _pad_to(q_slots, 0, nq * block_q).reshape(nq, block_q)
@@ -60,6 +60,13 @@ def _layout(q, k, v, q_slots, q_segments, kv_segments, block_q, block_k):
     ks = jnp.arange(nk * block_k, dtype=jnp.int32).reshape(nk, block_k)
     kseg = _pad_to(kv_segments, 1, nk * block_k).reshape(b, nk, block_k).transpose(1, 0, 2)
     return qb, kb, vb, qs, qseg, ks, kseg
+
+
+def _q_blocks(x: jax.Array, kv_heads: int, block_q: int) -> jax.Array:
+    """(batch, tq, heads, d) -> (nq, batch, kv_heads, groups, bq, d), padded to whole blocks."""
+    b, tq, h, d = x.shape
+    nq = -(-tq // block_q)
+    return _pad_to(x, 1, nq * block_q).reshape(b, nq, block_q, kv_heads, h // kv_heads, d).transpose(1, 0, 3, 4, 2, 5)
 
 
 def _unlayout_q(x: jax.Array, tq: int) -> jax.Array:
@@ -126,7 +133,7 @@ def _bwd(window, block_q, block_k, res, g):
     tk, kvh = k.shape[1], k.shape[2]
     scale = d ** -0.5
     qb, kb, vb, qs, qseg, ks, kseg = _layout(q, k, v, q_slots, q_segments, kv_segments, block_q, block_k)
-    gb = _layout(g, k, v, q_slots, q_segments, kv_segments, block_q, block_k)[0]  # dO in q's block layout
+    gb = _q_blocks(g, kvh, block_q)  # dO in q's block layout
     delta = jnp.sum(gb.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # (nq, b, kvh, g, bq)
 
     def kv_block(dq, blk):
