@@ -16,6 +16,7 @@ when the dtypes differ).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -57,12 +58,70 @@ def _fused(qt: QuantizedTensor, operand: jax.Array, use_kernel: bool, *, transpo
     return kernels if able else None
 
 
+# Dense elements of one dequantized row tile (8 MiB in bf16). A larger weight is dequantized and
+# multiplied a tile of rows at a time inside a loop, for two reasons measured at Llama-2-7B shapes: a
+# whole dense copy of every weight is never needed at once (one 11008x4096 weight is 86 MiB in bf16),
+# and a loop that takes x (or dy) as its input cannot start before x exists. XLA's scheduler otherwise
+# runs every dequantization of a layer first, the forward's and the backward's (14 dense weights, 0.7
+# GiB, live together in each layer's backward), since they depend on the packed weights alone; an
+# optimization barrier does not stop it, as XLA's CPU pipeline drops barriers before scheduling.
+TILE_ELEMENTS = 1 << 22
+
+
+def row_tiles(qt: QuantizedTensor) -> int:
+    """How many equal row tiles `qmatmul` splits qt's (out, in) weight into: 1 (untiled) for a weight of at
+    most TILE_ELEMENTS, else the fewest tiles of at most that size whose bounds fall on quantization
+    blocks (and on double quantization's blocks of blocks), so each tile is a QuantizedTensor itself."""
+    rows, cols = qt.shape
+    if qt.numel <= TILE_ELEMENTS:
+        return 1
+    unit = qt.blocksize * (qt.nested_blocksize if qt.double_quant else 1)  # elements a tile must align to
+    for n in range(2, rows + 1):
+        if rows % n == 0 and (rows // n) * cols <= TILE_ELEMENTS and (rows // n) * cols % unit == 0:
+            return n
+    return 1  # no aligned split (e.g. a prime row count): dequantize whole
+
+
+def _split_rows(qt: QuantizedTensor, n: int) -> QuantizedTensor:
+    # qt's leaves with a leading axis of n tiles, for lax.scan, which hands each iteration one tile of
+    # shape (out // n, in). Row-major blocks: tile i's codes, scales and nested scales are contiguous.
+    lead = lambda a: None if a is None else a.reshape(n, -1)  # noqa: E731
+    offset = None if qt.offset is None else jnp.broadcast_to(qt.offset, (n,))
+    return dataclasses.replace(qt, codes=lead(qt.codes), absmax=lead(qt.absmax), nested_absmax=lead(qt.nested_absmax),
+                               offset=offset, shape=(qt.shape[0] // n, qt.shape[1]))
+
+
 def _reference(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
     fused = _fused(qt, x, use_kernel)
     if fused is not None:
         return fused.nf4_matmul(x, qt, compute_dtype=compute_dtype, out_dtype=jnp.float32)
     # float32 accumulator out, as torch's addmm: the caller adds the bias before the one rounding to cd
-    return jnp.matmul(x, _weight(qt, compute_dtype).T, preferred_element_type=jnp.float32)
+    n = row_tiles(qt)
+    if n == 1:
+        return jnp.matmul(x, _weight(qt, compute_dtype).T, preferred_element_type=jnp.float32)
+    rows = qt.shape[0] // n
+
+    def tile(_, t):  # output columns of one row tile: the same products as untiled
+        return None, jnp.matmul(x, _weight(t, compute_dtype).T, preferred_element_type=jnp.float32)
+
+    parts = jax.lax.scan(tile, None, _split_rows(qt, n))[1]  # (n, ..., rows)
+    return jnp.moveaxis(parts, 0, -2).reshape(*x.shape[:-1], qt.shape[0])
+
+
+def _input_grad(dy: jax.Array, qt: QuantizedTensor, compute_dtype) -> jax.Array:
+    # dy (..., out) @ W (out, in), float32 accumulator; tiled as the forward, summing the tiles' products.
+    n = row_tiles(qt)
+    if n == 1:
+        return jnp.matmul(dy, _weight_t(qt, compute_dtype), preferred_element_type=jnp.float32)
+    rows = qt.shape[0] // n
+
+    def tile(dx, i_tile):
+        i, t = i_tile
+        part = jax.lax.dynamic_slice_in_dim(dy, i * rows, rows, axis=-1)
+        return dx + jnp.matmul(part, _weight_t(t, compute_dtype), preferred_element_type=jnp.float32), None
+
+    dx = jnp.zeros((*dy.shape[:-1], qt.shape[1]), jnp.float32)
+    return jax.lax.scan(tile, dx, (jnp.arange(n), _split_rows(qt, n)))[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -83,8 +142,7 @@ def _bwd(compute_dtype, use_kernel, qt, dy):
     if fused is not None:
         dx = fused.nf4_matmul_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype)
     else:
-        dx = jnp.matmul(dy.astype(compute_dtype), _weight_t(qt, compute_dtype), preferred_element_type=jnp.float32)
-        dx = dx.astype(compute_dtype)
+        dx = _input_grad(dy.astype(compute_dtype), qt, compute_dtype).astype(compute_dtype)
     # The base is frozen: integer leaves get float0 cotangents, float leaves (scales) zeros.
     dqt = jax.tree.map(
         lambda leaf: (

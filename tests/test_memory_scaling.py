@@ -44,3 +44,16 @@ def test_argument_is_the_quantized_model_plus_trained_state():
     plan = plan_step(CONFIG, seq=16)
     assert abs(plan.argument - (plan.frozen + plan.trained)) < 4096
     assert plan.frozen < 0.5 * (2 * LAYER_DENSE_BYTES + 2 * 1024 * 512 * 2)  # 4-bit, not bf16 layers
+
+
+def test_a_layer_backward_holds_a_fraction_of_its_dense_weights():
+    """One Llama-2-7B layer (hidden 4096, intermediate 11008) at seq 16: its compiled step's temp stays
+    well under the layer's dense bf16 weights (386 MiB). Each weight is dequantized a row tile at a time
+    inside a loop that takes the matmul's input (`jaxlora.qmatmul.row_tiles`); with whole-weight
+    dequantization XLA scheduled all 14 of a layer's dequantizations (forward and backward) first, and
+    the temp was 1.8x the dense weights."""
+    layer = LlamaConfig(vocab_size=1024, hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                        num_attention_heads=32, num_key_value_heads=32)
+    dense = (4 * 4096 * 4096 + 3 * 4096 * 11008) * 2
+    temp = plan_step(layer, seq=16).temp
+    assert temp < 0.5 * dense, (temp / 2**20, dense / 2**20)

@@ -83,3 +83,26 @@ def test_shape_mismatch_is_a_value_error():
     qt = quantize_4bit(jnp.ones((48, 64), jnp.float32))
     with pytest.raises(ValueError, match=r"\(5, 48\)"):
         qmatmul(jnp.ones((5, 48), jnp.float32), qt)
+
+
+@pytest.mark.parametrize("shape, double_quant, tiles", [((2048, 4096), True, 2), ((4099, 1056), False, 1),
+                                                        ((6144, 1024), True, 2)])
+def test_row_tiles_compute_the_untiled_product(shape, double_quant, tiles):
+    """Above TILE_ELEMENTS a weight is dequantized and multiplied a row tile at a time; the tile bounds fall
+    on quantization blocks (and on blocks of 256 blocks when double-quantized), so the forward equals the
+    whole-weight product and the input gradient equals it up to float32 summation order. A 4099x1056 weight
+    (4.3M elements) has no aligned split (4099 is prime, and one row is not a whole number of blocks) and
+    stays whole."""
+    from jaxlora.qmatmul import TILE_ELEMENTS, dequantize, row_tiles
+
+    key = jax.random.PRNGKey(1)
+    w = jax.random.normal(key, shape, jnp.float32) * 0.02
+    qt = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    assert row_tiles(qt) == tiles and (tiles == 1 or shape[0] * shape[1] // tiles <= TILE_ELEMENTS)
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 5, shape[1]), jnp.float32)
+    dense = dequantize(qt, jnp.float32)
+    y = qmatmul(x, qt, compute_dtype=jnp.float32)
+    np.testing.assert_allclose(y, jnp.matmul(x, dense.T), rtol=1e-5, atol=1e-5)
+    g = jax.random.normal(jax.random.PRNGKey(3), y.shape, jnp.float32)
+    dx = jax.vjp(lambda x: qmatmul(x, qt, compute_dtype=jnp.float32), x)[1](g)[0]
+    np.testing.assert_allclose(dx, jnp.matmul(g, dense), rtol=1e-5, atol=1e-5)
