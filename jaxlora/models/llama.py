@@ -17,6 +17,7 @@ from flax import nnx
 
 from jaxlora.models import attention as attn
 from jaxlora.models.config import LlamaConfig
+from jaxlora.models.rounded import rounded_dot_general, rounded_matmul
 from jaxlora.models.stack import LayerStack, remat_policy, stochastic
 
 
@@ -87,7 +88,8 @@ class LlamaAttention(nnx.Module):
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
 
 
-MLP_CHUNK = 1024  # positions per MLP chunk on long sequences (a multiple of them; see LlamaMLP)
+MLP_CHUNK = 512  # positions per MLP chunk on long sequences (a multiple of them; see LlamaMLP). 1024 -> 512
+# cut the Llama-2-7B step at seq 2048 by 0.2 GiB (the (tokens, intermediate) activations of a chunk)
 
 
 class LlamaMLP(nnx.Module):
@@ -196,9 +198,12 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
                                 rngs=rngs)
-        self.lm_head = None if config.tie_word_embeddings else _linear(
-            config.hidden_size, config.vocab_size, False, config, dtype, param_dtype, rngs
-        )
+        # rounded_dot_general: the same numbers as a plain dot, without a float32 copy of the head on the
+        # CPU (jaxlora.models.rounded).
+        self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+            config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=nnx.initializers.normal(config.initializer_range), dot_general=rounded_dot_general,
+            rngs=rngs)
 
     def __call__(
         self,
@@ -236,7 +241,13 @@ class LlamaForCausalLM(nnx.Module):
         return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache)
 
     def logits(self, h: jax.Array) -> jax.Array:  # (..., hidden) -> (..., vocab)
-        return self.model.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        # Embed.attend's promoted jnp.dot, as rounded_matmul (jaxlora.models.rounded: no float32 copy of
+        # the (vocab, hidden) table on the CPU).
+        table = self.model.embed_tokens.embedding[...]
+        dtype = self.model.embed_tokens.dtype or jnp.result_type(h, table)
+        return rounded_matmul(h.astype(dtype), table.astype(dtype).T)
 
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty KV cache of `slots` positions, in the compute dtype."""
