@@ -24,7 +24,7 @@ from flax import nnx
 
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import per_layer, unstacked
-from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.layers import LoRALinear, QLoRALinear, set_bias_trainable
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType, pissa_niter
 from jaxlora.lora_config import LoraConfig
@@ -122,7 +122,28 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
     model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
     if not configs:
         model.active_adapter = adapter_name
+    _sync_biases(model)
     return model
+
+
+def trained_biases(model: nnx.Module, adapter_name: str) -> dict[str, nnx.Module]:
+    """Dotted path -> base linear layer whose bias adapter `adapter_name` trains (its ``bias`` setting):
+    every biased linear layer for "all", those it adapts for "lora_only" (PEFT's rule), none for "none".
+    Call it on the per-layer model (inside `unstacked`)."""
+    bias = adapter_configs(model)[adapter_name].bias
+    found = {}
+    for name, (_, module) in linear_modules(model).items():
+        adapted = isinstance(module, LoRALinear) and adapter_name in module.adapters
+        if _base(module).bias is not None and (bias == "all" or bias == "lora_only" and adapted):
+            found[name] = _base(module)
+    return found
+
+
+def _sync_biases(model: nnx.Module) -> None:
+    """Each base bias trains iff some adapter's config says so (derived from `lora_configs`, never kept)."""
+    trained = {name for adapter in adapter_configs(model) for name in trained_biases(model, adapter)}
+    for name, (_, module) in linear_modules(model).items():
+        set_bias_trainable(_base(module), name in trained)
 
 
 @per_layer
@@ -188,6 +209,7 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
                 replace_module(model, path, layer.unload())
     del configs[adapter_name]
     model.lora_configs = tuple(configs.items())
+    _sync_biases(model)
     if model.active_adapter == adapter_name:
         model.active_adapter = None
         if configs:
@@ -243,6 +265,7 @@ def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
     for attr in ("lora_configs", "active_adapter"):
         if hasattr(model, attr):
             delattr(model, attr)
+    _sync_biases(model)  # no adapters left: every bias is frozen again
     return model
 
 
@@ -271,7 +294,7 @@ def print_trainable_parameters(model: nnx.Module) -> tuple[int, int]:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, QuantizedLinear):
             total += math.prod(module.weight.value.shape)
-            if module.bias is not None:
+            if module.bias is not None and not isinstance(module.bias, nnx.Param):  # a trained bias is counted
                 total += math.prod(module.bias.value.shape)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     return trainable, total

@@ -21,6 +21,8 @@ from jaxlora.lora import pissa_niter
 ALL_LINEAR = "all-linear"
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "loftq")
 TaskType = Literal["CAUSAL_LM"]
+Bias = Literal["none", "all", "lora_only"]
+BIAS: tuple[str, ...] = ("none", "all", "lora_only")
 
 # adapter_config.json keys that carry no behaviour jaxlora must reproduce (bookkeeping).
 _INFORMATIONAL = frozenset({
@@ -158,7 +160,9 @@ class LoraConfig:
     # True (B = 0), False (random B), "gaussian", "pissa", "pissa_niter_<n>" (randomized SVD), "loftq"
     init_lora_weights: bool | str = True
     loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {"loftq_iter": n} for "loftq"
-    bias: Literal["none"] = "none"  # jaxlora keeps every base bias frozen (PEFT's "all"/"lora_only": not yet)
+    # Which base biases train beside the adapter (PEFT's names): "none", "all" (every linear layer's) or
+    # "lora_only" (those of the adapted layers). They are written to the adapter file under their base names.
+    bias: Bias = "none"
     task_type: TaskType | None = "CAUSAL_LM"
 
     def __post_init__(self):
@@ -185,9 +189,8 @@ class LoraConfig:
         if not (isinstance(init, bool) or init in INIT_LORA_WEIGHTS or pissa_niter(init) is not None):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported; jaxlora implements "
                              f"{', '.join(map(repr, INIT_LORA_WEIGHTS))}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported: jaxlora trains adapters only and keeps every "
-                             "base bias frozen (bias='none')")
+        if self.bias not in BIAS:
+            raise ValueError(f"bias={self.bias!r}; expected one of {BIAS}")
         object.__setattr__(self, "layers_to_transform", _layer_indexes(self.layers_to_transform))
         object.__setattr__(self, "layers_pattern", _layer_patterns(self.layers_pattern))
         if isinstance(self.target_modules, str) and (self.layers_to_transform, self.layers_pattern) != (None, None):

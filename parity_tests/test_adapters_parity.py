@@ -119,6 +119,40 @@ def test_config_variants_round_trip(llama, tmp_path, variant):
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return hf_ref.save_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"), seed=1)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_round_trip(qwen2, tmp_path, bias):
+    """bias="all" / "lora_only" on qwen2's q/k/v biases: PEFT's file (trained biases shifted) loads in jaxlora
+    with PEFT's logits, and jaxlora writes back the same keys and values, which PEFT loads again."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(qwen2), seed=5, r=4, lora_alpha=8, bias=bias,
+                                   target_modules=["q_proj", "o_proj", "up_proj"])
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(qwen2), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    tokens = ids(6)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    again = peft_ref.load_adapter(hf_ref.load_model(qwen2), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), theirs) < TOL
+    # The biases alone move the logits: with them reset to the base's, the logits differ.
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    biases = [k for k in a if k.endswith(".bias")]
+    assert len(biases) == (6 if bias == "all" else 2)  # q, k, v of 2 layers; "lora_only": q (the adapted one)
+    assert any(".base_layer.bias" in k for k in biases)
+    base = hf_ref.load_model(qwen2)
+    with torch.no_grad():
+        peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.copy_(
+            base.model.layers[0].self_attn.q_proj.bias)
+    assert rel_err(torch_logits(peft, tokens), theirs) > 1e-3
+
+
 def test_merged_checkpoint_loads_in_transformers(checkpoint, tmp_path):
     """merge_and_unload -> save_pretrained -> transformers: the adapted model's logits, no PEFT needed."""
     model = jax_adapted(checkpoint)

@@ -55,7 +55,7 @@ def quantize_linears(model):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(r=0), "r=0"), (dict(lora_alpha=-1), "lora_alpha"), (dict(lora_dropout=1.0), "lora_dropout"),
-    (dict(bias="all"), "bias='all'"), (dict(task_type="SEQ_CLS"), "task_type"),
+    (dict(bias="some"), "bias='some'"), (dict(task_type="SEQ_CLS"), "task_type"),
     (dict(init_lora_weights="olora"), "olora"), (dict(init_lora_weights="pissa_niter_x"), "pissa_niter_x"), (dict(target_modules="(unclosed"), "not a valid regex"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"), (dict(target_modules=None), "target_modules=None"),
 ])
@@ -231,6 +231,32 @@ def test_print_trainable_parameters(capsys):
     quantized = get_peft_model(quantize_linears(tiny()), LoraConfig(r=4, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
     assert print_trainable_parameters(quantized) == (trainable, total)
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, QLoRALinear)
+
+
+@pytest.mark.parametrize("bias, trained", [("all", {"q_proj", "k_proj", "v_proj"}), ("lora_only", {"q_proj"})])
+def test_bias_trains_saves_and_loads(tmp_path, bias, trained):
+    """PEFT's bias="all" / "lora_only" on qwen2 (q/k/v biases): the chosen base biases become nnx.LoRAParam,
+    a train step moves them, the file carries them under PEFT's names, and unload freezes them again."""
+    config = LoraConfig(**RANDOM, target_modules=["q_proj", "o_proj"], bias=bias)
+    model, x = get_peft_model(tiny(model_type="qwen2"), config, rngs=nnx.Rngs(1)), tokens()
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    biases = {s for p in paths if p.endswith("bias") for s in p.split(".") if s.endswith("_proj")}
+    assert biases == trained
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    before = model.model.layers[0].self_attn.q_proj.base.bias.value
+    with jax.numpy_dtype_promotion("standard"):
+        optimizer.update(model, grads)
+    assert diff(model.model.layers[0].self_attn.q_proj.base.bias.value, before) > 0
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn."
+    assert prefix + "q_proj.base_layer.bias" in tensors and (prefix + "k_proj.bias" in tensors) == (bias == "all")
+    loaded = load_adapter(tiny(model_type="qwen2"), tmp_path / "a")  # biases from the file, into the base
+    assert diff(loaded(x), model(x)) == 0
+    assert isinstance(loaded.model.layers[1].self_attn.q_proj.base.bias, nnx.LoRAParam)
+    unload(loaded)
+    assert not nnx.state(loaded, nnx.LoRAParam) and type(loaded.model.layers[1].self_attn.k_proj.bias) is nnx.Param
 
 
 # --- several adapters -----------------------------------------------------------------------------

@@ -26,7 +26,8 @@ def load_adapter(model: transformers.PreTrainedModel, directory: str | os.PathLi
 @torch.no_grad()
 def random_adapter(model: transformers.PreTrainedModel, *, seed: int = 0, **lora_config):
     """``get_peft_model`` with every adapter tensor redrawn at O(1) effect: A ~ N(0, 1/in), B ~ N(0, 1/r)
-    (PEFT's init has B = 0, an adapter that changes nothing), DoRA's magnitude scaled by 1 + N(0, 0.1^2)."""
+    (PEFT's init has B = 0, an adapter that changes nothing), DoRA's magnitude scaled by 1 + N(0, 0.1^2), and
+    biases trained under bias="all" / "lora_only" shifted by N(0, 0.1^2)."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_config))
@@ -37,6 +38,8 @@ def random_adapter(model: transformers.PreTrainedModel, *, seed: int = 0, **lora
             p.copy_(noise / p.shape[1] ** 0.5)
         elif "lora_magnitude_vector" in name:
             p.mul_(1 + 0.1 * noise)
+        elif name.endswith(".bias") and p.requires_grad:  # bias="all" / "lora_only": the trained base bias moves
+            p.add_(0.1 * noise)
     return peft_model.eval()
 
 
