@@ -25,6 +25,7 @@ from flax import nnx
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import per_layer, unstacked
 from jaxlora.layers import LoRALinear, QLoRALinear, set_bias_trainable
+from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType, pissa_niter
 from jaxlora.lora_config import LoraConfig
@@ -47,18 +48,61 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _modules(model: nnx.Module, kinds: tuple[type, ...]) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of the modules of `kinds`, not descending into adapter layers."""
+    found = {_dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, kinds)}
+    wrappers = [_dotted(p) for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear | ModulesToSave)]
+    return {name: v for name, v in found.items() if not any(name.startswith(w + ".") for w in wrappers)}
+
+
 @per_layer
 def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
-    """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers."""
-    found = {_dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, _LINEAR)}
-    lora_paths = [name for name, (_, m) in found.items() if isinstance(m, LoRALinear)]
-    return {name: v for name, v in found.items() if not any(name.startswith(lp + ".") for lp in lora_paths)}
+    """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers or the modules
+    trained in full (`ModulesToSave`)."""
+    return _modules(model, _LINEAR)
 
 
 @per_layer
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
     """Dotted path -> every `LoRALinear` (and `QLoRALinear`) in the model."""
     return {name: m for name, (_, m) in linear_modules(model).items() if isinstance(m, LoRALinear)}
+
+
+@per_layer
+def saved_modules(model: nnx.Module) -> dict[str, ModulesToSave]:
+    """Dotted path -> every `ModulesToSave` (a module trained in full) in the model."""
+    return {name: m for name, (_, m) in _modules(model, (ModulesToSave,)).items()}
+
+
+def _adapter_layers(model: nnx.Module) -> dict[str, LoRALinear | ModulesToSave]:
+    """Every layer holding adapters: LoRA layers and modules trained in full (the same adapter methods)."""
+    return lora_layers(model) | saved_modules(model)
+
+
+@per_layer
+def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[tuple, nnx.Module]]:
+    """The modules `config.modules_to_save` names (path -> (path, module): an ``nnx.Linear``, ``nnx.Embed`` or
+    `ModulesToSave` that gets one more copy); ValueError if a name matches nothing or a LoRA target."""
+    if not config.modules_to_save:
+        return {}
+    found = {name: v for name, v in _modules(model, (*_LINEAR, nnx.Embed, ModulesToSave)).items()
+             if config.saves(name)}
+    for name, (_, module) in found.items():
+        if isinstance(module, QuantizedLinear):
+            raise ValueError(f"{name} is quantized and cannot be trained in full (modules_to_save); keep it dense "
+                             "with QuantConfig(skip_modules=...)")
+        if isinstance(module, LoRALinear) or config.targets(name, is_output_head=name == OUTPUT_HEAD):
+            raise ValueError(f"{name} is both a LoRA target and in modules_to_save={list(config.modules_to_save)}; "
+                             "choose one")
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        # PEFT (ensure_weight_tying=False) trains an untied copy there: the logits keep the original matrix,
+        # and merge_and_unload unties the model -- which a tied jaxlora model has no lm_head module to hold.
+        raise ValueError(f"modules_to_save={list(config.modules_to_save)} on a model with tied embeddings is not "
+                         "supported (it has no lm_head module, and PEFT's trained copy would untie the model)")
+    missing = [n for n in config.modules_to_save if not any(path.endswith(n) for path in found)]
+    if missing:
+        raise ValueError(f"modules_to_save names {missing} match no module of the model")
+    return found
 
 
 def adapter_configs(model: nnx.Module) -> dict[str, LoraConfig]:
@@ -107,6 +151,7 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; have {list(configs)}")
     targets = find_targets(model, config)
+    saved = find_saved_modules(model, config)
     for t in targets:
         kw = dict(r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
@@ -119,6 +164,14 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
         if configs:  # a fresh layer activates its first adapter; the model's active one decides
             _activate(layer, getattr(model, "active_adapter", None))
         replace_module(model, t.path, layer)
+    for path, module in saved.values():
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name)
+            continue
+        wrapper = ModulesToSave(module, adapter_name)
+        if configs:
+            _activate(wrapper, getattr(model, "active_adapter", None))
+        replace_module(model, path, wrapper)
     model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
     if not configs:
         model.active_adapter = adapter_name
@@ -155,7 +208,7 @@ def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, ada
     return add_adapter(model, adapter_name, config, rngs=rngs)
 
 
-def _activate(layer: LoRALinear, name: str | None) -> None:
+def _activate(layer: LoRALinear | ModulesToSave, name: str | None) -> None:
     if name is not None and name in layer.adapters:
         layer.set_adapter(name)
     else:  # this layer has no such adapter: it runs its base alone
@@ -167,7 +220,7 @@ def set_adapter(model: nnx.Module, adapter_name: str) -> None:
     """Makes `adapter_name` the active adapter of every layer (layers without it run their base)."""
     if adapter_name not in adapter_configs(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; have {list(adapter_configs(model))}")
-    for layer in lora_layers(model).values():
+    for layer in _adapter_layers(model).values():
         _activate(layer, adapter_name)
     model.active_adapter = adapter_name
 
@@ -179,7 +232,7 @@ class disable_adapters:  # noqa: N801 -- used as a function and as a context man
     def __init__(self, model: nnx.Module):
         self.model = model
         with unstacked(model):
-            for layer in lora_layers(model).values():
+            for layer in _adapter_layers(model).values():
                 layer.disable_adapter_layers()
 
     def __enter__(self):
@@ -191,7 +244,7 @@ class disable_adapters:  # noqa: N801 -- used as a function and as a context man
 
 @per_layer
 def enable_adapters(model: nnx.Module) -> None:
-    for layer in lora_layers(model).values():
+    for layer in _adapter_layers(model).values():
         layer.enable_adapter_layers()
 
 
@@ -207,6 +260,11 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(model, path, layer.unload())
+    for name, (path, wrapper) in _modules(model, (ModulesToSave,)).items():
+        if adapter_name in wrapper.adapters:
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapters:
+                replace_module(model, path, wrapper.original)
     del configs[adapter_name]
     model.lora_configs = tuple(configs.items())
     _sync_biases(model)
@@ -262,6 +320,8 @@ def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
         else:
             base = layer.unload()
         replace_module(model, path, base)
+    for name, (path, wrapper) in _modules(model, (ModulesToSave,)).items():  # PEFT keeps the active copy
+        replace_module(model, path, wrapper.unload())
     for attr in ("lora_configs", "active_adapter"):
         if hasattr(model, attr):
             delattr(model, attr)

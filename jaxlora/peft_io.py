@@ -3,7 +3,8 @@
 Tensor names are PEFT's with the adapter name stripped (peft 0.21 ``get_peft_model_state_dict``):
 ``base_model.model.<module path>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r), and for DoRA
 ``.lora_magnitude_vector`` (out,), all float32; with ``bias="all"`` / ``"lora_only"`` the trained base biases
-as PEFT names them, ``<path>.base_layer.bias`` under an adapted layer and ``<path>.bias`` elsewhere. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
+as PEFT names them, ``<path>.base_layer.bias`` under an adapted layer and ``<path>.bias`` elsewhere; and
+each module of ``modules_to_save`` under its own names (``base_model.model.lm_head.weight``), in its dtype. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
 what `save_adapter` writes; `load_adapter` reads what PEFT's ``save_pretrained`` writes.
 """
 
@@ -21,9 +22,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlora.fileio import atomic_directory
-from jaxlora.adapters import (adapter_configs, add_adapter, find_targets, linear_modules, lora_layers, set_adapter,
-                              trained_biases)
+from jaxlora.adapters import (adapter_configs, add_adapter, find_saved_modules, find_targets, linear_modules,
+                              lora_layers, saved_modules, set_adapter, trained_biases)
 from jaxlora.layers import LoRALinear
+from jaxlora.modules_to_save import ModulesToSave, module_tensors
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
 
@@ -51,6 +53,10 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
         adapted = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
         for path, base in trained_biases(model, name).items():  # in the base's dtype, as PEFT saves them
             tensors[_bias_key(path, path in adapted)] = np.ascontiguousarray(np.asarray(base.bias.get_value()))
+        for path, wrapper in saved_modules(model).items():  # PEFT drops "modules_to_save.<adapter>" from names
+            if name in wrapper.adapters:
+                for key, value in wrapper.peft_state(name).items():
+                    tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value))
     config = configs[name].to_peft_dict()
     if config["target_modules"] == ALL_LINEAR:
         config["target_modules"] = adapted
@@ -94,6 +100,9 @@ def _expected(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[int, ...
         bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
         if bias is not None and (config.bias == "all" or config.bias == "lora_only" and name in targeted):
             shapes[_bias_key(name, adapted)] = tuple(bias.get_value().shape)
+    for name, (_, module) in find_saved_modules(model, config).items():
+        original = module.original if isinstance(module, ModulesToSave) else module
+        shapes.update({f"{PREFIX}{name}.{k}": tuple(v.shape) for k, v in module_tensors(original).items()})
     return shapes
 
 
@@ -145,6 +154,11 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
             prefix = f"{PREFIX}{path}."
             layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items()
                                    if k.startswith(prefix) and ".lora_" in k}, adapter_name)
+    for path, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.adapters:
+            prefix = f"{PREFIX}{path}."
+            wrapper.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                    adapter_name)
     adapted = lora_layers(model)
     for path, base in trained_biases(model, adapter_name).items():  # into the base, as PEFT loads them
         base.bias.set_value(tensors[_bias_key(path, path in adapted)].astype(base.bias.get_value().dtype))

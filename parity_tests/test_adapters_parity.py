@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxlora.adapters import get_peft_model, merge_and_unload
+from jaxlora.adapters import disable_adapters, get_peft_model, merge_and_unload
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.loading import from_pretrained, save_pretrained
@@ -151,6 +151,36 @@ def test_trained_biases_round_trip(qwen2, tmp_path, bias):
         peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.copy_(
             base.model.layers[0].self_attn.q_proj.bias)
     assert rel_err(torch_logits(peft, tokens), theirs) > 1e-3
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens"]])
+def test_modules_to_save_round_trip(llama, tmp_path, saved):
+    """modules_to_save (a copy trained in full): PEFT's file loads in jaxlora with PEFT's logits, jaxlora writes
+    back PEFT's keys and values, PEFT loads that; with adapters disabled both run the original module."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(llama), seed=6, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "v_proj"], modules_to_save=saved)
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(llama), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    tokens = ids(7)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    assert rel_err(torch_logits(peft_ref.load_adapter(hf_ref.load_model(llama), tmp_path / "ours"), tokens),
+                   theirs) < TOL
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert {"lm_head": "base_model.model.lm_head.weight",
+            "embed_tokens": "base_model.model.model.embed_tokens.weight"}[saved[0]] in a
+    with peft.disable_adapter(), disable_adapters(model):
+        assert rel_err(model(jnp.asarray(tokens)), torch_logits(peft, tokens)) < TOL
+    # The copy alone matters: with LoRA's B zeroed on both sides the logits still differ from the base's.
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(llama), tokens))
 
 
 def test_merged_checkpoint_loads_in_transformers(checkpoint, tmp_path):
