@@ -24,14 +24,16 @@ from flax import nnx
 
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import per_layer, unstacked
+from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear, QLoRALinear, set_bias_trainable
 from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType, pissa_niter
-from jaxlora.lora_config import LoraConfig
+from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
 _LINEAR = (nnx.Linear, QuantizedLinear, LoRALinear)
+_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: QLoRALinear, nnx.Embed: LoRAEmbedding}  # base -> layer
 
 
 class Target(NamedTuple):
@@ -59,13 +61,19 @@ def _modules(model: nnx.Module, kinds: tuple[type, ...]) -> dict[str, tuple[tupl
 def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
     """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers or the modules
     trained in full (`ModulesToSave`)."""
-    return _modules(model, _LINEAR)
+    return {k: v for k, v in _modules(model, _LINEAR).items() if not isinstance(v[1], LoRAEmbedding)}
+
+
+@per_layer
+def embedding_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of every token embedding (``nnx.Embed`` or `LoRAEmbedding`)."""
+    return _modules(model, (nnx.Embed, LoRAEmbedding))
 
 
 @per_layer
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
-    """Dotted path -> every `LoRALinear` (and `QLoRALinear`) in the model."""
-    return {name: m for name, (_, m) in linear_modules(model).items() if isinstance(m, LoRALinear)}
+    """Dotted path -> every LoRA layer in the model: `LoRALinear`, `QLoRALinear`, `LoRAEmbedding`."""
+    return {name: m for name, (_, m) in _modules(model, (LoRALinear,)).items()}
 
 
 @per_layer
@@ -87,11 +95,12 @@ def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple
         return {}
     found = {name: v for name, v in _modules(model, (*_LINEAR, nnx.Embed, ModulesToSave)).items()
              if config.saves(name)}
+    targeted = {t.name for t in find_targets(model, config)}
     for name, (_, module) in found.items():
         if isinstance(module, QuantizedLinear):
             raise ValueError(f"{name} is quantized and cannot be trained in full (modules_to_save); keep it dense "
                              "with QuantConfig(skip_modules=...)")
-        if isinstance(module, LoRALinear) or config.targets(name, is_output_head=name == OUTPUT_HEAD):
+        if isinstance(module, LoRALinear) or name in targeted:
             raise ValueError(f"{name} is both a LoRA target and in modules_to_save={list(config.modules_to_save)}; "
                              "choose one")
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
@@ -115,10 +124,15 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
     targets = []
     linears = linear_modules(model)
-    for name, (path, module) in linears.items():
+    # Embeddings are adapted when named, never by "all-linear" (PEFT's rule as well).
+    embeddings = {} if config.target_modules == ALL_LINEAR else embedding_modules(model)
+    for name, (path, module) in (linears | embeddings).items():
         if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
             continue
         r = config.r_for(name)  # may exceed min(in, out): PEFT accepts that too
+        if name in embeddings and (config.use_dora or config.init_lora_weights not in (True, False, "gaussian")):
+            raise ValueError(f"{name} is an embedding: LoRA there takes init_lora_weights True, False or 'gaussian' "
+                             f"and no DoRA, as in PEFT (got {config.init_lora_weights!r}, use_dora={config.use_dora})")
         needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
         if needs_dense and isinstance(_base(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
@@ -159,7 +173,7 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
         if isinstance(t.module, LoRALinear):
             t.module.add_adapter(adapter_name, **kw)
             continue
-        cls = QLoRALinear if isinstance(t.module, QuantizedLinear) else LoRALinear
+        cls = next(c for base, c in _LORA_LAYER.items() if isinstance(t.module, base))
         layer = cls(t.module, adapter_name=adapter_name, **kw)
         if configs:  # a fresh layer activates its first adapter; the model's active one decides
             _activate(layer, getattr(model, "active_adapter", None))
@@ -255,8 +269,8 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; have {list(configs)}")
-    for name, (path, layer) in linear_modules(model).items():
-        if isinstance(layer, LoRALinear) and adapter_name in layer.adapters:
+    for name, (path, layer) in _modules(model, (LoRALinear,)).items():
+        if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(model, path, layer.unload())
@@ -311,9 +325,7 @@ def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Se
 
 @per_layer
 def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
-    for name, (path, layer) in linear_modules(model).items():
-        if not isinstance(layer, LoRALinear):
-            continue
+    for name, (path, layer) in _modules(model, (LoRALinear,)).items():
         if merge and layer.active_adapter is not None:
             base = (layer.merge_and_unload(requantize=requantize) if isinstance(layer.base, QuantizedLinear)
                     else layer.merge_and_unload())

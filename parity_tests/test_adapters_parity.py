@@ -183,6 +183,38 @@ def test_modules_to_save_round_trip(llama, tmp_path, saved):
     assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(llama), tokens))
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_embedding_lora_round_trip(tmp_path, tie):
+    """LoRA on embed_tokens (PEFT's lora.Embedding, lora_embedding_A / _B): PEFT's file loads in jaxlora with
+    PEFT's logits, jaxlora writes back the same keys and values (the table too, as PEFT), PEFT loads that;
+    the merged model matches too. Tied: the output head keeps the base table on both sides."""
+    path = hf_ref.save_tiny_model("llama", tmp_path / "m", seed=1, tie_word_embeddings=tie)
+    peft = peft_ref.random_adapter(hf_ref.load_model(path), seed=7, r=4, lora_alpha=8,
+                                   target_modules=["embed_tokens", "v_proj"])
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(path), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    tokens = ids(8)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    assert rel_err(torch_logits(peft_ref.load_adapter(hf_ref.load_model(path), tmp_path / "ours"), tokens),
+                   theirs) < TOL
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert a["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 256)
+    assert a["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (64, 4)
+    with torch.no_grad():  # the embedding's adapter alone moves the logits
+        for n, p in peft.named_parameters():
+            if "v_proj.lora_B" in n:
+                p.zero_()
+    assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(path), tokens))
+    if not tie:  # a tied merged table would also move PEFT's lm_head, which shares it
+        save_pretrained(merge_and_unload(model), tmp_path / "merged")
+        assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+
+
 def test_merged_checkpoint_loads_in_transformers(checkpoint, tmp_path):
     """merge_and_unload -> save_pretrained -> transformers: the adapted model's logits, no PEFT needed."""
     model = jax_adapted(checkpoint)

@@ -308,6 +308,27 @@ def test_modules_to_save_errors():
         LoraConfig(modules_to_save="lm_head")
 
 
+def test_lora_on_embeddings():
+    """target_modules naming embed_tokens adapts it (PEFT's init: A = 0, so it starts as the base); "all-linear"
+    never does; merge_and_unload folds scale * a @ b into the table."""
+    from jaxlora.embedding import LoRAEmbedding
+
+    x, base = tokens(), tiny()
+    assert not isinstance(get_peft_model(tiny(), LoraConfig(), rngs=nnx.Rngs(0)).model.embed_tokens, LoRAEmbedding)
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["embed_tokens"]), rngs=nnx.Rngs(1))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoRAEmbedding) and diff(model(x), base(x)) == 0
+    layer.adapters["default"].lora_a.value = jax.random.normal(jax.random.key(2), (64, 4))
+    adapted = model(x)
+    assert diff(adapted, base(x)) > 1e-2
+    with disable_adapters(model):
+        assert diff(model(x), base(x)) == 0
+    with pytest.raises(ValueError, match="embedding"):
+        get_peft_model(tiny(), LoraConfig(target_modules=["embed_tokens"], use_dora=True), rngs=nnx.Rngs(0))
+    merged = merge_and_unload(model)
+    assert isinstance(merged.model.embed_tokens, nnx.Embed) and diff(merged(x), adapted) < 1e-5
+
+
 # --- several adapters -----------------------------------------------------------------------------
 
 

@@ -37,6 +37,8 @@ def random_adapter(model: transformers.PreTrainedModel, *, seed: int = 0, **lora
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
         if ".lora_A." in name or ".lora_B." in name:
             p.copy_(noise / p.shape[1] ** 0.5)
+        elif "lora_embedding_" in name:  # LoRA on an embedding: PEFT's A = 0 would change nothing
+            p.copy_(0.5 * noise)
         elif "lora_magnitude_vector" in name:
             p.mul_(1 + 0.1 * noise)
         elif ".modules_to_save." in name:  # a module trained in full: its copy moves off the original
