@@ -24,13 +24,16 @@ from flax import nnx
 
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import per_layer, unstacked
-from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.embedding import LoRAEmbedding
+from jaxlora.layers import LoRALinear, QLoRALinear, set_bias_trainable
+from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType, pissa_niter
-from jaxlora.lora_config import LoraConfig
+from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
 _LINEAR = (nnx.Linear, QuantizedLinear, LoRALinear)
+_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: QLoRALinear, nnx.Embed: LoRAEmbedding}  # base -> layer
 
 
 class Target(NamedTuple):
@@ -47,18 +50,68 @@ def _dotted(path) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _modules(model: nnx.Module, kinds: tuple[type, ...]) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of the modules of `kinds`, not descending into adapter layers."""
+    found = {_dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, kinds)}
+    wrappers = [_dotted(p) for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear | ModulesToSave)]
+    return {name: v for name, v in found.items() if not any(name.startswith(w + ".") for w in wrappers)}
+
+
 @per_layer
 def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
-    """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers."""
-    found = {_dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, _LINEAR)}
-    lora_paths = [name for name, (_, m) in found.items() if isinstance(m, LoRALinear)]
-    return {name: v for name, v in found.items() if not any(name.startswith(lp + ".") for lp in lora_paths)}
+    """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers or the modules
+    trained in full (`ModulesToSave`)."""
+    return {k: v for k, v in _modules(model, _LINEAR).items() if not isinstance(v[1], LoRAEmbedding)}
+
+
+@per_layer
+def embedding_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of every token embedding (``nnx.Embed`` or `LoRAEmbedding`)."""
+    return _modules(model, (nnx.Embed, LoRAEmbedding))
 
 
 @per_layer
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
-    """Dotted path -> every `LoRALinear` (and `QLoRALinear`) in the model."""
-    return {name: m for name, (_, m) in linear_modules(model).items() if isinstance(m, LoRALinear)}
+    """Dotted path -> every LoRA layer in the model: `LoRALinear`, `QLoRALinear`, `LoRAEmbedding`."""
+    return {name: m for name, (_, m) in _modules(model, (LoRALinear,)).items()}
+
+
+@per_layer
+def saved_modules(model: nnx.Module) -> dict[str, ModulesToSave]:
+    """Dotted path -> every `ModulesToSave` (a module trained in full) in the model."""
+    return {name: m for name, (_, m) in _modules(model, (ModulesToSave,)).items()}
+
+
+def _adapter_layers(model: nnx.Module) -> dict[str, LoRALinear | ModulesToSave]:
+    """Every layer holding adapters: LoRA layers and modules trained in full (the same adapter methods)."""
+    return lora_layers(model) | saved_modules(model)
+
+
+@per_layer
+def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[tuple, nnx.Module]]:
+    """The modules `config.modules_to_save` names (path -> (path, module): an ``nnx.Linear``, ``nnx.Embed`` or
+    `ModulesToSave` that gets one more copy); ValueError if a name matches nothing or a LoRA target."""
+    if not config.modules_to_save:
+        return {}
+    found = {name: v for name, v in _modules(model, (*_LINEAR, nnx.Embed, ModulesToSave)).items()
+             if config.saves(name)}
+    targeted = {t.name for t in find_targets(model, config)}
+    for name, (_, module) in found.items():
+        if isinstance(module, QuantizedLinear):
+            raise ValueError(f"{name} is quantized and cannot be trained in full (modules_to_save); keep it dense "
+                             "with QuantConfig(skip_modules=...)")
+        if isinstance(module, LoRALinear) or name in targeted:
+            raise ValueError(f"{name} is both a LoRA target and in modules_to_save={list(config.modules_to_save)}; "
+                             "choose one")
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        # PEFT (ensure_weight_tying=False) trains an untied copy there: the logits keep the original matrix,
+        # and merge_and_unload unties the model -- which a tied jaxlora model has no lm_head module to hold.
+        raise ValueError(f"modules_to_save={list(config.modules_to_save)} on a model with tied embeddings is not "
+                         "supported (it has no lm_head module, and PEFT's trained copy would untie the model)")
+    missing = [n for n in config.modules_to_save if not any(path.endswith(n) for path in found)]
+    if missing:
+        raise ValueError(f"modules_to_save names {missing} match no module of the model")
+    return found
 
 
 def adapter_configs(model: nnx.Module) -> dict[str, LoraConfig]:
@@ -71,10 +124,15 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
     targets = []
     linears = linear_modules(model)
-    for name, (path, module) in linears.items():
+    # Embeddings are adapted when named, never by "all-linear" (PEFT's rule as well).
+    embeddings = {} if config.target_modules == ALL_LINEAR else embedding_modules(model)
+    for name, (path, module) in (linears | embeddings).items():
         if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
             continue
         r = config.r_for(name)  # may exceed min(in, out): PEFT accepts that too
+        if name in embeddings and (config.use_dora or config.init_lora_weights not in (True, False, "gaussian")):
+            raise ValueError(f"{name} is an embedding: LoRA there takes init_lora_weights True, False or 'gaussian' "
+                             f"and no DoRA, as in PEFT (got {config.init_lora_weights!r}, use_dora={config.use_dora})")
         needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
         if needs_dense and isinstance(_base(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
@@ -107,6 +165,7 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; have {list(configs)}")
     targets = find_targets(model, config)
+    saved = find_saved_modules(model, config)
     for t in targets:
         kw = dict(r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
                   use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
@@ -114,15 +173,44 @@ def add_adapter(model: nnx.Module, adapter_name: str, config: LoraConfig, *, rng
         if isinstance(t.module, LoRALinear):
             t.module.add_adapter(adapter_name, **kw)
             continue
-        cls = QLoRALinear if isinstance(t.module, QuantizedLinear) else LoRALinear
+        cls = next(c for base, c in _LORA_LAYER.items() if isinstance(t.module, base))
         layer = cls(t.module, adapter_name=adapter_name, **kw)
         if configs:  # a fresh layer activates its first adapter; the model's active one decides
             _activate(layer, getattr(model, "active_adapter", None))
         replace_module(model, t.path, layer)
+    for path, module in saved.values():
+        if isinstance(module, ModulesToSave):
+            module.add_adapter(adapter_name)
+            continue
+        wrapper = ModulesToSave(module, adapter_name)
+        if configs:
+            _activate(wrapper, getattr(model, "active_adapter", None))
+        replace_module(model, path, wrapper)
     model.lora_configs = tuple(configs.items()) + ((adapter_name, config),)
     if not configs:
         model.active_adapter = adapter_name
+    _sync_biases(model)
     return model
+
+
+def trained_biases(model: nnx.Module, adapter_name: str) -> dict[str, nnx.Module]:
+    """Dotted path -> base linear layer whose bias adapter `adapter_name` trains (its ``bias`` setting):
+    every biased linear layer for "all", those it adapts for "lora_only" (PEFT's rule), none for "none".
+    Call it on the per-layer model (inside `unstacked`)."""
+    bias = adapter_configs(model)[adapter_name].bias
+    found = {}
+    for name, (_, module) in linear_modules(model).items():
+        adapted = isinstance(module, LoRALinear) and adapter_name in module.adapters
+        if _base(module).bias is not None and (bias == "all" or bias == "lora_only" and adapted):
+            found[name] = _base(module)
+    return found
+
+
+def _sync_biases(model: nnx.Module) -> None:
+    """Each base bias trains iff some adapter's config says so (derived from `lora_configs`, never kept)."""
+    trained = {name for adapter in adapter_configs(model) for name in trained_biases(model, adapter)}
+    for name, (_, module) in linear_modules(model).items():
+        set_bias_trainable(_base(module), name in trained)
 
 
 @per_layer
@@ -134,7 +222,7 @@ def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, ada
     return add_adapter(model, adapter_name, config, rngs=rngs)
 
 
-def _activate(layer: LoRALinear, name: str | None) -> None:
+def _activate(layer: LoRALinear | ModulesToSave, name: str | None) -> None:
     if name is not None and name in layer.adapters:
         layer.set_adapter(name)
     else:  # this layer has no such adapter: it runs its base alone
@@ -146,7 +234,7 @@ def set_adapter(model: nnx.Module, adapter_name: str) -> None:
     """Makes `adapter_name` the active adapter of every layer (layers without it run their base)."""
     if adapter_name not in adapter_configs(model):
         raise ValueError(f"unknown adapter {adapter_name!r}; have {list(adapter_configs(model))}")
-    for layer in lora_layers(model).values():
+    for layer in _adapter_layers(model).values():
         _activate(layer, adapter_name)
     model.active_adapter = adapter_name
 
@@ -158,7 +246,7 @@ class disable_adapters:  # noqa: N801 -- used as a function and as a context man
     def __init__(self, model: nnx.Module):
         self.model = model
         with unstacked(model):
-            for layer in lora_layers(model).values():
+            for layer in _adapter_layers(model).values():
                 layer.disable_adapter_layers()
 
     def __enter__(self):
@@ -170,7 +258,7 @@ class disable_adapters:  # noqa: N801 -- used as a function and as a context man
 
 @per_layer
 def enable_adapters(model: nnx.Module) -> None:
-    for layer in lora_layers(model).values():
+    for layer in _adapter_layers(model).values():
         layer.enable_adapter_layers()
 
 
@@ -181,13 +269,19 @@ def delete_adapter(model: nnx.Module, adapter_name: str) -> None:
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; have {list(configs)}")
-    for name, (path, layer) in linear_modules(model).items():
-        if isinstance(layer, LoRALinear) and adapter_name in layer.adapters:
+    for name, (path, layer) in _modules(model, (LoRALinear,)).items():
+        if adapter_name in layer.adapters:
             layer.delete_adapter(adapter_name)
             if not layer.adapters:
                 replace_module(model, path, layer.unload())
+    for name, (path, wrapper) in _modules(model, (ModulesToSave,)).items():
+        if adapter_name in wrapper.adapters:
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapters:
+                replace_module(model, path, wrapper.original)
     del configs[adapter_name]
     model.lora_configs = tuple(configs.items())
+    _sync_biases(model)
     if model.active_adapter == adapter_name:
         model.active_adapter = None
         if configs:
@@ -231,18 +325,19 @@ def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Se
 
 @per_layer
 def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
-    for name, (path, layer) in linear_modules(model).items():
-        if not isinstance(layer, LoRALinear):
-            continue
+    for name, (path, layer) in _modules(model, (LoRALinear,)).items():
         if merge and layer.active_adapter is not None:
             base = (layer.merge_and_unload(requantize=requantize) if isinstance(layer.base, QuantizedLinear)
                     else layer.merge_and_unload())
         else:
             base = layer.unload()
         replace_module(model, path, base)
+    for name, (path, wrapper) in _modules(model, (ModulesToSave,)).items():  # PEFT keeps the active copy
+        replace_module(model, path, wrapper.unload())
     for attr in ("lora_configs", "active_adapter"):
         if hasattr(model, attr):
             delattr(model, attr)
+    _sync_biases(model)  # no adapters left: every bias is frozen again
     return model
 
 
@@ -271,7 +366,7 @@ def print_trainable_parameters(model: nnx.Module) -> tuple[int, int]:
     for _, module in nnx.iter_graph(model):
         if isinstance(module, QuantizedLinear):
             total += math.prod(module.weight.value.shape)
-            if module.bias is not None:
+            if module.bias is not None and not isinstance(module.bias, nnx.Param):  # a trained bias is counted
                 total += math.prod(module.bias.value.shape)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     return trainable, total

@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxlora import lora
 from jaxlora.adapter import DoraNorm, LoRAAdapter
-from jaxlora.qlinear import QuantizedLinear, quantize_weight
+from jaxlora.qlinear import FrozenBias, QuantizedLinear, quantize_weight
 from jaxlora.qmatmul import dequantize
 
 Base = nnx.Linear | QuantizedLinear
@@ -44,6 +44,17 @@ def _merged_kernel(base: Base, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Arr
 
 def _bias(base: Base) -> jax.Array | None:
     return None if base.bias is None else base.bias.value
+
+
+def set_bias_trainable(base: Base, trainable: bool) -> None:
+    """PEFT's ``bias="all"`` / ``"lora_only"``: the base bias trains. Trainability is the variable's type:
+    ``nnx.LoRAParam`` (what ``wrt=nnx.LoRAParam`` selects), else the base's frozen type (``nnx.Param`` of a
+    dense ``nnx.Linear``, `FrozenBias` of a `QuantizedLinear`). The value is kept, not copied or cast."""
+    if base.bias is None:
+        return
+    kind = nnx.LoRAParam if trainable else FrozenBias if isinstance(base, QuantizedLinear) else nnx.Param
+    if type(base.bias) is not kind:
+        base.bias = kind(base.bias.get_value())
 
 
 class LoRALinear(nnx.Module):

@@ -21,6 +21,8 @@ from jaxlora.lora import pissa_niter
 ALL_LINEAR = "all-linear"
 INIT_LORA_WEIGHTS = (True, False, "gaussian", "pissa", "pissa_niter_[n]", "loftq")
 TaskType = Literal["CAUSAL_LM"]
+Bias = Literal["none", "all", "lora_only"]
+BIAS: tuple[str, ...] = ("none", "all", "lora_only")
 
 # adapter_config.json keys that carry no behaviour jaxlora must reproduce (bookkeeping).
 _INFORMATIONAL = frozenset({
@@ -158,7 +160,12 @@ class LoraConfig:
     # True (B = 0), False (random B), "gaussian", "pissa", "pissa_niter_<n>" (randomized SVD), "loftq"
     init_lora_weights: bool | str = True
     loftq_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # {"loftq_iter": n} for "loftq"
-    bias: Literal["none"] = "none"  # jaxlora keeps every base bias frozen (PEFT's "all"/"lora_only": not yet)
+    # Which base biases train beside the adapter (PEFT's names): "none", "all" (every linear layer's) or
+    # "lora_only" (those of the adapted layers). They are written to the adapter file under their base names.
+    bias: Bias = "none"
+    # Modules trained in full beside the adapters (a copy per adapter), e.g. ["lm_head"] or ["embed_tokens"]:
+    # a name matches a module path ending in it (PEFT's rule). Saved under the module's own tensor names.
+    modules_to_save: tuple[str, ...] | None = None
     task_type: TaskType | None = "CAUSAL_LM"
 
     def __post_init__(self):
@@ -185,9 +192,13 @@ class LoraConfig:
         if not (isinstance(init, bool) or init in INIT_LORA_WEIGHTS or pissa_niter(init) is not None):
             raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported; jaxlora implements "
                              f"{', '.join(map(repr, INIT_LORA_WEIGHTS))}")
-        if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r} is not supported: jaxlora trains adapters only and keeps every "
-                             "base bias frozen (bias='none')")
+        if self.bias not in BIAS:
+            raise ValueError(f"bias={self.bias!r}; expected one of {BIAS}")
+        saved = self.modules_to_save
+        if saved is not None and (isinstance(saved, str) or not isinstance(saved, Sequence)
+                                  or not all(isinstance(n, str) and n for n in saved)):
+            raise TypeError(f"modules_to_save must be None or a list of module names, got {saved!r}")
+        object.__setattr__(self, "modules_to_save", None if saved is None else tuple(saved))
         object.__setattr__(self, "layers_to_transform", _layer_indexes(self.layers_to_transform))
         object.__setattr__(self, "layers_pattern", _layer_patterns(self.layers_pattern))
         if isinstance(self.target_modules, str) and (self.layers_to_transform, self.layers_pattern) != (None, None):
@@ -223,6 +234,10 @@ class LoraConfig:
         """Whether `exclude_modules` names `path` (then it gets no adapter, whatever target_modules says)."""
         return bool(self.exclude_modules) and _matches(self.exclude_modules, path)
 
+    def saves(self, path: str) -> bool:
+        """Whether the module at `path` is in `modules_to_save` (PEFT's ``_set_trainable``: a plain suffix)."""
+        return any(path.endswith(name) for name in self.modules_to_save or ())
+
     def targets(self, path: str, *, is_output_head: bool = False) -> bool:
         """Whether the linear layer at `path` gets an adapter: PEFT's check_target_module_exists,
         `layers_to_transform` / `layers_pattern` included, decided from the module name alone."""
@@ -253,7 +268,7 @@ class LoraConfig:
             "exclude_modules": names(self.exclude_modules), "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern), "use_rslora": self.use_rslora, "use_dora": self.use_dora,
             "init_lora_weights": self.init_lora_weights, "loftq_config": dict(self.loftq_config), "bias": self.bias,
-            "fan_in_fan_out": False, "modules_to_save": None,
+            "fan_in_fan_out": False, "modules_to_save": names(self.modules_to_save),
             "layers_to_transform": list(self.layers_to_transform) if isinstance(self.layers_to_transform, tuple)
             else self.layers_to_transform,
             "layers_pattern": names(self.layers_pattern),

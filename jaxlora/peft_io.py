@@ -2,7 +2,9 @@
 
 Tensor names are PEFT's with the adapter name stripped (peft 0.21 ``get_peft_model_state_dict``):
 ``base_model.model.<module path>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r), and for DoRA
-``.lora_magnitude_vector`` (out,), all float32. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
+``.lora_magnitude_vector`` (out,), all float32; with ``bias="all"`` / ``"lora_only"`` the trained base biases
+as PEFT names them, ``<path>.base_layer.bias`` under an adapted layer and ``<path>.bias`` elsewhere; and
+each module of ``modules_to_save`` under its own names (``base_model.model.lm_head.weight``), in its dtype. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
 what `save_adapter` writes; `load_adapter` reads what PEFT's ``save_pretrained`` writes.
 """
 
@@ -20,9 +22,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlora.fileio import atomic_directory
-from jaxlora.adapters import adapter_configs, add_adapter, find_targets, lora_layers, set_adapter
+from jaxlora.adapters import (adapter_configs, add_adapter, embedding_modules, find_saved_modules,
+                              find_targets, linear_modules, lora_layers, saved_modules, set_adapter, trained_biases)
+from jaxlora.embedding import LoRAEmbedding
+from jaxlora.layers import LoRALinear
+from jaxlora.modules_to_save import ModulesToSave, module_tensors
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
-from jaxlora.models.stack import per_layer
+from jaxlora.models.stack import per_layer, unstacked
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -40,13 +46,25 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
     if name not in configs:
         raise ValueError(f"no adapter {name!r} to save; have {list(configs)}")
     tensors = {}
-    for path, layer in lora_layers(model).items():
-        if name in layer.adapters:
-            for key, value in layer.peft_state(name).items():
-                tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
+    with unstacked(model):
+        for path, layer in lora_layers(model).items():
+            if name in layer.adapters:
+                for key, value in layer.peft_state(name).items():
+                    tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
+        adapted = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+        for path, layer in lora_layers(model).items():  # PEFT saves an adapted embedding's table as well
+            if name in layer.adapters and isinstance(layer, LoRAEmbedding):
+                table = layer.base.embedding.get_value()
+                tensors[f"{PREFIX}{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(table))
+        for path, base in trained_biases(model, name).items():  # in the base's dtype, as PEFT saves them
+            tensors[_bias_key(path, path in adapted)] = np.ascontiguousarray(np.asarray(base.bias.get_value()))
+        for path, wrapper in saved_modules(model).items():  # PEFT drops "modules_to_save.<adapter>" from names
+            if name in wrapper.adapters:
+                for key, value in wrapper.peft_state(name).items():
+                    tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value))
     config = configs[name].to_peft_dict()
     if config["target_modules"] == ALL_LINEAR:
-        config["target_modules"] = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
+        config["target_modules"] = adapted
     target = Path(directory)
     with atomic_directory(target) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -66,16 +84,44 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-def _expected(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
-    """File key -> shape, for the layers `config` selects in `model`."""
-    shapes = {}
-    for t in find_targets(model, config):
+# PEFT's save_embedding_layers="auto" writes the table of an adapted embedding (for a resized vocabulary) and
+# loads it into the base; jaxlora does both (a file without it loads too).
+_TABLE = "base_layer.weight"
+
+
+def _bias_key(path: str, adapted: bool) -> str:
+    """PEFT's name of a trained base bias: under ``base_layer`` where a LoRA layer wraps the linear layer."""
+    return f"{PREFIX}{path}.base_layer.bias" if adapted else f"{PREFIX}{path}.bias"
+
+
+def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """File key -> shape, for the layers `config` selects in `model` (call it inside `unstacked`): the tensors
+    a file must hold, and those it may hold (an adapted embedding's table)."""
+    shapes, optional = {}, {}
+    targets = find_targets(model, config)
+    embeddings = embedding_modules(model)
+    for t in targets:
+        if t.name in embeddings:  # PEFT's lora.Embedding: lora_embedding_A (r, vocab), lora_embedding_B (hidden, r)
+            table = (t.module.base if isinstance(t.module, LoRALinear) else t.module).embedding.get_value()
+            shapes[f"{PREFIX}{t.name}.lora_embedding_A"] = (t.r, table.shape[0])
+            shapes[f"{PREFIX}{t.name}.lora_embedding_B"] = (table.shape[1], t.r)
+            optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(table.shape)
+            continue
         in_f, out_f = t.module.in_features, t.module.out_features
         shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
         shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
         if config.use_dora:
             shapes[f"{PREFIX}{t.name}.lora_magnitude_vector"] = (out_f,)
-    return shapes
+    targeted = {t.name for t in targets}
+    for name, (_, module) in linear_modules(model).items():  # the biases `trained_biases` will select
+        adapted = name in targeted or isinstance(module, LoRALinear)
+        bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
+        if bias is not None and (config.bias == "all" or config.bias == "lora_only" and name in targeted):
+            shapes[_bias_key(name, adapted)] = tuple(bias.get_value().shape)
+    for name, (_, module) in find_saved_modules(model, config).items():
+        original = module.original if isinstance(module, ModulesToSave) else module
+        shapes.update({f"{PREFIX}{name}.{k}": tuple(v.shape) for k, v in module_tensors(original).items()})
+    return shapes, optional
 
 
 @per_layer
@@ -98,10 +144,11 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
     # PiSSA / LoftQ initialisation would rewrite the base weights; the file already holds the result.
     init = config.init_lora_weights if isinstance(config.init_lora_weights, bool) else True
     inject = dataclasses.replace(config, init_lora_weights=init)
-    expected = _expected(model, inject)
+    expected, optional = _expected(model, inject)
     try:
         with safe_open(file, framework="np") as f:
             keys = set(f.keys())
+            expected |= {k: shape for k, shape in optional.items() if k in keys}
             missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
             if missing:
                 raise ValueError(f"{file}: missing {len(missing)} adapter tensors, e.g. {missing[:3]}")
@@ -124,8 +171,20 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
     for path, layer in lora_layers(model).items():
         if adapter_name in layer.adapters:
             prefix = f"{PREFIX}{path}."
-            layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-                                  adapter_name)
+            layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items()
+                                   if k.startswith(prefix) and ".lora_" in k}, adapter_name)
+    for path, wrapper in saved_modules(model).items():
+        if adapter_name in wrapper.adapters:
+            prefix = f"{PREFIX}{path}."
+            wrapper.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+                                    adapter_name)
+    adapted = lora_layers(model)
+    for path, layer in adapted.items():
+        if adapter_name in layer.adapters and f"{PREFIX}{path}.{_TABLE}" in tensors:
+            table = layer.base.embedding
+            table.set_value(tensors[f"{PREFIX}{path}.{_TABLE}"].astype(table.get_value().dtype))
+    for path, base in trained_biases(model, adapter_name).items():  # into the base, as PEFT loads them
+        base.bias.set_value(tensors[_bias_key(path, path in adapted)].astype(base.bias.get_value().dtype))
     if first:
         set_adapter(model, adapter_name)
     return model

@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxlora.adapters import get_peft_model, merge_and_unload
+from jaxlora.adapters import disable_adapters, get_peft_model, merge_and_unload
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.loading import from_pretrained, save_pretrained
@@ -117,6 +117,102 @@ def test_config_variants_round_trip(llama, tmp_path, variant):
 
     a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
     assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+    return hf_ref.save_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"), seed=1)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_round_trip(qwen2, tmp_path, bias):
+    """bias="all" / "lora_only" on qwen2's q/k/v biases: PEFT's file (trained biases shifted) loads in jaxlora
+    with PEFT's logits, and jaxlora writes back the same keys and values, which PEFT loads again."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(qwen2), seed=5, r=4, lora_alpha=8, bias=bias,
+                                   target_modules=["q_proj", "o_proj", "up_proj"])
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(qwen2), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    tokens = ids(6)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    again = peft_ref.load_adapter(hf_ref.load_model(qwen2), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), theirs) < TOL
+    # The biases alone move the logits: with them reset to the base's, the logits differ.
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    biases = [k for k in a if k.endswith(".bias")]
+    assert len(biases) == (6 if bias == "all" else 2)  # q, k, v of 2 layers; "lora_only": q (the adapted one)
+    assert any(".base_layer.bias" in k for k in biases)
+    base = hf_ref.load_model(qwen2)
+    with torch.no_grad():
+        peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer.bias.copy_(
+            base.model.layers[0].self_attn.q_proj.bias)
+    assert rel_err(torch_logits(peft, tokens), theirs) > 1e-3
+
+
+@pytest.mark.parametrize("saved", [["lm_head"], ["embed_tokens"]])
+def test_modules_to_save_round_trip(llama, tmp_path, saved):
+    """modules_to_save (a copy trained in full): PEFT's file loads in jaxlora with PEFT's logits, jaxlora writes
+    back PEFT's keys and values, PEFT loads that; with adapters disabled both run the original module."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(llama), seed=6, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "v_proj"], modules_to_save=saved)
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(llama), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    tokens = ids(7)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    assert rel_err(torch_logits(peft_ref.load_adapter(hf_ref.load_model(llama), tmp_path / "ours"), tokens),
+                   theirs) < TOL
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert {"lm_head": "base_model.model.lm_head.weight",
+            "embed_tokens": "base_model.model.model.embed_tokens.weight"}[saved[0]] in a
+    with peft.disable_adapter(), disable_adapters(model):
+        assert rel_err(model(jnp.asarray(tokens)), torch_logits(peft, tokens)) < TOL
+    # The copy alone matters: with LoRA's B zeroed on both sides the logits still differ from the base's.
+    with torch.no_grad():
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(llama), tokens))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_embedding_lora_round_trip(tmp_path, tie):
+    """LoRA on embed_tokens (PEFT's lora.Embedding, lora_embedding_A / _B): PEFT's file loads in jaxlora with
+    PEFT's logits, jaxlora writes back the same keys and values (the table too, as PEFT), PEFT loads that;
+    the merged model matches too. Tied: the output head keeps the base table on both sides."""
+    path = hf_ref.save_tiny_model("llama", tmp_path / "m", seed=1, tie_word_embeddings=tie)
+    peft = peft_ref.random_adapter(hf_ref.load_model(path), seed=7, r=4, lora_alpha=8,
+                                   target_modules=["embed_tokens", "v_proj"])
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(path), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    tokens = ids(8)
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    assert rel_err(torch_logits(peft_ref.load_adapter(hf_ref.load_model(path), tmp_path / "ours"), tokens),
+                   theirs) < TOL
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert a["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 256)
+    assert a["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (64, 4)
+    with torch.no_grad():  # the embedding's adapter alone moves the logits
+        for n, p in peft.named_parameters():
+            if "v_proj.lora_B" in n:
+                p.zero_()
+    assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(path), tokens))
+    if not tie:  # a tied merged table would also move PEFT's lm_head, which shares it
+        save_pretrained(merge_and_unload(model), tmp_path / "merged")
+        assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
 
 
 def test_merged_checkpoint_loads_in_transformers(checkpoint, tmp_path):

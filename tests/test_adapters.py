@@ -55,7 +55,7 @@ def quantize_linears(model):
 
 @pytest.mark.parametrize("kw, match", [
     (dict(r=0), "r=0"), (dict(lora_alpha=-1), "lora_alpha"), (dict(lora_dropout=1.0), "lora_dropout"),
-    (dict(bias="all"), "bias='all'"), (dict(task_type="SEQ_CLS"), "task_type"),
+    (dict(bias="some"), "bias='some'"), (dict(task_type="SEQ_CLS"), "task_type"),
     (dict(init_lora_weights="olora"), "olora"), (dict(init_lora_weights="pissa_niter_x"), "pissa_niter_x"), (dict(target_modules="(unclosed"), "not a valid regex"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"), (dict(target_modules=None), "target_modules=None"),
 ])
@@ -75,7 +75,7 @@ def test_config_peft_dict_round_trip_and_hash():
         cfg.rank_pattern["x"] = 1  # read-only: a config is frozen all the way down
 
 
-@pytest.mark.parametrize("field, value", [("fan_in_fan_out", True), ("modules_to_save", ["lm_head"]),
+@pytest.mark.parametrize("field, value", [("fan_in_fan_out", True), ("use_qalora", True),
                                           ("layer_replication", [[0, 1]]), ("peft_type", "IA3"), ("lora_bias", True)])
 def test_config_from_peft_dict_names_unsupported_fields(field, value):
     d = LoraConfig().to_peft_dict() | {field: value}
@@ -233,6 +233,102 @@ def test_print_trainable_parameters(capsys):
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, QLoRALinear)
 
 
+@pytest.mark.parametrize("bias, trained", [("all", {"q_proj", "k_proj", "v_proj"}), ("lora_only", {"q_proj"})])
+def test_bias_trains_saves_and_loads(tmp_path, bias, trained):
+    """PEFT's bias="all" / "lora_only" on qwen2 (q/k/v biases): the chosen base biases become nnx.LoRAParam,
+    a train step moves them, the file carries them under PEFT's names, and unload freezes them again."""
+    config = LoraConfig(**RANDOM, target_modules=["q_proj", "o_proj"], bias=bias)
+    model, x = get_peft_model(tiny(model_type="qwen2"), config, rngs=nnx.Rngs(1)), tokens()
+    paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    biases = {s for p in paths if p.endswith("bias") for s in p.split(".") if s.endswith("_proj")}
+    assert biases == trained
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    before = model.model.layers[0].self_attn.q_proj.base.bias.value
+    with jax.numpy_dtype_promotion("standard"):
+        optimizer.update(model, grads)
+    assert diff(model.model.layers[0].self_attn.q_proj.base.bias.value, before) > 0
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    prefix = "base_model.model.model.layers.0.self_attn."
+    assert prefix + "q_proj.base_layer.bias" in tensors and (prefix + "k_proj.bias" in tensors) == (bias == "all")
+    loaded = load_adapter(tiny(model_type="qwen2"), tmp_path / "a")  # biases from the file, into the base
+    assert diff(loaded(x), model(x)) == 0
+    assert isinstance(loaded.model.layers[1].self_attn.q_proj.base.bias, nnx.LoRAParam)
+    unload(loaded)
+    assert not nnx.state(loaded, nnx.LoRAParam) and type(loaded.model.layers[1].self_attn.k_proj.bias) is nnx.Param
+
+
+@pytest.mark.parametrize("name, tie", [("lm_head", False), ("embed_tokens", False)])
+def test_modules_to_save_train_a_copy_save_and_load(tmp_path, name, tie):
+    """modules_to_save: a full trainable copy (nnx.LoRAParam) beside a frozen original; the copy runs, the
+    original runs with adapters disabled; saved under the module's own names; unload keeps the copy."""
+    config = LoraConfig(**RANDOM, target_modules=["q_proj"], modules_to_save=[name])
+    model, x = get_peft_model(tiny(tie_word_embeddings=tie), config, rngs=nnx.Rngs(1)), tokens()
+    base = tiny(tie_word_embeddings=tie)
+    module = model.lm_head if name == "lm_head" else model.model.embed_tokens
+    trained = module.adapters["default"]
+    var = trained.kernel if name == "lm_head" else trained.embedding
+    assert isinstance(var, nnx.LoRAParam) and type(getattr(module.original, var_name := (
+        "kernel" if name == "lm_head" else "embedding"))) is nnx.Param
+    var.value = var.value + jax.random.normal(jax.random.key(0), var.value.shape) * 0.5  # as if trained
+    adapted = model(x)
+    with disable_adapters(model):
+        assert diff(model(x), base(x)) == 0
+    with disable_adapters(get_peft_model(tiny(tie_word_embeddings=tie), dataclasses.replace(config,
+                                         modules_to_save=None), rngs=nnx.Rngs(1))) as no_copy:
+        assert diff(no_copy(x), base(x)) == 0
+    assert diff(adapted, get_peft_model(tiny(tie_word_embeddings=tie), dataclasses.replace(config, modules_to_save=None),
+                                        rngs=nnx.Rngs(1))(x)) > 1e-3  # the copy matters
+    save_adapter(model, tmp_path / "a")
+    tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    key = "base_model.model.lm_head.weight" if name == "lm_head" else "base_model.model.model.embed_tokens.weight"
+    assert tensors[key].shape == ((64, 32) if name == "lm_head" else (64, 32))
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["modules_to_save"] == [name]
+    loaded = load_adapter(tiny(tie_word_embeddings=tie), tmp_path / "a")
+    assert diff(loaded(x), adapted) == 0
+    merge_and_unload(loaded)  # PEFT's merge_and_unload (and unload) keep the active copy, frozen again
+    assert not nnx.state(loaded, nnx.LoRAParam) and diff(loaded(x), adapted) < 1e-4
+    assert isinstance(loaded.lm_head if name == "lm_head" else loaded.model.embed_tokens, nnx.Linear | nnx.Embed)
+
+
+def test_modules_to_save_errors():
+    with pytest.raises(ValueError, match="both a LoRA target"):
+        get_peft_model(tiny(), LoraConfig(target_modules=["q_proj"], modules_to_save=["q_proj"]), rngs=nnx.Rngs(0))
+    for name in ("lm_head", "embed_tokens"):
+        with pytest.raises(ValueError, match="tied embeddings"):
+            get_peft_model(tiny(tie_word_embeddings=True), LoraConfig(target_modules=["q_proj"], modules_to_save=[name]),
+                           rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"\['norm_x'\] match no module"):
+        get_peft_model(tiny(), LoraConfig(target_modules=["q_proj"], modules_to_save=["norm_x"]), rngs=nnx.Rngs(0))
+    model = quantize_model(tiny(), QuantConfig(skip_modules=()))
+    with pytest.raises(ValueError, match="lm_head is quantized"):
+        get_peft_model(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="modules_to_save"):
+        LoraConfig(modules_to_save="lm_head")
+
+
+def test_lora_on_embeddings():
+    """target_modules naming embed_tokens adapts it (PEFT's init: A = 0, so it starts as the base); "all-linear"
+    never does; merge_and_unload folds scale * a @ b into the table."""
+    from jaxlora.embedding import LoRAEmbedding
+
+    x, base = tokens(), tiny()
+    assert not isinstance(get_peft_model(tiny(), LoraConfig(), rngs=nnx.Rngs(0)).model.embed_tokens, LoRAEmbedding)
+    model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["embed_tokens"]), rngs=nnx.Rngs(1))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoRAEmbedding) and diff(model(x), base(x)) == 0
+    layer.adapters["default"].lora_a.value = jax.random.normal(jax.random.key(2), (64, 4))
+    adapted = model(x)
+    assert diff(adapted, base(x)) > 1e-2
+    with disable_adapters(model):
+        assert diff(model(x), base(x)) == 0
+    with pytest.raises(ValueError, match="embedding"):
+        get_peft_model(tiny(), LoraConfig(target_modules=["embed_tokens"], use_dora=True), rngs=nnx.Rngs(0))
+    merged = merge_and_unload(model)
+    assert isinstance(merged.model.embed_tokens, nnx.Embed) and diff(merged(x), adapted) < 1e-5
+
+
 # --- several adapters -----------------------------------------------------------------------------
 
 
@@ -321,7 +417,7 @@ KEY = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
     (lambda t: t.update({KEY: np.zeros((32, 2), np.float32)}), None, "down_proj.lora_B.weight has shape"),
     (lambda t: t.update({KEY: np.zeros((32, 4), np.int32)}), None, "down_proj.lora_B.weight has dtype I32"),
     (None, lambda c: c.update(use_dora=True), "missing .*lora_magnitude_vector"),
-    (None, lambda c: c.update(modules_to_save=["lm_head"]), "modules_to_save"),
+    (None, lambda c: c.update(modules_to_save=["lm_head"]), r"missing 1 adapter tensors.*lm_head\.weight"),
     (None, lambda c: c.update(r=2), "lora_A.weight has shape"),
 ])
 def test_load_adapter_errors_name_the_problem(tmp_path, edit_tensors, edit_config, match):

@@ -26,7 +26,9 @@ def load_adapter(model: transformers.PreTrainedModel, directory: str | os.PathLi
 @torch.no_grad()
 def random_adapter(model: transformers.PreTrainedModel, *, seed: int = 0, **lora_config):
     """``get_peft_model`` with every adapter tensor redrawn at O(1) effect: A ~ N(0, 1/in), B ~ N(0, 1/r)
-    (PEFT's init has B = 0, an adapter that changes nothing), DoRA's magnitude scaled by 1 + N(0, 0.1^2)."""
+    (PEFT's init has B = 0, an adapter that changes nothing), DoRA's magnitude scaled by 1 + N(0, 0.1^2), and
+    biases trained under bias="all" / "lora_only" shifted by N(0, 0.1^2), copies of `modules_to_save` by half
+    their initial scale."""
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora_config))
@@ -35,8 +37,14 @@ def random_adapter(model: transformers.PreTrainedModel, *, seed: int = 0, **lora
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
         if ".lora_A." in name or ".lora_B." in name:
             p.copy_(noise / p.shape[1] ** 0.5)
+        elif "lora_embedding_" in name:  # LoRA on an embedding: PEFT's A = 0 would change nothing
+            p.copy_(0.5 * noise)
         elif "lora_magnitude_vector" in name:
             p.mul_(1 + 0.1 * noise)
+        elif ".modules_to_save." in name:  # a module trained in full: its copy moves off the original
+            p.add_(0.5 * noise / (p.shape[-1] ** 0.5 if p.ndim == 2 and "embed" not in name else 1.0))
+        elif name.endswith(".bias") and p.requires_grad:  # bias="all" / "lora_only": the trained base bias moves
+            p.add_(0.1 * noise)
     return peft_model.eval()
 
 

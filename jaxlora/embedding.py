@@ -1,0 +1,102 @@
+"""`LoRAEmbedding`: LoRA on a token embedding (``target_modules`` naming ``embed_tokens``), PEFT's ``lora.Embedding``.
+
+An embedding is a linear layer over one-hot token ids: with ``a (vocab, r)`` and ``b (r, hidden)`` the
+adapter adds ``scale * a[ids] @ b`` (PEFT: ``F.embedding(x, lora_embedding_A.T) @ lora_embedding_B.T *
+scaling``), and merging adds ``scale * a @ b`` to the ``(vocab, hidden)`` table, so the adapter is a
+`LoRAAdapter` with in_features = vocab and the multi-adapter methods are `LoRALinear`'s. PEFT names the
+tensors ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(hidden, r)`` and applies no dropout.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlora import lora
+from jaxlora.adapter import LoRAAdapter
+from jaxlora.layers import LoRALinear
+
+# jaxlora's LoRAAdapter names -> PEFT's embedding names (the same (r, vocab) and (hidden, r) layouts).
+_PEFT_NAMES = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
+
+
+class LoRAEmbedding(LoRALinear):
+    """A frozen ``nnx.Embed`` plus named LoRA adapters; ``y = embed(ids) + scale * a[ids] @ b``."""
+
+    @property
+    def in_features(self) -> int:
+        return self.base.num_embeddings
+
+    @property
+    def out_features(self) -> int:
+        return self.base.features
+
+    def add_adapter(self, name: str, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, use_dora: bool = False,
+                    init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
+                    param_dtype=jnp.float32, rngs: nnx.Rngs) -> LoRAAdapter:
+        """PEFT's embedding init: A = 0 and B ~ N(0, 1) (True or "gaussian"), both N(0, 1) for False.
+        Dropout is not applied, as in PEFT; DoRA, PiSSA and LoftQ are for linear layers only."""
+        del lora_dropout, loftq_iter  # PEFT's Embedding never applies its dropout
+        if use_dora or init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(f"LoRA on an embedding takes init_lora_weights True, False or 'gaussian' and no DoRA "
+                             f"(got init_lora_weights={init_lora_weights!r}, use_dora={use_dora})")
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists")
+        adapter = LoRAAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
+                              use_rslora=use_rslora, init_lora_weights=False, param_dtype=param_dtype, rngs=rngs)
+        a_key, b_key = rngs.params(), rngs.params()
+        a = jax.random.normal(a_key, (self.in_features, r), param_dtype)
+        if init_lora_weights is not False:
+            a = jnp.zeros_like(a)
+        adapter.set_weights(a, jax.random.normal(b_key, (r, self.out_features), param_dtype))
+        self.adapters[name] = adapter
+        return adapter
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # (...) int -> (..., hidden)
+        y = self.base(ids)
+        adapter = self._active()
+        if adapter is None:
+            return y
+        extra = (adapter.lora_a.value[ids] @ adapter.lora_b.value) * jnp.asarray(adapter.scaling, adapter.dtype)
+        wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
+        return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """The tied output head uses the table alone (PEFT's lm_head shares the base weight, not the adapter)."""
+        return self.base.attend(h)
+
+    # --- merging: the table is the kernel (vocab, hidden) ---------------------------------------------
+
+    def merge(self) -> None:
+        if self.merged_adapters:
+            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
+        adapter = self._adapter(self.active_adapter)
+        table = self.base.embedding
+        table.value = lora.merge(table.value, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
+        self.merged_adapters = (self.active_adapter,)
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            raise ValueError("no adapter is merged")
+        adapter = self.adapters[self.merged_adapters[0]]
+        table = self.base.embedding
+        table.value = lora.unmerge(table.value, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
+        self.merged_adapters = ()
+
+    def merge_and_unload(self, *, requantize: bool = False) -> nnx.Embed:
+        del requantize  # an embedding is never quantized
+        if not self.merged_adapters:
+            self.merge()
+        return self.base
+
+    # --- PEFT layout ----------------------------------------------------------------------------------
+
+    def peft_state(self, name: str | None = None) -> dict[str, jax.Array]:
+        """``{"lora_embedding_A": (r, vocab), "lora_embedding_B": (hidden, r)}``."""
+        return {_PEFT_NAMES[k]: v for k, v in super().peft_state(name).items()}
+
+    def load_peft_state(self, tensors: dict[str, jax.Array], name: str | None = None) -> None:
+        ours = {v: k for k, v in _PEFT_NAMES.items()}
+        super().load_peft_state({ours.get(k, k): v for k, v in tensors.items()}, name)
