@@ -1,6 +1,7 @@
 """`jaxlora train | eval | generate | export`: QLoRA fine-tuning from the command line.
 
-    jaxlora train --model ./my-llama --data train.jsonl --output-dir runs/x --max-steps 200
+    jaxlora train --model ./my-llama --data train.jsonl --data.max_seq_len 512 --data.batch_size 8 \
+        --output-dir runs/x --max-steps 200
     jaxlora train --config run.yaml --lora.r 16 --optim.learning_rate 1e-4
     jaxlora train --config run.yaml --resume            # continue from runs/x's newest checkpoint
     jaxlora eval --model ./my-llama --adapter runs/x/adapter --data eval.jsonl [--accuracy]
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -329,11 +331,12 @@ def _arg(kind: type, *, ge=None, gt=None, le=None):
     """An argparse `type` that also range-checks (NaN and infinities are never valid)."""
 
     def parse(text: str):
+        value = text
         try:
-            return number("value", config_io.convert(text, kind, where="value"), integer=kind is int, ge=ge, gt=gt,
-                          le=le)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e).replace("value=", "", 1)) from None
+            value = config_io.convert(text, kind, where="value")
+            return number("value", value, integer=kind is int, ge=ge, gt=gt, le=le)
+        except ValueError as e:  # "value='abc' is not a number", "value=-0.001 must be ...": say what was typed
+            raise argparse.ArgumentTypeError(f"{text} {str(e).removeprefix(f'value={value!r} ')}") from None
 
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse
@@ -401,12 +404,34 @@ def _message(e: BaseException) -> str:
     return str(e)
 
 
+# A negative number in any spelling float() reads, "-1e-3", "-1.", "-inf" included. argparse takes only
+# "-1" and "-.5" as values and any other word that starts with "-" as an option ("expected one argument").
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-(inf|infinity|nan)", re.IGNORECASE)
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--flag -1e-3` as `--flag=-1e-3`, the spelling argparse documents for a value that starts with "-",
+    so that the value reaches the range check of its field (no option of ours looks like a number).
+
+    >>> attach_negative_values(["train", "--optim.adam_epsilon", "-1e-3", "--lora.r", "-2"])
+    ['train', '--optim.adam_epsilon=-1e-3', '--lora.r=-2']
+    """
+    out: list[str] = []
+    for word in argv:
+        prev = out[-1] if out else ""
+        if NEGATIVE_NUMBER.fullmatch(word) and prev.startswith("--") and "=" not in prev and prev != "--":
+            out[-1] = f"{prev}={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from jaxlora.train.loop import NonFiniteLossError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     prog = f"jaxlora {args.command}"
     try:
         result = args.fn(args)
