@@ -113,6 +113,7 @@ def resolve_config(file_cfg: dict, overrides: dict[str, dict]) -> RunConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_MAX_SEQ_LEN = 512  # eval's default --max-seq-len, when the model takes that many positions
 
 
 def model_config(name_or_path: str):
@@ -252,7 +253,7 @@ def _prepare(args, *, max_seq_len: int | None = None):
     if args.adapter and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter}: no such directory (a PEFT adapter directory, e.g. "
                                 "runs/x/adapter)")
-    return directory, tok
+    return directory, tok, config
 
 
 def _load_with_adapter(args, directory):
@@ -271,8 +272,9 @@ def cmd_eval(args) -> dict:
     from jaxlora.train.loop import evaluate
     from jaxlora.train.records import read_jsonl
 
-    directory, tok = _prepare(args, max_seq_len=args.max_seq_len)
-    dcfg = DataConfig(path=args.data, max_seq_len=args.max_seq_len, batch_size=args.batch_size, overlong="truncate")
+    directory, tok, config = _prepare(args, max_seq_len=args.max_seq_len)
+    max_seq_len = args.max_seq_len or min(EVAL_MAX_SEQ_LEN, config.max_position_embeddings)
+    dcfg = DataConfig(path=args.data, max_seq_len=max_seq_len, batch_size=args.batch_size, overlong="truncate")
     data = load_data(dcfg, tok)  # data errors before the (slow) model load
     records = [r for _, r in read_jsonl(args.data)] if args.accuracy else []
     if args.accuracy and not all("prompt" in r for r in records):
@@ -291,7 +293,7 @@ def cmd_generate(args) -> dict:
     from jaxlora.evaluate import encode_prompt
     from jaxlora.generate import generate
 
-    directory, tok = _prepare(args)
+    directory, tok, _ = _prepare(args)
     model = _load_with_adapter(args, directory)
     ids = jnp.asarray([encode_prompt(tok, args.prompt)], jnp.int32)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -311,7 +313,7 @@ def cmd_export(args) -> dict:
         raise ValueError("export needs --adapter (the PEFT adapter directory to merge)")
     check_directory_path(args.merged, "--merged")  # before the (slow) model load
     args.quantize = False  # merge into the full-precision base: no quantization error added
-    directory, tok = _prepare(args)
+    directory, tok, _ = _prepare(args)
     model = _load_with_adapter(args, directory)
     merge_and_unload(model)
     path = save_pretrained(model, args.merged)
@@ -380,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     ev, gen, exp = (parsers[n] for n in ("eval", "generate", "export"))
     ev.add_argument("--data", required=True, help="JSONL file: text, prompt/completion or chat records")
-    ev.add_argument("--max-seq-len", type=_arg(int, gt=0), default=512,
-                    help="tokens per example; longer ones are truncated (default: 512)")
+    ev.add_argument("--max-seq-len", type=_arg(int, gt=0),
+                    help=f"tokens per example; longer ones are truncated (default: {EVAL_MAX_SEQ_LEN}, or the "
+                         "model's max_position_embeddings if smaller)")
     ev.add_argument("--batch-size", type=_arg(int, gt=0), default=8, help="examples per batch (default: 8)")
     ev.add_argument("--accuracy", action="store_true", help="exact-match accuracy of greedy completions")
     gen.add_argument("--prompt", required=True, help="the text to complete")

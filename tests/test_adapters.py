@@ -188,7 +188,7 @@ def test_rank_larger_than_layer_is_accepted_as_in_peft():
     x = tokens()
     get_peft_model(model, LoraConfig(r=8, rank_pattern={"k_proj": 64}, init_lora_weights=False), rngs=nnx.Rngs(0))
     k_proj = lora_layers(model)["model.layers.0.self_attn.k_proj"]
-    assert k_proj.adapters["default"].lora_a.value.shape == (k_proj.in_features, 64)
+    assert k_proj.adapters["default"].lora_a.get_value().shape == (k_proj.in_features, 64)
     assert min(k_proj.in_features, k_proj.out_features) < 64
     before = model(x)
     merge_and_unload(model)
@@ -338,7 +338,7 @@ def test_load_bf16_adapter(tmp_path):
 
     directory = _saved(tmp_path, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
     model = load_adapter(tiny(), directory, rngs=nnx.Rngs(0))
-    a = model.model.layers[0].self_attn.q_proj.adapters["default"].lora_a.value
+    a = model.model.layers[0].self_attn.q_proj.adapters["default"].lora_a.get_value()
     assert a.dtype == jnp.float32 and bool(jnp.all(a == a.astype(jnp.bfloat16).astype(jnp.float32)))
 
 

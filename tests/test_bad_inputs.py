@@ -406,3 +406,19 @@ def test_cli_generate_with_a_long_prompt(base_dir, capsys):
                  "--max-new-tokens", "4", "--no-quantize"])
     out = capsys.readouterr().out
     assert code == 0 and json.loads(out)["prompt"] == "7" * 56
+
+
+def test_cli_eval_default_max_seq_len_fits_a_short_model(base_dir, data_file, capsys):
+    # the default 512 exceeds this model's 64 positions: the default is then the model's limit, not an error
+    code = main(["eval", "--model", str(base_dir), "--tokenizer", "byte", "--data", str(data_file), "--no-quantize"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["examples"] == 16
+
+
+def test_cli_unreadable_data_and_missing_keys_name_them(tmp_path, models, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.parquet").write_bytes(b"not parquet at all")
+    code, err = _cli(["eval", "--model", models["ok"], "--tokenizer", "byte", "--data", tmp_path / "d",
+                      "--max-seq-len", "16"], capsys)
+    assert code == 2 and f"data {tmp_path / 'd'} could not be read" in err, err
+    code, err = _cli(["train", "--model", models["ok"], "--data", tmp_path / "x.jsonl"], capsys)
+    assert code == 2 and "--data.max_seq_len, --data.batch_size" in err, err
