@@ -55,11 +55,11 @@ class LoRAAdapter(nnx.Module):
 
     @property
     def dtype(self):
-        return self.lora_a.value.dtype
+        return self.lora_a.get_value().dtype
 
     def init_dora(self, kernel: jax.Array) -> None:
         """m = ||W + scale * A B|| per output feature, from the base kernel ``(in, out)`` (PEFT's init)."""
-        norm = lora.dora_weight_norm(kernel, self.lora_a.value, self.lora_b.value, self.scaling)
+        norm = lora.dora_weight_norm(kernel, self.lora_a.get_value(), self.lora_b.get_value(), self.scaling)
         self.magnitude = nnx.LoRAParam(norm)
 
     def dropped(self, x: jax.Array) -> jax.Array:
@@ -72,25 +72,25 @@ class LoRAAdapter(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The LoRA delta ``(..., out)`` in the adapter dtype; x ``(..., in)``."""
-        return lora.delta(self.dropped(x), self.lora_a.value, self.lora_b.value, self.scaling)
+        return lora.delta(self.dropped(x), self.lora_a.get_value(), self.lora_b.get_value(), self.scaling)
 
     def delta_weight(self) -> jax.Array:
-        return lora.delta_weight(self.lora_a.value, self.lora_b.value, self.scaling)  # (in, out)
+        return lora.delta_weight(self.lora_a.get_value(), self.lora_b.get_value(), self.scaling)  # (in, out)
 
     def set_weights(self, a: jax.Array, b: jax.Array) -> None:
         """Replace A ``(in, r)`` and B ``(r, out)``, checking shapes; kept in the adapter dtype."""
-        for name, new, old in (("lora_a", a, self.lora_a.value), ("lora_b", b, self.lora_b.value)):
+        for name, new, old in (("lora_a", a, self.lora_a.get_value()), ("lora_b", b, self.lora_b.get_value())):
             if new.shape != old.shape:
                 raise ValueError(f"{name} has shape {new.shape}, expected {old.shape}")
-        self.lora_a.value = jnp.asarray(a, self.dtype)
-        self.lora_b.value = jnp.asarray(b, self.dtype)
+        self.lora_a.set_value(jnp.asarray(a, self.dtype))
+        self.lora_b.set_value(jnp.asarray(b, self.dtype))
 
     # PEFT layout: lora_A.weight (r, in), lora_B.weight (out, r), lora_magnitude_vector (out,).
 
     def to_peft(self) -> dict[str, jax.Array]:
-        out = {"lora_A.weight": self.lora_a.value.T, "lora_B.weight": self.lora_b.value.T}
+        out = {"lora_A.weight": self.lora_a.get_value().T, "lora_B.weight": self.lora_b.get_value().T}
         if self.magnitude is not None:
-            out["lora_magnitude_vector"] = self.magnitude.value
+            out["lora_magnitude_vector"] = self.magnitude.get_value()
         return out
 
     def load_peft(self, tensors: dict[str, jax.Array]) -> None:

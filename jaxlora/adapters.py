@@ -365,8 +365,8 @@ def print_trainable_parameters(model: nnx.Module) -> tuple[int, int]:
     total = count(nnx.state(model, nnx.Param))
     for _, module in nnx.iter_graph(model):
         if isinstance(module, QuantizedLinear):
-            total += math.prod(module.weight.value.shape)
+            total += math.prod(module.weight.get_value().shape)
             if module.bias is not None and not isinstance(module.bias, nnx.Param):  # a trained bias is counted
-                total += math.prod(module.bias.value.shape)
+                total += math.prod(module.bias.get_value().shape)
     print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
     return trainable, total

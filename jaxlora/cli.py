@@ -1,6 +1,7 @@
 """`jaxlora train | eval | generate | export`: QLoRA fine-tuning from the command line.
 
-    jaxlora train --model ./my-llama --data train.jsonl --output-dir runs/x --max-steps 200
+    jaxlora train --model ./my-llama --data train.jsonl --data.max_seq_len 512 --data.batch_size 8 \
+        --output-dir runs/x --max-steps 200
     jaxlora train --config run.yaml --lora.r 16 --optim.learning_rate 1e-4
     jaxlora train --config run.yaml --resume            # continue from runs/x's newest checkpoint
     jaxlora eval --model ./my-llama --adapter runs/x/adapter --data eval.jsonl [--accuracy]
@@ -20,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -111,6 +113,7 @@ def resolve_config(file_cfg: dict, overrides: dict[str, dict]) -> RunConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+EVAL_MAX_SEQ_LEN = 512  # eval's default --max-seq-len, when the model takes that many positions
 
 
 def model_config(name_or_path: str):
@@ -250,7 +253,7 @@ def _prepare(args, *, max_seq_len: int | None = None):
     if args.adapter and not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"--adapter {args.adapter}: no such directory (a PEFT adapter directory, e.g. "
                                 "runs/x/adapter)")
-    return directory, tok
+    return directory, tok, config
 
 
 def _load_with_adapter(args, directory):
@@ -269,8 +272,9 @@ def cmd_eval(args) -> dict:
     from jaxlora.train.loop import evaluate
     from jaxlora.train.records import read_jsonl
 
-    directory, tok = _prepare(args, max_seq_len=args.max_seq_len)
-    dcfg = DataConfig(path=args.data, max_seq_len=args.max_seq_len, batch_size=args.batch_size, overlong="truncate")
+    directory, tok, config = _prepare(args, max_seq_len=args.max_seq_len)
+    max_seq_len = args.max_seq_len or min(EVAL_MAX_SEQ_LEN, config.max_position_embeddings)
+    dcfg = DataConfig(path=args.data, max_seq_len=max_seq_len, batch_size=args.batch_size, overlong="truncate")
     data = load_data(dcfg, tok)  # data errors before the (slow) model load
     records = [r for _, r in read_jsonl(args.data)] if args.accuracy else []
     if args.accuracy and not all("prompt" in r for r in records):
@@ -289,7 +293,7 @@ def cmd_generate(args) -> dict:
     from jaxlora.evaluate import encode_prompt
     from jaxlora.generate import generate
 
-    directory, tok = _prepare(args)
+    directory, tok, _ = _prepare(args)
     model = _load_with_adapter(args, directory)
     ids = jnp.asarray([encode_prompt(tok, args.prompt)], jnp.int32)
     out = generate(model, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -309,7 +313,7 @@ def cmd_export(args) -> dict:
         raise ValueError("export needs --adapter (the PEFT adapter directory to merge)")
     check_directory_path(args.merged, "--merged")  # before the (slow) model load
     args.quantize = False  # merge into the full-precision base: no quantization error added
-    directory, tok = _prepare(args)
+    directory, tok, _ = _prepare(args)
     model = _load_with_adapter(args, directory)
     merge_and_unload(model)
     path = save_pretrained(model, args.merged)
@@ -329,11 +333,12 @@ def _arg(kind: type, *, ge=None, gt=None, le=None):
     """An argparse `type` that also range-checks (NaN and infinities are never valid)."""
 
     def parse(text: str):
+        value = text
         try:
-            return number("value", config_io.convert(text, kind, where="value"), integer=kind is int, ge=ge, gt=gt,
-                          le=le)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e).replace("value=", "", 1)) from None
+            value = config_io.convert(text, kind, where="value")
+            return number("value", value, integer=kind is int, ge=ge, gt=gt, le=le)
+        except ValueError as e:  # "value='abc' is not a number", "value=-0.001 must be ...": say what was typed
+            raise argparse.ArgumentTypeError(f"{text} {str(e).removeprefix(f'value={value!r} ')}") from None
 
     parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
     return parse
@@ -377,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(fn=fn)
     ev, gen, exp = (parsers[n] for n in ("eval", "generate", "export"))
     ev.add_argument("--data", required=True, help="JSONL file: text, prompt/completion or chat records")
-    ev.add_argument("--max-seq-len", type=_arg(int, gt=0), default=512,
-                    help="tokens per example; longer ones are truncated (default: 512)")
+    ev.add_argument("--max-seq-len", type=_arg(int, gt=0),
+                    help=f"tokens per example; longer ones are truncated (default: {EVAL_MAX_SEQ_LEN}, or the "
+                         "model's max_position_embeddings if smaller)")
     ev.add_argument("--batch-size", type=_arg(int, gt=0), default=8, help="examples per batch (default: 8)")
     ev.add_argument("--accuracy", action="store_true", help="exact-match accuracy of greedy completions")
     gen.add_argument("--prompt", required=True, help="the text to complete")
@@ -401,12 +407,34 @@ def _message(e: BaseException) -> str:
     return str(e)
 
 
+# A negative number in any spelling float() reads, "-1e-3", "-1.", "-inf" included. argparse takes only
+# "-1" and "-.5" as values and any other word that starts with "-" as an option ("expected one argument").
+NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-(inf|infinity|nan)", re.IGNORECASE)
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """`--flag -1e-3` as `--flag=-1e-3`, the spelling argparse documents for a value that starts with "-",
+    so that the value reaches the range check of its field (no option of ours looks like a number).
+
+    >>> attach_negative_values(["train", "--optim.adam_epsilon", "-1e-3", "--lora.r", "-2"])
+    ['train', '--optim.adam_epsilon=-1e-3', '--lora.r=-2']
+    """
+    out: list[str] = []
+    for word in argv:
+        prev = out[-1] if out else ""
+        if NEGATIVE_NUMBER.fullmatch(word) and prev.startswith("--") and "=" not in prev and prev != "--":
+            out[-1] = f"{prev}={word}"
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from safetensors import SafetensorError
 
     from jaxlora.train.loop import NonFiniteLossError
 
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(attach_negative_values(sys.argv[1:] if argv is None else list(argv)))
     prog = f"jaxlora {args.command}"
     try:
         result = args.fn(args)

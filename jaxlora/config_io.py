@@ -58,10 +58,16 @@ def build(cls: type, values: dict, *, where: str) -> Any:
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; valid keys for {cls.__name__}: {sorted(fields)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in values]
+    if missing:  # named as a user sets them, not as the dataclass's TypeError would ("__init__() missing ...")
+        raise ValueError(f"{where}: missing required key(s) {missing}: set them in the {where!r} section of the "
+                         f"config file or with {', '.join(f'--{where}.{k}' for k in missing)}")
     converted = {k: convert(v, hints[k], where=f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**converted)
-    except (TypeError, ValueError) as e:  # a required field is missing, or the dataclass's own range check
+    except (TypeError, ValueError) as e:  # the dataclass's own type or range check
         raise ValueError(f"{where}: {e}") from e
 
 

@@ -59,7 +59,7 @@ class LoRAEmbedding(LoRALinear):
         adapter = self._active()
         if adapter is None:
             return y
-        extra = (adapter.lora_a.value[ids] @ adapter.lora_b.value) * jnp.asarray(adapter.scaling, adapter.dtype)
+        extra = (adapter.lora_a.get_value()[ids] @ adapter.lora_b.get_value()) * jnp.asarray(adapter.scaling, adapter.dtype)
         wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
         return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
 
@@ -74,7 +74,8 @@ class LoRAEmbedding(LoRALinear):
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
         adapter = self._adapter(self.active_adapter)
         table = self.base.embedding
-        table.value = lora.merge(table.value, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
+        table.set_value(lora.merge(table.get_value(), adapter.lora_a.get_value(), adapter.lora_b.get_value(),
+                                   adapter.scaling))
         self.merged_adapters = (self.active_adapter,)
 
     def unmerge(self) -> None:
@@ -82,7 +83,8 @@ class LoRAEmbedding(LoRALinear):
             raise ValueError("no adapter is merged")
         adapter = self.adapters[self.merged_adapters[0]]
         table = self.base.embedding
-        table.value = lora.unmerge(table.value, adapter.lora_a.value, adapter.lora_b.value, adapter.scaling)
+        table.set_value(lora.unmerge(table.get_value(), adapter.lora_a.get_value(), adapter.lora_b.get_value(),
+                                    adapter.scaling))
         self.merged_adapters = ()
 
     def merge_and_unload(self, *, requantize: bool = False) -> nnx.Embed:

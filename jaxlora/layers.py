@@ -22,28 +22,28 @@ Base = nnx.Linear | QuantizedLinear
 def _kernel(base: Base, dtype) -> jax.Array:
     """The base weight as a dense kernel ``(in, out)``."""
     if isinstance(base, QuantizedLinear):
-        return base.dequantize(base.weight.value.dtype).astype(dtype).T
-    return base.kernel.value.astype(dtype)
+        return base.dequantize(base.weight.get_value().dtype).astype(dtype).T
+    return base.kernel.get_value().astype(dtype)
 
 
 def _set_kernel(base: Base, kernel: jax.Array) -> None:
     if isinstance(base, QuantizedLinear):
         base.requantize(kernel.T)
     else:
-        base.kernel.value = kernel.astype(base.kernel.value.dtype)
+        base.kernel.set_value(kernel.astype(base.kernel.get_value().dtype))
 
 
 def _merged_kernel(base: Base, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Array | None]:
     """The base kernel ``(in, out)`` with `adapter` folded in, and DoRA's weight norm (else None)."""
     kernel = _kernel(base, adapter.dtype)
-    a, b = adapter.lora_a.value, adapter.lora_b.value
+    a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
     if adapter.use_dora:
-        return lora.dora_merge(kernel, a, b, adapter.magnitude.value, adapter.scaling)
+        return lora.dora_merge(kernel, a, b, adapter.magnitude.get_value(), adapter.scaling)
     return lora.merge(kernel, a, b, adapter.scaling), None
 
 
 def _bias(base: Base) -> jax.Array | None:
-    return None if base.bias is None else base.bias.value
+    return None if base.bias is None else base.bias.get_value()
 
 
 def set_bias_trainable(base: Base, trainable: bool) -> None:
@@ -103,7 +103,7 @@ class LoRALinear(nnx.Module):
             if not isinstance(self.base, nnx.Linear):
                 raise ValueError(f"init_lora_weights={init_lora_weights!r} needs the dense weight; build the "
                                  "layer with QLoRALinear(dense_linear, ...), which quantizes after the init")
-            kernel = self.base.kernel.value
+            kernel = self.base.kernel.get_value()
             if init_lora_weights == "pissa" or niter is not None:  # the fast SVD draws its sketch from rngs
                 key = None if niter is None else rngs.params()
                 a, b, kernel = lora.pissa(kernel, r, adapter.scaling, niter=niter, key=key)
@@ -113,7 +113,7 @@ class LoRALinear(nnx.Module):
 
                 qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
                 kernel = dequantize(qt, jnp.float32).T.astype(kernel.dtype)
-            self.base.kernel.value = kernel
+            self.base.kernel.set_value(kernel)
             adapter.set_weights(a, b)
         if use_dora:
             adapter.init_dora(_kernel(self.base, adapter.dtype))
@@ -154,7 +154,7 @@ class LoRALinear(nnx.Module):
         sources = [self._adapter(n) for n in adapters]
         if any(s.use_dora for s in sources):
             raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
-        triples = [(s.lora_a.value, s.lora_b.value, s.scaling) for s in sources]
+        triples = [(s.lora_a.get_value(), s.lora_b.get_value(), s.scaling) for s in sources]
         if combination_type == "linear" or len(adapters) == 1:  # PEFT: one adapter always combines linearly
             a, b = lora.combine_linear(triples, weights)
         elif combination_type == "svd":
@@ -190,8 +190,8 @@ class LoRALinear(nnx.Module):
                 base_out = y.astype(adapter.dtype)
                 if bias is not None:
                     base_out = base_out - jnp.broadcast_to(bias.astype(adapter.dtype), base_out.shape)
-            extra = lora.dora_delta(h, base_out, kernel, adapter.lora_a.value, adapter.lora_b.value,
-                                    adapter.magnitude.value, adapter.scaling)
+            extra = lora.dora_delta(h, base_out, kernel, adapter.lora_a.get_value(), adapter.lora_b.get_value(),
+                                    adapter.magnitude.get_value(), adapter.scaling)
         else:
             extra = adapter(x)
         # Add in the wider of the two dtypes, then round to the base's (PEFT: (base + lora).to(dtype)).
@@ -219,9 +219,10 @@ class LoRALinear(nnx.Module):
             raise ValueError("no adapter is merged")
         adapter = self.adapters[self.merged_adapters[0]]
         kernel = _kernel(self.base, adapter.dtype)
-        a, b = adapter.lora_a.value, adapter.lora_b.value
+        a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
         if adapter.use_dora:
-            kernel = lora.dora_unmerge(kernel, a, b, adapter.magnitude.value, adapter.dora_norm.value, adapter.scaling)
+            magnitude, norm = adapter.magnitude.get_value(), adapter.dora_norm.get_value()
+            kernel = lora.dora_unmerge(kernel, a, b, magnitude, norm, adapter.scaling)
             adapter.dora_norm = None
         else:
             kernel = lora.unmerge(kernel, a, b, adapter.scaling)
@@ -246,16 +247,16 @@ class LoRALinear(nnx.Module):
             if not self.merged_adapters:
                 self.merge()
             return self.base
-        dtype = self.base.weight.value.dtype
+        dtype = self.base.weight.get_value().dtype
         if self.merged_adapters:  # the delta is already in W
             kernel = _kernel(self.base, dtype)
         else:
             kernel, _ = _merged_kernel(self.base, self._adapter(self.active_adapter))
         dense = nnx.Linear(self.in_features, self.out_features, use_bias=self.base.bias is not None,
                            param_dtype=dtype, rngs=nnx.Rngs(0))
-        dense.kernel.value = kernel.astype(dtype)
+        dense.kernel.set_value(kernel.astype(dtype))
         if self.base.bias is not None:
-            dense.bias.value = self.base.bias.value.astype(dtype)
+            dense.bias.set_value(self.base.bias.get_value().astype(dtype))
         return dense
 
     # --- PEFT layout ----------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ class QLoRALinear(LoRALinear):
         compute_dtype = jnp.bfloat16 if compute_dtype is None else compute_dtype
         settings = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
         if init_lora_weights == "loftq":
-            kernel = base.kernel.value
+            kernel = base.kernel.get_value()
             quantize = lambda w: quantize_weight(w.astype(kernel.dtype), **settings)
             qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
             qbase = QuantizedLinear(qt, _bias(base), compute_dtype=compute_dtype)

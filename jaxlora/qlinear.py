@@ -71,34 +71,34 @@ class QuantizedLinear(nnx.Module):
     def from_linear(cls, linear: nnx.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
                     double_quant: bool = True, compute_dtype=jnp.bfloat16):
         """Quantize an ``nnx.Linear``; its kernel ``(in, out)`` is transposed to ``(out, in)`` first."""
-        bias = None if linear.bias is None else linear.bias.value
-        return cls.from_weight(linear.kernel.value.T, bias, quant_type=quant_type, blocksize=blocksize,
+        bias = None if linear.bias is None else linear.bias.get_value()
+        return cls.from_weight(linear.kernel.get_value().T, bias, quant_type=quant_type, blocksize=blocksize,
                                double_quant=double_quant, compute_dtype=compute_dtype)
 
     @property
     def in_features(self) -> int:
-        return self.weight.value.shape[1]
+        return self.weight.get_value().shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.weight.value.shape[0]
+        return self.weight.get_value().shape[0]
 
     def dequantize(self, dtype=None) -> jax.Array:
         """The dense ``(out, in)`` weight."""
-        return dequantize(self.weight.value, dtype)
+        return dequantize(self.weight.get_value(), dtype)
 
     def requantize(self, weight: jax.Array, *, bnb_backend: str | None = None) -> None:
         """Store a new dense ``(out, in)`` weight with the stored tensor's settings: 4- or 8-bit quant
         type, blocksize, double quantization, dtype and quant_storage. A QuantizedTensor does not record
         which bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default: this platform's,
         "cuda" on a GPU and "cpu" elsewhere; `jaxlora.platform`)."""
-        qt = self.weight.value
+        qt = self.weight.get_value()
         new = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type, blocksize=qt.blocksize,
                               double_quant=qt.double_quant, bnb_backend=bnb_backend)
-        self.weight.value = dataclasses.replace(new, quant_storage=qt.quant_storage)
+        self.weight.set_value(dataclasses.replace(new, quant_storage=qt.quant_storage))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
-        y = qmatmul(x, self.weight.value, compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)
+        y = qmatmul(x, self.weight.get_value(), compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)
         if self.bias is not None:  # bias in the compute dtype, added before the one rounding (addmm)
-            y = y + jnp.broadcast_to(self.bias.value.astype(self.compute_dtype).astype(jnp.float32), y.shape)
+            y = y + jnp.broadcast_to(self.bias.get_value().astype(self.compute_dtype).astype(jnp.float32), y.shape)
         return y.astype(self.compute_dtype).astype(x.dtype)

@@ -58,7 +58,8 @@ def _rand(seed, *shape, scale=1.0):
 
 def _dense_jax(w, b):
     lin = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
-    lin.kernel.value, lin.bias.value = jnp.asarray(w.T), jnp.asarray(b)
+    lin.kernel.set_value(jnp.asarray(w.T))
+    lin.bias.set_value(jnp.asarray(b))
     return lin
 
 
@@ -69,9 +70,9 @@ def _jax_forward_and_grads(layer, x, g):
 
     grads, dx = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.LoRAParam), 1))(layer, jnp.asarray(x))
     ad = grads.adapters[layer.active_adapter]
-    out = {"lora_A.weight": ad.lora_a.value.T, "lora_B.weight": ad.lora_b.value.T, "x": dx}
+    out = {"lora_A.weight": ad.lora_a.get_value().T, "lora_B.weight": ad.lora_b.get_value().T, "x": dx}
     if "magnitude" in ad:
-        out["lora_magnitude_vector"] = ad["magnitude"].value
+        out["lora_magnitude_vector"] = ad["magnitude"].get_value()
     return layer(jnp.asarray(x)), out
 
 
@@ -100,7 +101,7 @@ def test_lora_linear_vs_peft_and_seed(use_rslora):
     w, b, x, g = _rand(0, OUT, IN), _rand(1, OUT), _rand(2, 5, IN), _rand(3, 5, OUT)
     layer = LoRALinear(_dense_jax(w, b), r=R, lora_alpha=ALPHA, use_rslora=use_rslora, rngs=nnx.Rngs(1))
     ad = layer.adapters["default"]
-    ad.lora_b.value = jnp.asarray(_rand(4, R, OUT, scale=0.1))
+    ad.lora_b.set_value(jnp.asarray(_rand(4, R, OUT, scale=0.1)))
     _, peft_layer = lora_ref.peft_model(lora_ref.dense_linear(w, b), r=R, lora_alpha=ALPHA, use_rslora=use_rslora)
     _set_torch_adapter(peft_layer, layer.peft_state())  # JAX -> PEFT transfer
 
@@ -120,7 +121,7 @@ def test_lora_linear_vs_peft_and_seed(use_rslora):
 
     peft_layer.merge()
     layer.merge()
-    assert _rel(layer.base.kernel.value.T, peft_layer.base_layer.weight) < 1e-6
+    assert _rel(layer.base.kernel.get_value().T, peft_layer.base_layer.weight) < 1e-6
 
 
 def test_peft_to_jax_transfer_and_shape_errors():
@@ -142,7 +143,7 @@ def test_dora_vs_peft():
     _, peft_layer = lora_ref.peft_model(lora_ref.dense_linear(w, b), r=R, lora_alpha=ALPHA, use_dora=True)
     layer = LoRALinear(_dense_jax(w, b), r=R, lora_alpha=ALPHA, use_dora=True, rngs=nnx.Rngs(1))
     # magnitude init: ||W|| per output feature (B = 0), computed independently on both sides
-    assert _rel(layer.adapters["default"].magnitude.value, peft_layer.lora_magnitude_vector["default"].weight) < 1e-6
+    assert _rel(layer.adapters["default"].magnitude.get_value(), peft_layer.lora_magnitude_vector["default"].weight) < 1e-6
     sd = {"lora_A.weight": _rand(5, R, IN, scale=0.1), "lora_B.weight": _rand(6, OUT, R, scale=0.1),
           "lora_magnitude_vector": _np(peft_layer.lora_magnitude_vector["default"].weight) * 1.2}
     layer.load_peft_state(sd)
@@ -154,7 +155,7 @@ def test_dora_vs_peft():
         assert _rel(grads[key], grads_ref[key]) < 1e-5, key
     peft_layer.merge()
     layer.merge()
-    assert _rel(layer.base.kernel.value.T, peft_layer.base_layer.weight) < 1e-6
+    assert _rel(layer.base.kernel.get_value().T, peft_layer.base_layer.weight) < 1e-6
 
 
 def _align_signs(a, a_ref):
@@ -169,7 +170,7 @@ def test_pissa_vs_peft():
     layer = LoRALinear(_dense_jax(w, b), r=R, lora_alpha=ALPHA, init_lora_weights="pissa", rngs=nnx.Rngs(1))
     sd = layer.peft_state()
     a_ref, b_ref = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight
-    assert _rel(layer.base.kernel.value.T, peft_layer.base_layer.weight) < 1e-5  # the residual
+    assert _rel(layer.base.kernel.get_value().T, peft_layer.base_layer.weight) < 1e-5  # the residual
     assert _rel(sd["lora_B.weight"] @ sd["lora_A.weight"], b_ref @ a_ref) < 1e-5
     a_aligned, signs = _align_signs(sd["lora_A.weight"], a_ref)
     assert _rel(a_aligned, a_ref) < 1e-4 and _rel(_np(sd["lora_B.weight"]) * signs.T, b_ref) < 1e-4
@@ -189,7 +190,7 @@ def test_loftq_vs_peft_algorithm(num_iter):
     deq_ref, a_ref, b_ref = lora_ref.loftq_cpu(w, r=R, num_iter=num_iter)
     layer = LoRALinear(_dense_jax(w, _rand(1, OUT)), r=R, lora_alpha=R, init_lora_weights="loftq",
                        loftq_iter=num_iter, rngs=nnx.Rngs(1))
-    q = np.asarray(layer.base.kernel.value.T)
+    q = np.asarray(layer.base.kernel.get_value().T)
     if num_iter == 1:
         np.testing.assert_array_equal(q, _np(deq_ref))
     else:
@@ -260,6 +261,6 @@ def test_qlora_from_linear_matches_bnb_bytes():
     state = lora_ref.linear4bit(w, b).state_dict()
     layer = QLoRALinear.from_linear(_dense_jax(w, b), r=R, lora_alpha=ALPHA, rngs=nnx.Rngs(1))
     ref = from_bnb_state_dict(state)
-    np.testing.assert_array_equal(layer.base.weight.value.codes, ref.codes)
-    np.testing.assert_array_equal(layer.base.weight.value.absmax, ref.absmax)
-    np.testing.assert_array_equal(layer.base.weight.value.nested_absmax, ref.nested_absmax)
+    np.testing.assert_array_equal(layer.base.weight.get_value().codes, ref.codes)
+    np.testing.assert_array_equal(layer.base.weight.get_value().absmax, ref.absmax)
+    np.testing.assert_array_equal(layer.base.weight.get_value().nested_absmax, ref.nested_absmax)

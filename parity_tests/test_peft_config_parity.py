@@ -137,8 +137,8 @@ def test_rank_above_the_smaller_dimension_matches_peft():
     ref = peft.get_peft_model(dense, peft.LoraConfig(target_modules=["0"], r=16, lora_alpha=8, init_lora_weights=False))
     layer = ref.base_model.model[0]
     lin = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
-    lin.kernel.value = jnp.asarray(layer.base_layer.weight.detach().numpy().T)
-    lin.bias.value = jnp.asarray(layer.base_layer.bias.detach().numpy())
+    lin.kernel.set_value(jnp.asarray(layer.base_layer.weight.detach().numpy().T))
+    lin.bias.set_value(jnp.asarray(layer.base_layer.bias.detach().numpy()))
     ours = LoRALinear(lin, r=16, lora_alpha=8, rngs=nnx.Rngs(0))
     ours.load_peft_state({"lora_A.weight": layer.lora_A["default"].weight.detach().numpy(),
                           "lora_B.weight": layer.lora_B["default"].weight.detach().numpy()})
@@ -157,7 +157,8 @@ def _pissa_pair(w: np.ndarray, bias: np.ndarray, init: str, r: int = 8, alpha: i
     ref = peft.get_peft_model(torch.nn.Sequential(torch_lin), peft.LoraConfig(
         target_modules=["0"], r=r, lora_alpha=alpha, init_lora_weights=init))
     lin = nnx.Linear(w.shape[1], w.shape[0], rngs=nnx.Rngs(0))
-    lin.kernel.value, lin.bias.value = jnp.asarray(w.T), jnp.asarray(bias)
+    lin.kernel.set_value(jnp.asarray(w.T))
+    lin.bias.set_value(jnp.asarray(bias))
     return ref, LoRALinear(lin, r=r, lora_alpha=alpha, init_lora_weights=init, rngs=nnx.Rngs(1))
 
 
@@ -185,6 +186,6 @@ def test_pissa_niter_finds_peft_s_subspace():
     ref_layer = ref.base_model.model[0]
     ref_ba = (ref_layer.lora_B["default"].weight @ ref_layer.lora_A["default"].weight).detach().numpy()
     ad = ours.adapters["default"]
-    ours_ba = np.asarray(ad.lora_a.value @ ad.lora_b.value).T  # (out, in), as PEFT's B @ A
+    ours_ba = np.asarray(ad.lora_a.get_value() @ ad.lora_b.get_value()).T  # (out, in), as PEFT's B @ A
     assert np.abs(ours_ba - ref_ba).max() <= 1e-4 * np.abs(ref_ba).max()
     assert np.abs(ours_ba).max() > 1.0  # the adapter holds the principal part, not zeros

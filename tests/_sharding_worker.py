@@ -1,6 +1,8 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see test_sharding.py):
 QLoRA-trains the same tiny Llama (NF4 + double quant base, LoRA on all linear layers) unsharded and on a
-2x2 (data, fsdp) mesh, and prints both loss curves and where each kind of array was placed, as JSON."""
+2x2 (data, fsdp) mesh and on a 1x4 one (the CLI's default on 4 devices), and prints the loss curves and
+where each kind of array was placed, as JSON. test_sharding.py also reads its stderr: XLA warns there
+("Involuntary full rematerialization") when a sharding forces an array to be gathered whole."""
 
 import json
 import sys
@@ -16,7 +18,7 @@ from jaxlora.train.optim import OptimizerConfig, make_optimizer
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
 from jaxlora.train.step import train_step
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+CONFIG = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2)
 
 
@@ -48,9 +50,10 @@ def curve(mesh):
 assert jax.device_count() == 4, jax.devices()
 one, _ = curve(None)
 four, placed = curve(make_mesh(data=2, fsdp=2))
+fsdp4, _ = curve(make_mesh(data=1, fsdp=4))
 try:
     shard_batch({"input_ids": np.zeros((6, 4), np.int32)}, make_mesh(data=2, fsdp=2))
     err = None
 except ValueError as e:
     err = str(e)
-json.dump({"one": one, "four": four, "placed": placed, "error": err}, sys.stdout)
+json.dump({"one": one, "four": four, "fsdp4": fsdp4, "placed": placed, "error": err}, sys.stdout)

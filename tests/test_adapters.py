@@ -188,7 +188,7 @@ def test_rank_larger_than_layer_is_accepted_as_in_peft():
     x = tokens()
     get_peft_model(model, LoraConfig(r=8, rank_pattern={"k_proj": 64}, init_lora_weights=False), rngs=nnx.Rngs(0))
     k_proj = lora_layers(model)["model.layers.0.self_attn.k_proj"]
-    assert k_proj.adapters["default"].lora_a.value.shape == (k_proj.in_features, 64)
+    assert k_proj.adapters["default"].lora_a.get_value().shape == (k_proj.in_features, 64)
     assert min(k_proj.in_features, k_proj.out_features) < 64
     before = model(x)
     merge_and_unload(model)
@@ -244,10 +244,10 @@ def test_bias_trains_saves_and_loads(tmp_path, bias, trained):
     assert biases == trained
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
     grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-    before = model.model.layers[0].self_attn.q_proj.base.bias.value
+    before = model.model.layers[0].self_attn.q_proj.base.bias.get_value()
     with jax.numpy_dtype_promotion("standard"):
         optimizer.update(model, grads)
-    assert diff(model.model.layers[0].self_attn.q_proj.base.bias.value, before) > 0
+    assert diff(model.model.layers[0].self_attn.q_proj.base.bias.get_value(), before) > 0
     save_adapter(model, tmp_path / "a")
     tensors = load_file(tmp_path / "a" / "adapter_model.safetensors")
     prefix = "base_model.model.model.layers.0.self_attn."
@@ -271,7 +271,7 @@ def test_modules_to_save_train_a_copy_save_and_load(tmp_path, name, tie):
     var = trained.kernel if name == "lm_head" else trained.embedding
     assert isinstance(var, nnx.LoRAParam) and type(getattr(module.original, var_name := (
         "kernel" if name == "lm_head" else "embedding"))) is nnx.Param
-    var.value = var.value + jax.random.normal(jax.random.key(0), var.value.shape) * 0.5  # as if trained
+    var.set_value(var.get_value() + jax.random.normal(jax.random.key(0), var.get_value().shape) * 0.5)  # as if trained
     adapted = model(x)
     with disable_adapters(model):
         assert diff(model(x), base(x)) == 0
@@ -318,7 +318,7 @@ def test_lora_on_embeddings():
     model = get_peft_model(tiny(), LoraConfig(r=4, target_modules=["embed_tokens"]), rngs=nnx.Rngs(1))
     layer = model.model.embed_tokens
     assert isinstance(layer, LoRAEmbedding) and diff(model(x), base(x)) == 0
-    layer.adapters["default"].lora_a.value = jax.random.normal(jax.random.key(2), (64, 4))
+    layer.adapters["default"].lora_a.set_value(jax.random.normal(jax.random.key(2), (64, 4)))
     adapted = model(x)
     assert diff(adapted, base(x)) > 1e-2
     with disable_adapters(model):
@@ -434,7 +434,7 @@ def test_load_bf16_adapter(tmp_path):
 
     directory = _saved(tmp_path, lambda t: t.update({k: v.astype(ml_dtypes.bfloat16) for k, v in t.items()}))
     model = load_adapter(tiny(), directory, rngs=nnx.Rngs(0))
-    a = model.model.layers[0].self_attn.q_proj.adapters["default"].lora_a.value
+    a = model.model.layers[0].self_attn.q_proj.adapters["default"].lora_a.get_value()
     assert a.dtype == jnp.float32 and bool(jnp.all(a == a.astype(jnp.bfloat16).astype(jnp.float32)))
 
 

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxlora import LoraConfig, QuantConfig, dequantize_4bit, from_bnb_state_dict, quantize_4bit, to_bnb_state_dict
 from jaxlora.adapters import get_peft_model
-from jaxlora.cli import main
+from jaxlora.cli import ModelConfig, main
 from jaxlora.generate import generate
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.hf_files import INDEX_FILE, load_config, weight_files
@@ -28,6 +28,7 @@ from jaxlora.models.loading import from_pretrained, save_pretrained
 from jaxlora.peft_io import read_adapter_config, save_adapter
 from jaxlora.tokenizer import ByteTokenizer, load_tokenizer
 from jaxlora.train.data import DataConfig
+from jaxlora.train.loop import TrainConfig
 from jaxlora.train.optim import OptimizerConfig
 
 TOK = ByteTokenizer()
@@ -84,6 +85,16 @@ API_CONFIG_CASES = [
     (LoraConfig, dict(init_lora_weights="loftq", loftq_config={"loftq_iter": 0}), "loftq_iter"),
     (DataConfig, dict(path="x", max_seq_len=8, batch_size=2, seed=-1), "seed=-1"),
     (DataConfig, dict(path="x", max_seq_len=8, batch_size=2, eval_fraction=NAN), "eval_fraction"),
+    (DataConfig, dict(path="x", max_seq_len=NAN, batch_size=2), "max_seq_len=nan"),
+    (DataConfig, dict(path="x", max_seq_len=8, batch_size=2.5), "batch_size=2.5"),
+    (DataConfig, dict(path="x", max_seq_len=8, batch_size=True), "batch_size=True"),
+    (TrainConfig, dict(eval_every=NAN), "eval_every=nan"),
+    (TrainConfig, dict(save_every=2.5), "save_every=2.5"),
+    (TrainConfig, dict(log_every=INF), "log_every=inf"),
+    (TrainConfig, dict(save_total_limit=0), "save_total_limit=0"),
+    (TrainConfig, dict(mesh_data=0), "mesh_data=0"),
+    (TrainConfig, dict(mesh_fsdp=-1), "mesh_fsdp=-1"),
+    (ModelConfig, dict(name_or_path="m", seed=1.5), "seed=1.5"),
     (QuantConfig, dict(blocksize=64.0), "blocksize"),
     (LlamaConfig, dict(rope_theta=NAN), "rope_theta=nan"),
     (LlamaConfig, dict(hidden_size=100, num_attention_heads=3), "num_attention_heads=3"),
@@ -219,7 +230,12 @@ def _cli(argv, capsys) -> tuple[int, str]:
 CLI_TRAIN_CASES = [
     (["--optim.adam_beta1", "2"], "optim: adam_beta1=2.0 must be a finite number in [0, 1)"),
     (["--optim.optim", "sgd", "--optim.momentum", "5"], "momentum=5.0"),
-    (["--optim.adam_epsilon=-1e-3"], "adam_epsilon=-0.001"),  # argparse reads a bare -1e-3 as a flag
+    (["--optim.adam_epsilon", "-1e-3"], "adam_epsilon=-0.001 must be a finite number > 0"),  # not a flag
+    (["--optim.adam_epsilon=-1e-3"], "adam_epsilon=-0.001"),
+    (["--optim.learning_rate", "-1.5E2"], "learning_rate=-150.0"),
+    (["--optim.learning_rate", "-inf"], "optim.learning_rate='-inf' is not a finite number"),
+    (["--lora.lora_dropout", "-.5"], "lora_dropout=-0.5"),
+    (["--lora.r", "-2"], "r=-2"),
     (["--optim.adam_epsilon", "0"], "adam_epsilon=0.0"),
     (["--optim.weight_decay", "nan"], "optim.weight_decay='nan' is not a finite number"),
     (["--optim.adam_beta2", "-1"], "adam_beta2=-1.0"),
@@ -307,7 +323,8 @@ def test_cli_eval_checks_max_seq_len(models, data_file, capsys):
 
 
 @pytest.mark.parametrize("flag, value", [("--temperature", "nan"), ("--temperature", "-1"), ("--top-p", "0"),
-                                         ("--max-new-tokens", "0"), ("--top-p", "inf")])
+                                         ("--max-new-tokens", "0"), ("--top-p", "inf"), ("--temperature", "-1e-3"),
+                                         ("--seed", "-1e3")])
 def test_cli_generate_refuses_bad_sampling_flags(models, capsys, flag, value):
     code, err = _cli(["generate", "--model", models["ok"], "--tokenizer", "byte", "--prompt", "x", flag, value],
                      capsys)
@@ -389,3 +406,19 @@ def test_cli_generate_with_a_long_prompt(base_dir, capsys):
                  "--max-new-tokens", "4", "--no-quantize"])
     out = capsys.readouterr().out
     assert code == 0 and json.loads(out)["prompt"] == "7" * 56
+
+
+def test_cli_eval_default_max_seq_len_fits_a_short_model(base_dir, data_file, capsys):
+    # the default 512 exceeds this model's 64 positions: the default is then the model's limit, not an error
+    code = main(["eval", "--model", str(base_dir), "--tokenizer", "byte", "--data", str(data_file), "--no-quantize"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["examples"] == 16
+
+
+def test_cli_unreadable_data_and_missing_keys_name_them(tmp_path, models, capsys):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.parquet").write_bytes(b"not parquet at all")
+    code, err = _cli(["eval", "--model", models["ok"], "--tokenizer", "byte", "--data", tmp_path / "d",
+                      "--max-seq-len", "16"], capsys)
+    assert code == 2 and f"data {tmp_path / 'd'} could not be read" in err, err
+    code, err = _cli(["train", "--model", models["ok"], "--data", tmp_path / "x.jsonl"], capsys)
+    assert code == 2 and "--data.max_seq_len, --data.batch_size" in err, err

@@ -172,12 +172,12 @@ def test_truncation_that_removes_all_targets_drops(tmp_path):
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(batch_size=0), "batch_size must be positive, got 0"),
-        (dict(batch_size=-1), "batch_size must be positive"),
-        (dict(max_seq_len=0), "max_seq_len must be positive"),
+        (dict(batch_size=0), "batch_size=0 must be an integer >= 1"),
+        (dict(batch_size=-1), "batch_size=-1 must be"),
+        (dict(max_seq_len=0), "max_seq_len=0 must be"),
         (dict(overlong="skip"), "overlong must be one of"),
         (dict(format="jsonl"), "format must be one of"),
-        (dict(eval_fraction=1.0), r"eval_fraction must be in \[0, 1\)"),
+        (dict(eval_fraction=1.0), r"eval_fraction=1.0 must be a finite number in \[0, 1\)"),
         (dict(eval_fraction=0.1, eval_path="e.jsonl"), "not both"),
     ],
 )

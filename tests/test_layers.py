@@ -20,7 +20,7 @@ def _x(key=0, shape=(3, IN)):
 
 def _nonzero_b(layer, name=None, key=7):
     ad = layer.adapters[name or layer.active_adapter]
-    ad.lora_b.value = jax.random.normal(jax.random.key(key), ad.lora_b.value.shape, jnp.float32) * 0.1
+    ad.lora_b.set_value(jax.random.normal(jax.random.key(key), ad.lora_b.get_value().shape, jnp.float32) * 0.1)
     return ad
 
 
@@ -38,7 +38,7 @@ def _rel(a, b):
 def test_forward_is_base_plus_delta_and_differs_from_base():
     layer, x = _layer(), _x()
     ad = layer.adapters["default"]
-    expected = layer.base(x) + lora.delta(x, ad.lora_a.value, ad.lora_b.value, 2.0)
+    expected = layer.base(x) + lora.delta(x, ad.lora_a.get_value(), ad.lora_b.get_value(), 2.0)
     assert _rel(layer(x), expected) < 1e-6
     assert _rel(layer(x), layer.base(x)) > 1e-2  # the adapter is really there
 
@@ -50,7 +50,7 @@ def test_fresh_adapter_is_identity():
 
 def test_only_adapters_train():
     layer, x = _layer(use_dora=True), _x()
-    base_before = layer.base.kernel.value
+    base_before = layer.base.kernel.get_value()
     ad_before = jax.tree.map(jnp.copy, nnx.state(layer, nnx.LoRAParam))
 
     def loss(m):
@@ -62,7 +62,7 @@ def test_only_adapters_train():
     # sgd: optax.adam trips the strict dtype-promotion mode (its bias correction mixes int32 and float)
     opt = nnx.Optimizer(layer, optax.sgd(1e-1), wrt=nnx.LoRAParam)
     opt.update(layer, grads)
-    np.testing.assert_array_equal(layer.base.kernel.value, base_before)
+    np.testing.assert_array_equal(layer.base.kernel.get_value(), base_before)
     moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), nnx.state(layer, nnx.LoRAParam), ad_before)
     assert all(jax.tree.leaves(moved))
 
@@ -77,22 +77,22 @@ def test_dropout_on_adapter_input_only_and_off_in_eval():
     layer.enable_adapter_layers()
     layer.eval()
     ad = layer.adapters["default"]
-    np.testing.assert_allclose(layer(x), layer.base(x) + lora.delta(x, ad.lora_a.value, ad.lora_b.value, 2.0),
-                               rtol=1e-6, atol=1e-6)
+    expected = layer.base(x) + lora.delta(x, ad.lora_a.get_value(), ad.lora_b.get_value(), 2.0)
+    np.testing.assert_allclose(layer(x), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_merge_unmerge_dense(use_dora):
     layer, x = _layer(use_dora=use_dora), _x()
     if use_dora:
-        layer.adapters["default"].magnitude.value = layer.adapters["default"].magnitude.value * 1.1
-    y, k = layer(x), layer.base.kernel.value
+        layer.adapters["default"].magnitude.set_value(layer.adapters["default"].magnitude.get_value() * 1.1)
+    y, k = layer(x), layer.base.kernel.get_value()
     layer.merge()
     assert _rel(layer(x), y) < 1e-6  # fp32 merge: one rounding per weight element
     with pytest.raises(ValueError, match="'default' is already merged"):
         layer.merge()
     layer.unmerge()
-    assert _rel(layer.base.kernel.value, k) < 1e-6
+    assert _rel(layer.base.kernel.get_value(), k) < 1e-6
     dense = layer.merge_and_unload()
     assert isinstance(dense, nnx.Linear) and _rel(dense(x), y) < 1e-6
 
@@ -156,7 +156,7 @@ def test_bad_knobs(kw, match):
 
 def test_rank_above_the_smaller_dimension_trains_and_merges():
     layer = LoRALinear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=IN, init_lora_weights=False, rngs=nnx.Rngs(1))
-    assert IN > min(IN, OUT) and layer.adapters["default"].lora_a.value.shape == (IN, IN)
+    assert IN > min(IN, OUT) and layer.adapters["default"].lora_a.get_value().shape == (IN, IN)
     y = layer(_x())
     merged = layer.merge_and_unload()
     np.testing.assert_allclose(np.asarray(merged(_x())), np.asarray(y), rtol=1e-5, atol=1e-5)
@@ -169,7 +169,7 @@ def test_quantized_linear_is_frozen_storage():
     q = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
     assert isinstance(q.weight, QuantizedWeight) and isinstance(q.bias, FrozenBias)
     assert not jax.tree.leaves(nnx.state(q, nnx.Param))
-    assert q.weight.value.shape == (OUT, IN) and q.weight.value.double_quant
+    assert q.weight.get_value().shape == (OUT, IN) and q.weight.get_value().double_quant
 
 
 @pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
@@ -180,8 +180,9 @@ def test_qlora_forward_and_grads(compute_dtype):
     ad = _nonzero_b(layer)
     x = _x()
     w = layer.base.dequantize(jnp.float32)  # (out, in)
-    expected = x.astype(compute_dtype) @ w.astype(compute_dtype).T + layer.base.bias.value.astype(compute_dtype)[None, :]
-    expected = expected.astype(jnp.float32) + lora.delta(x, ad.lora_a.value, ad.lora_b.value, 2.0)
+    bias = layer.base.bias.get_value().astype(compute_dtype)[None, :]
+    expected = x.astype(compute_dtype) @ w.astype(compute_dtype).T + bias
+    expected = expected.astype(jnp.float32) + lora.delta(x, ad.lora_a.get_value(), ad.lora_b.get_value(), 2.0)
     assert _rel(layer(x), expected) < 1e-6
     assert _rel(layer(x), layer.base(x)) > 1e-2
     grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam)))(layer)
@@ -194,15 +195,15 @@ def test_qlora_merge_error_is_a_requantization():
     dense = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
     layer = QLoRALinear.from_linear(dense, r=8, lora_alpha=16, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
-    ad.lora_b.value = ad.lora_b.value * 0.1
+    ad.lora_b.set_value(ad.lora_b.get_value() * 0.1)
     x = _x(shape=(16, 256))
     y = layer(x)
     exact = layer.base.dequantize(jnp.float32).T + ad.delta_weight()
     unloaded = layer.merge_and_unload(requantize=False)
-    assert _rel(unloaded.kernel.value, exact) < 1e-6 and _rel(unloaded(x), y) < 1e-5
+    assert _rel(unloaded.kernel.get_value(), exact) < 1e-6 and _rel(unloaded(x), y) < 1e-5
     layer.merge()
     merged_err = _rel(layer.base.dequantize(jnp.float32).T, exact)
-    quant_err = _rel(layer.base.dequantize(jnp.float32).T, dense.kernel.value)  # vs the original W
+    quant_err = _rel(layer.base.dequantize(jnp.float32).T, dense.kernel.get_value())  # vs the original W
     print(f"requantized merge: weight rel err {merged_err:.4f}, output rel err {_rel(layer(x), y):.4f}")
     assert 0 < merged_err < 0.15  # NF4: |error| <= half a code gap (~0.08 of absmax) per element
     assert quant_err > 0
@@ -222,11 +223,11 @@ def test_qlora_merge_and_unload_is_the_same_after_merge(use_dora):
     merged = layer.base.dequantize(jnp.float32).T
     again = layer.merge_and_unload()
     assert isinstance(again, nnx.Linear)
-    np.testing.assert_array_equal(again.kernel.value, merged)  # W as merged, the delta not added twice
-    assert _rel(again.kernel.value, fresh.kernel.value) < 0.15  # only merge()'s NF4 re-quantization
-    codes = layer.base.weight.value.codes
+    np.testing.assert_array_equal(again.kernel.get_value(), merged)  # W as merged, the delta not added twice
+    assert _rel(again.kernel.get_value(), fresh.kernel.get_value()) < 0.15  # only merge()'s NF4 re-quantization
+    codes = layer.base.weight.get_value().codes
     assert layer.merge_and_unload(requantize=True) is layer.base  # PEFT's way: the re-quantized base
-    np.testing.assert_array_equal(layer.base.weight.value.codes, codes)  # ... merged once
+    np.testing.assert_array_equal(layer.base.weight.get_value().codes, codes)  # ... merged once
 
 
 @pytest.mark.parametrize(("quant_type", "blocksize"), [("dynamic8", 256), ("fp4", 128)])
@@ -248,7 +249,7 @@ def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize)
     # merge's arithmetic: W dequantized to its stored dtype, + delta in float32, rounded back (out, in)
     exact = (layer.base.dequantize().astype(jnp.float32).T + ad.delta_weight()).T.astype(jnp.bfloat16)
     layer.merge()
-    qt, expected = layer.base.weight.value, quantize(exact)
+    qt, expected = layer.base.weight.get_value(), quantize(exact)
     assert (qt.quant_type, qt.blocksize, qt.dtype, qt.double_quant) == (quant_type, blocksize, jnp.bfloat16, False)
     np.testing.assert_array_equal(qt.codes, expected.codes)  # the same quantizer, byte for byte
     np.testing.assert_array_equal(qt.absmax, expected.absmax)
@@ -264,8 +265,8 @@ def test_requantize_takes_the_bnb_backend():
     q = QuantizedLinear.from_weight(w, compute_dtype=jnp.float32)
     q.requantize(w, bnb_backend="cuda")
     expected = quantize_4bit(w, blocksize=64, compress_statistics=True, bnb_backend="cuda")
-    np.testing.assert_array_equal(q.weight.value.codes, expected.codes)
-    np.testing.assert_array_equal(q.weight.value.absmax, expected.absmax)
+    np.testing.assert_array_equal(q.weight.get_value().codes, expected.codes)
+    np.testing.assert_array_equal(q.weight.get_value().absmax, expected.absmax)
 
 
 def test_qlora_compute_dtype_on_a_quantized_base():
@@ -278,7 +279,8 @@ def test_qlora_compute_dtype_on_a_quantized_base():
     assert layer.base.compute_dtype == jnp.bfloat16
     x = _x()
     w = layer.base.dequantize(jnp.float32)  # (out, in); B = 0, so the layer is its base
-    expected = x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16).T + layer.base.bias.value.astype(jnp.bfloat16)[None, :]
+    bias = layer.base.bias.get_value().astype(jnp.bfloat16)[None, :]
+    expected = x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16).T + bias
     assert _rel(layer(x), expected.astype(jnp.float32)) < 1e-6  # the same bf16 products, as test_qlora_forward
     assert _rel(layer(x), qbase()(x)) > 1e-4  # differs from the float32 computation
 
@@ -290,7 +292,7 @@ def test_qlora_inits_from_the_dense_weight(init):
     def dense():
         return nnx.Linear(128, 64, rngs=nnx.Rngs(0))
 
-    w = dense().kernel.value
+    w = dense().kernel.get_value()
     plain = QLoRALinear.from_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
     layer = QLoRALinear.from_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, init_lora_weights=init,
                                     use_dora=True, rngs=nnx.Rngs(1))
@@ -301,4 +303,4 @@ def test_qlora_inits_from_the_dense_weight(init):
 
     assert frob(effective) < frob(plain.base.dequantize(jnp.float32).T)
     x = _x(shape=(4, 128))
-    assert _rel(layer(x), x @ effective + layer.base.bias.value[None, :]) < 1e-5  # DoRA at init: m = ||W'||
+    assert _rel(layer(x), x @ effective + layer.base.bias.get_value()[None, :]) < 1e-5  # DoRA at init: m = ||W'||

@@ -45,7 +45,7 @@ def test_rank_pattern_splits_runs_and_keeps_per_layer_names():
     with unstacked(model):
         for layer in lora_layers(model).values():
             adapter = layer.adapters["default"]
-            adapter.lora_b.value = jnp.ones_like(adapter.lora_b.value)
+            adapter.lora_b.set_value(jnp.ones_like(adapter.lora_b.get_value()))
     assert np.abs(np.asarray(model(ids) - base)).max() > 1e-3
 
 
@@ -61,8 +61,8 @@ def test_an_untouched_edit_reuses_every_array():
 def test_unstacked_edits_reach_the_stack():
     model = LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
     with unstacked(model):
-        model.model.layers[1].mlp.up_proj.kernel.value = jnp.full((32, 64), 7.0)
-    kernel = np.asarray(model.model.layers.runs[0].mlp.up_proj.kernel.value)
+        model.model.layers[1].mlp.up_proj.kernel.set_value(jnp.full((32, 64), 7.0))
+    kernel = np.asarray(model.model.layers.runs[0].mlp.up_proj.kernel.get_value())
     assert (kernel[1] == 7.0).all() and not (kernel[0] == 7.0).any()
 
 

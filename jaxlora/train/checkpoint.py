@@ -122,8 +122,8 @@ def save_checkpoint(
     if write_adapter is not None:
         items[_ADAPTER] = AdapterSave(write_adapter)
     # The PEFT writer turns adapters into numpy, which arrays sharded across processes do not allow.
-    with host_local(model, wrt) if write_adapter is not None else contextlib.nullcontext():
-        _checkpointer().save(final, args=ocp.args.Composite(**items))
+    with host_local(model, wrt) if write_adapter is not None else contextlib.nullcontext(), _checkpointer() as ckpt:
+        ckpt.save(final, args=ocp.args.Composite(**items))
     if keep is not None and is_primary():
         prune_checkpoints(run_dir, keep, protect=final)
     return final
@@ -191,7 +191,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nn
     parts = _trainable(model, optimizer, wrt)
     expected = _flatten(parts)
     try:
-        stored = _checkpointer().metadata(path).item_metadata[_STATE].tree
+        with _checkpointer() as ckpt:
+            stored = ckpt.metadata(path).item_metadata[_STATE].tree
     except Exception as e:  # orbax and tensorstore raise their own error types for damaged files
         raise ValueError(f"checkpoint {path / _STATE} is unreadable (truncated or corrupt?): {_short(e)}") from e
     missing, extra = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
@@ -209,9 +210,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nn
             )
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in expected.items()}
     try:
-        restored = _checkpointer().restore(
-            path, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
-        )[_STATE]
+        with _checkpointer() as ckpt:
+            restored = ckpt.restore(path, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)}))[_STATE]
     except Exception as e:  # tensorstore's message names the damaged file
         raise ValueError(f"checkpoint {path / _STATE} is unreadable (truncated or corrupt?): {_short(e)}") from e
     for part, state in parts.items():

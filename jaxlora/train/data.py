@@ -62,16 +62,13 @@ class DataConfig:
     cache_dir: str | None = None  # keep tokenized examples here, memory-mapped and reused; None: in RAM
 
     def __post_init__(self):
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-        if self.max_seq_len <= 0:
-            raise ValueError(f"max_seq_len must be positive, got {self.max_seq_len}")
+        number("max_seq_len", self.max_seq_len, integer=True, ge=1)
+        number("batch_size", self.batch_size, integer=True, ge=1)
         if self.format not in FORMATS:
             raise ValueError(f"format must be one of {FORMATS}, got {self.format!r}")
         if self.overlong not in OVERLONG:
             raise ValueError(f"overlong must be one of {OVERLONG}, got {self.overlong!r}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        number("eval_fraction", self.eval_fraction, ge=0, lt=1)
         number("seed", self.seed, integer=True, ge=0)  # numpy's default_rng takes no negative seed
         if (self.eval_path is not None or self.eval_split is not None) and self.eval_fraction > 0:
             raise ValueError("give eval_path / eval_split or eval_fraction, not both")

@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxlora.checks import number
 from jaxlora.generate import inference_view
 from jaxlora.train.checkpoint import (
     clean_leftovers,
@@ -60,13 +61,12 @@ class TrainConfig:
     report_to: str | tuple[str, ...] = "none"  # also log to "tensorboard" / "wandb" (a list for both); see report.py
 
     def __post_init__(self):
-        for name in ("eval_every", "save_every", "log_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if self.log_every == 0:
-            raise ValueError("log_every=0 must be >= 1")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit={self.save_total_limit} must be >= 1 or None")
+        number("eval_every", self.eval_every, integer=True, ge=0)
+        number("save_every", self.save_every, integer=True, ge=0)
+        number("log_every", self.log_every, integer=True, ge=1)
+        number("save_total_limit", self.save_total_limit, integer=True, ge=1, none=True)
+        number("mesh_data", self.mesh_data, integer=True, ge=1)  # make_mesh checks them against the devices
+        number("mesh_fsdp", self.mesh_fsdp, integer=True, ge=1, none=True)
         parse_report_to(self.report_to)
 
 

@@ -129,6 +129,24 @@ def _load(path: str, kind: str, *, split: str, streaming: bool, config_name: str
             raise ValueError(f"{path}: a saved Dataset (split {ds.split}) has no split {split!r}")
         return ds.to_iterable_dataset() if streaming else ds
     kw = dict(split=split, streaming=streaming, cache_dir=cache_dir)
+    if kind in ("file", "dir"):
+        try:
+            return _load_local(datasets, path, kind, kw)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a file the builder or pyarrow cannot parse; their errors omit its name
+            cause = e.__cause__ or e  # under DatasetGenerationError, the parser's own error names the problem
+            raise ValueError(f"data {path} could not be read by Hugging Face datasets: {type(cause).__name__}: "
+                             f"{cause}") from e
+    try:
+        return datasets.load_dataset(path, config_name, **kw)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as e:  # offline, or no such dataset: say both readings of the name
+        raise ValueError(f"data {path!r} is no local path, and loading it as a hub dataset failed: {e}") from e
+
+
+def _load_local(datasets, path: str, kind: str, kw: dict):
     if kind == "file":
         file = os.path.expanduser(path)
         if Path(file).suffix == ".csv":  # every CSV cell is text; pandas would read a completion "42" as an int
@@ -136,11 +154,4 @@ def _load(path: str, kind: str, *, split: str, streaming: bool, config_name: str
                 header = next(csv.reader(f), [])
             kw["features"] = datasets.Features({name: datasets.Value("string") for name in header})
         return datasets.load_dataset(_BUILDERS[Path(file).suffix], data_files=file, **kw)
-    if kind == "dir":
-        return datasets.load_dataset(os.path.expanduser(path), **kw)
-    try:
-        return datasets.load_dataset(path, config_name, **kw)
-    except (ValueError, FileNotFoundError):
-        raise
-    except Exception as e:  # offline, or no such dataset: say both readings of the name
-        raise ValueError(f"data {path!r} is no local path, and loading it as a hub dataset failed: {e}") from e
+    return datasets.load_dataset(os.path.expanduser(path), **kw)  # a directory of data files

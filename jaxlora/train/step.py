@@ -57,7 +57,7 @@ def train_step(
     (loss, n), grads = grad_fn(model)
     # optax mixes its int32 step count with floats (bias correction, schedules): keep the user's strict
     # promotion mode for the model, but let optax's own arithmetic promote as it was written to.
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)  # the global L2 norm (optax.global_norm is deprecated)
     if offload_optimizer:
         _move_optimizer_state(optimizer, jax.memory.Space.Device)
     # A non-finite loss or gradient must not reach the weights: the update is computed and then
