@@ -63,6 +63,11 @@ class LoRAEmbedding(LoRALinear):
         wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
         return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
 
+    @property
+    def embedding(self) -> nnx.Variable:
+        """The base table: what a tied output head reads (as `attend`), as on an ``nnx.Embed``."""
+        return self.base.embedding
+
     def attend(self, h: jax.Array) -> jax.Array:
         """The tied output head uses the table alone (PEFT's lm_head shares the base weight, not the adapter)."""
         return self.base.attend(h)

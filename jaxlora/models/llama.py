@@ -246,7 +246,7 @@ class LlamaForCausalLM(nnx.Module):
         # Embed.attend's promoted jnp.dot, as rounded_matmul (jaxlora.models.rounded: no float32 copy of
         # the (vocab, hidden) table on the CPU).
         table = self.model.embed_tokens.embedding[...]
-        dtype = self.model.embed_tokens.dtype or jnp.result_type(h, table)
+        dtype = self.model.dtype  # the compute dtype the embedding was built with
         return rounded_matmul(h.astype(dtype), table.astype(dtype).T)
 
     def init_cache(self, batch: int, slots: int) -> KVCache:
