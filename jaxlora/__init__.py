@@ -3,6 +3,7 @@
 from jaxlora import lora
 from jaxlora.adapter import LoRAAdapter
 from jaxlora.adapters import (
+    adapter_rows,
     add_adapter,
     add_weighted_adapter,
     delete_adapter,
@@ -17,6 +18,7 @@ from jaxlora.adapters import (
 from jaxlora.generate import generate
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.lora_config import LoraConfig
+from jaxlora.mixed import AdapterRows
 from jaxlora.models import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -40,6 +42,7 @@ from jaxlora.quant import (
 )
 
 __all__ = [
+    "AdapterRows",
     "FrozenBias",
     "LlamaConfig",
     "LlamaForCausalLM",
@@ -51,6 +54,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedTensor",
     "QuantizedWeight",
+    "adapter_rows",
     "add_adapter",
     "add_weighted_adapter",
     "delete_adapter",

@@ -23,7 +23,8 @@ from typing import NamedTuple
 from flax import nnx
 
 from jaxlora.graph import replace_module
-from jaxlora.models.stack import per_layer, unstacked
+from jaxlora.mixed import BASE, AdapterRows
+from jaxlora.models.stack import per_layer, stochastic, unstacked
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear, QLoRALinear, set_bias_trainable
 from jaxlora.modules_to_save import ModulesToSave
@@ -237,6 +238,32 @@ def set_adapter(model: nnx.Module, adapter_name: str) -> None:
     for layer in _adapter_layers(model).values():
         _activate(layer, adapter_name)
     model.active_adapter = adapter_name
+
+
+def adapter_rows(model: nnx.Module, adapter_names: Sequence[str]) -> AdapterRows:
+    """PEFT's ``adapter_names=[...]``: one adapter name per row of a batch, ``"__base__"`` for the base model
+    alone, as rows to pass to ``model(input_ids, adapter_rows=...)`` (or `jaxlora.generate`'s
+    ``adapter_names``). Built outside jit; any combination of names reuses one compiled program.
+
+    Refused as PEFT refuses: an unknown name, a DoRA adapter's name, merged adapters, dropout in train mode.
+    """
+    configs = adapter_configs(model)
+    dora = sorted({n for n in adapter_names if n in configs and configs[n].use_dora})
+    if dora:
+        raise ValueError(f"adapter_names names DoRA adapters {dora}: mixed-adapter batches do not support DoRA "
+                         "(as PEFT)")
+    # The stacked layers are LoRALinear modules too (with stacked arrays): no need to unstack to read state.
+    merged = sorted({n for _, m in nnx.iter_graph(model) if isinstance(m, LoRALinear) for n in m.merged_adapters})
+    if merged:
+        raise ValueError(f"adapters {merged} are merged; unmerge them before passing adapter_names (as PEFT)")
+    if stochastic(model):
+        raise ValueError("adapter_names is for inference, as in PEFT: the model's dropout is in train mode "
+                         "(use model.eval() or jaxlora.generate.inference_view)")
+    names = tuple(n for n, c in configs.items() if not c.use_dora)
+    unknown = sorted({n for n in adapter_names if n != BASE and n not in configs})
+    if unknown:
+        raise ValueError(f"adapter_names has unknown adapters {unknown}; have {list(configs)} (or {BASE!r})")
+    return AdapterRows.from_names(adapter_names, names)
 
 
 class disable_adapters:  # noqa: N801 -- used as a function and as a context manager, like PEFT's disable_adapter

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxlora import lora
 from jaxlora.adapter import LoRAAdapter
-from jaxlora.layers import LoRALinear
+from jaxlora.layers import LoRALinear, wide_add
 
 # jaxlora's LoRAAdapter names -> PEFT's embedding names (the same (r, vocab) and (hidden, r) layouts).
 _PEFT_NAMES = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embedding_B"}
@@ -54,14 +54,13 @@ class LoRAEmbedding(LoRALinear):
         self.adapters[name] = adapter
         return adapter
 
-    def __call__(self, ids: jax.Array) -> jax.Array:  # (...) int -> (..., hidden)
-        y = self.base(ids)
-        adapter = self._active()
-        if adapter is None:
-            return y
-        extra = (adapter.lora_a.get_value()[ids] @ adapter.lora_b.get_value()) * jnp.asarray(adapter.scaling, adapter.dtype)
-        wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
-        return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
+    # The forward is LoRALinear's: y = embed(ids) + delta, summed in the wider dtype (PEFT's
+    # result + after_A @ B * scaling), in a mixed batch too (PEFT's result[rows] += adapter_output).
+    _add_rows = staticmethod(wide_add)
+
+    def _delta(self, adapter: LoRAAdapter, ids: jax.Array) -> jax.Array:  # (...) int -> (..., hidden)
+        delta = adapter.lora_a.get_value()[ids] @ adapter.lora_b.get_value()
+        return delta * jnp.asarray(adapter.scaling, adapter.dtype)
 
     @property
     def embedding(self) -> nnx.Variable:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from jaxlora.adapters import adapter_rows
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -44,12 +47,12 @@ def inference_view(model: nnx.Module) -> nnx.Module:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
-def _generate(graphdef, state, input_ids, attention_mask, rng, eos_ids, pad_id, *, max_new_tokens, temperature,
-              top_p):
+def _generate(graphdef, state, input_ids, attention_mask, rng, eos_ids, pad_id, rows, *, max_new_tokens,
+              temperature, top_p):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model(input_ids, attention_mask, cache=cache)
+    logits, cache = model(input_ids, attention_mask, cache=cache, adapter_rows=rows)
     logits = logits[:, -1, :]  # (batch, vocab): only the last position predicts the next token
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
@@ -65,7 +68,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, eos_ids, pad_id, 
         token = jnp.where(done, pad_id, token)  # finished rows emit padding, as transformers does
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
         done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
-        logits, cache = model(token[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache)
+        logits, cache = model(token[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache, adapter_rows=rows)
         return step + 1, out, logits[:, -1, :], cache, done, rng
 
     carry = (jnp.zeros((), jnp.int32), out, logits, cache, done, rng)
@@ -84,12 +87,14 @@ def generate(
     rng: jax.Array | None = None,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    adapter_names: Sequence[str] | None = None,  # PEFT's: one adapter per row, "__base__" for the base model
 ) -> jax.Array:  # (batch, prompt + max_new_tokens) int32
     """Prompt followed by `max_new_tokens` generated tokens; after a row's EOS, `pad_token_id` (default EOS).
 
     temperature 0 is greedy decoding (matching transformers' ``do_sample=False``); otherwise tokens are
     sampled at `temperature` from the `top_p` nucleus, which needs `rng`. The loop stops early once
-    every row has produced EOS; the remaining columns are padding.
+    every row has produced EOS; the remaining columns are padding. With `adapter_names` each row runs its
+    own adapter (`jaxlora.adapter_rows`); another combination of names compiles nothing new.
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -106,10 +111,12 @@ def generate(
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     eos_ids = jnp.asarray(eos or [-1], jnp.int32)  # -1 never matches a token
-    graphdef, state = nnx.split(inference_view(model))
+    view = inference_view(model)
+    rows = None if adapter_names is None else adapter_rows(view, adapter_names)
+    graphdef, state = nnx.split(view)
     new = _generate(
         graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32),
-        jax.random.key(0) if rng is None else rng, eos_ids, jnp.asarray(pad_token_id, jnp.int32),
+        jax.random.key(0) if rng is None else rng, eos_ids, jnp.asarray(pad_token_id, jnp.int32), rows,
         max_new_tokens=max_new_tokens, temperature=float(temperature), top_p=float(top_p),
     )
     return jnp.concatenate([input_ids, new], axis=1)

@@ -13,6 +13,7 @@ from flax import nnx
 
 from jaxlora import lora
 from jaxlora.adapter import DoraNorm, LoRAAdapter
+from jaxlora.mixed import AdapterRows, where_rows
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, quantize_weight
 from jaxlora.qmatmul import dequantize
 
@@ -44,6 +45,13 @@ def _merged_kernel(base: Base, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Arr
 
 def _bias(base: Base) -> jax.Array | None:
     return None if base.bias is None else base.bias.get_value()
+
+
+def wide_add(y: jax.Array, extra: jax.Array) -> jax.Array:
+    """y + extra in the wider of the two dtypes, rounded to y's (PEFT: (base + lora).to(dtype)). Chosen by
+    width, not jnp.promote_types, which refuses bf16 + f32 under strict promotion."""
+    wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
+    return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
 
 
 def set_bias_trainable(base: Base, trainable: bool) -> None:
@@ -175,29 +183,56 @@ class LoRALinear(nnx.Module):
 
     # --- forward --------------------------------------------------------------------------------------
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
+    routes_adapter_rows = True  # jaxlora.mixed.call passes it a mixed batch's rows
+
+    def __call__(self, x: jax.Array, rows: AdapterRows | None = None) -> jax.Array:  # (..., in) -> (..., out)
+        """The base plus the active adapter's delta; with `rows` (a mixed batch, x (batch, ..., in)) each row
+        gets the delta of its own adapter, or none."""
         y = self.base(x)
+        if rows is not None:
+            return self._mixed(x, y, rows)
         adapter = self._active()
         if adapter is None:
             return y
-        if adapter.use_dora:
-            h = adapter.dropped(x)
-            kernel = _kernel(self.base, adapter.dtype)
-            if adapter.dropout_active():  # PEFT recomputes the base term on the dropped-out input
-                base_out = h @ jax.lax.stop_gradient(kernel)
-            else:
-                bias = _bias(self.base)
-                base_out = y.astype(adapter.dtype)
-                if bias is not None:
-                    base_out = base_out - jnp.broadcast_to(bias.astype(adapter.dtype), base_out.shape)
-            extra = lora.dora_delta(h, base_out, kernel, adapter.lora_a.get_value(), adapter.lora_b.get_value(),
-                                    adapter.magnitude.get_value(), adapter.scaling)
+        return wide_add(y, self._dora_delta(x, y, adapter) if adapter.use_dora else self._delta(adapter, x))
+
+    def _delta(self, adapter: LoRAAdapter, x: jax.Array) -> jax.Array:
+        return adapter(x)
+
+    def _dora_delta(self, x: jax.Array, y: jax.Array, adapter: LoRAAdapter) -> jax.Array:
+        h = adapter.dropped(x)
+        kernel = _kernel(self.base, adapter.dtype)
+        if adapter.dropout_active():  # PEFT recomputes the base term on the dropped-out input
+            base_out = h @ jax.lax.stop_gradient(kernel)
         else:
-            extra = adapter(x)
-        # Add in the wider of the two dtypes, then round to the base's (PEFT: (base + lora).to(dtype)).
-        # Chosen by width, not jnp.promote_types, which refuses bf16 + f32 under strict promotion.
-        wide = max((y.dtype, extra.dtype), key=lambda d: jnp.finfo(d).bits)
-        return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
+            bias = _bias(self.base)
+            base_out = y.astype(adapter.dtype)
+            if bias is not None:
+                base_out = base_out - jnp.broadcast_to(bias.astype(adapter.dtype), base_out.shape)
+        return lora.dora_delta(h, base_out, kernel, adapter.lora_a.get_value(), adapter.lora_b.get_value(),
+                               adapter.magnitude.get_value(), adapter.scaling)
+
+    @staticmethod
+    def _add_rows(y: jax.Array, extra: jax.Array) -> jax.Array:
+        return y + extra.astype(y.dtype)  # PEFT's _mixed_batch_forward: result += lora_output.to(result.dtype)
+
+    def _mixed(self, x: jax.Array, y: jax.Array, rows: AdapterRows) -> jax.Array:
+        """PEFT's ``_mixed_batch_forward``; a row whose adapter this layer lacks (or the base) keeps y."""
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged; unmerge before a mixed-adapter batch "
+                             "(adapter_names), as PEFT requires")
+        if self.disabled:  # PEFT: disabled adapters win over adapter_names
+            return y
+        out = y
+        for name, adapter in self.adapters.items():
+            mask = rows.mask(name)
+            if mask is None:
+                continue
+            if adapter.use_dora:
+                raise ValueError(f"adapter {name!r} uses DoRA, which mixed-adapter batches do not support (as PEFT); "
+                                 "build the rows with jaxlora.adapter_rows, which refuses a DoRA adapter's name")
+            out = where_rows(mask, self._add_rows(out, self._delta(adapter, x)), out)
+        return out
 
     # --- merging --------------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.graph import replace_module
+from jaxlora.mixed import AdapterRows, where_rows
 
 # The modules a copy can be made of, and their transformers tensors: name -> (variable, transposed).
 _TENSORS = {nnx.Linear: {"weight": ("kernel", True), "bias": ("bias", False)},
@@ -80,8 +81,21 @@ class ModulesToSave(nnx.Module):
             return self.original
         return self.adapters[self.active_adapter]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.module()(x)
+    routes_adapter_rows = True  # jaxlora.mixed.call passes it a mixed batch's rows
+
+    def __call__(self, x: jax.Array, rows: AdapterRows | None = None) -> jax.Array:
+        """The running module's output; with `rows` (a mixed batch) each row gets its adapter's copy, and the
+        original where the row names the base or an adapter without a copy here (PEFT's _mixed_batch_forward)."""
+        if rows is None:
+            return self.module()(x)
+        out = self.original(x)
+        if self.disabled or self.active_adapter is None:  # PEFT: then the original runs for every row
+            return out
+        for name, copy in self.adapters.items():
+            mask = rows.mask(name)
+            if mask is not None:
+                out = where_rows(mask, copy(x), out)
+        return out
 
     def unload(self) -> nnx.Module:
         """What PEFT's unload and merge_and_unload leave: the active copy (frozen again), else the original."""

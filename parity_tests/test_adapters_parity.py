@@ -14,7 +14,7 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxlora.adapters import disable_adapters, get_peft_model, merge_and_unload
+from jaxlora.adapters import adapter_rows, disable_adapters, get_peft_model, merge_and_unload
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.loading import from_pretrained, save_pretrained
@@ -260,3 +260,54 @@ def test_greedy_generation_with_adapter(llama, tmp_path):
         base = hf_ref.load_model(llama).generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
                                                  max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert not np.array_equal(base.numpy(), theirs.numpy())  # the adapter changes what is generated
+
+
+MIXED = ["a", "__base__", "b"]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(llama, tmp_path_factory):
+    """PEFT and jaxlora holding the same two adapters: "a" (r 4, all-linear), "b" (r 2, three projections and
+    the embedding), each with its own trained copy of lm_head (modules_to_save), all tensors random."""
+    tmp = tmp_path_factory.mktemp("mixed")
+    settings = {"a": dict(seed=8, r=4, lora_alpha=8, target_modules="all-linear"),
+                "b": dict(seed=9, r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"])}
+    for name, kw in settings.items():
+        peft_ref.random_adapter(hf_ref.load_model(llama), modules_to_save=["lm_head"], **kw).save_pretrained(tmp / name)
+    from peft import PeftModel
+
+    peft = PeftModel.from_pretrained(hf_ref.load_model(llama), str(tmp / "a"), adapter_name="a")
+    peft.load_adapter(str(tmp / "b"), adapter_name="b")
+    model = from_pretrained(llama)
+    for name in settings:
+        load_adapter(model, tmp / name, adapter_name=name)
+    return peft.eval(), model
+
+
+def test_mixed_adapter_batch_matches_peft(llama, two_adapters):
+    """model(ids, adapter_names=["a", "__base__", "b"]): PEFT's logits row for row, each row its own adapter."""
+    peft, model = two_adapters
+    tokens = np.random.default_rng(10).integers(3, 256, (3, 12))
+    with torch.no_grad():
+        theirs = peft(torch.tensor(tokens), adapter_names=MIXED).logits.float().numpy()
+    ours = model(jnp.asarray(tokens), adapter_rows=adapter_rows(model, MIXED))
+    assert rel_err(ours, theirs) < TOL
+    base = torch_logits(hf_ref.load_model(llama), tokens)
+    assert rel_err(ours[1], base[1]) < TOL  # "__base__": the base model alone
+    assert_adapted(ours[0], base[0])
+    assert_adapted(ours[2], base[2])
+    swapped = model(jnp.asarray(tokens), adapter_rows=adapter_rows(model, MIXED[::-1]))
+    assert rel_err(swapped[0], theirs[0]) > 1e-2 and rel_err(swapped[2], theirs[2]) > 1e-2  # rows are routed
+
+
+def test_mixed_adapter_generation_matches_peft(two_adapters):
+    """Greedy generate(adapter_names=...) with left padding = PEFT's generate(adapter_names=...)."""
+    peft, model = two_adapters
+    tokens, mask = np.random.default_rng(11).integers(3, 256, (3, 6)), np.ones((3, 6), np.int64)
+    tokens[1, :2], mask[1, :2] = 0, 0
+    ours = generate(model, jnp.asarray(tokens), attention_mask=jnp.asarray(mask), max_new_tokens=8,
+                    adapter_names=MIXED)
+    with torch.no_grad():
+        theirs = peft.generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), max_new_tokens=8,
+                               do_sample=False, eos_token_id=None, pad_token_id=0, adapter_names=MIXED)
+    np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())

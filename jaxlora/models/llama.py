@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxlora.mixed import AdapterRows, call
 from jaxlora.models import attention as attn
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.rounded import rounded_dot_general, rounded_matmul
@@ -70,22 +71,23 @@ class LlamaAttention(nnx.Module):
         self.window = config.window(layer)
         self.attention = attn.check_impl(attention)
 
-    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None):
+    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None, rows=None):
         """x: (batch, seq, hidden); cos, sin: (batch, seq, head_dim); q_slots: (seq,) cache slots of x;
         q_segments (batch, seq) / kv_segments (batch, kv): segment ids of queries and key slots, 0 on
-        padding (see attention_mask_matrix); kv: (cached keys, cached values, end) or None.
+        padding (see attention_mask_matrix); kv: (cached keys, cached values, end) or None;
+        rows: a mixed-adapter batch's `AdapterRows`, or None.
         Returns the output (batch, seq, hidden) and the keys and values attended to (the updated cache)."""
         b, t, _ = x.shape
-        q = attn.apply_rope(self.q_proj(x).reshape(b, t, self.heads, self.head_dim), cos, sin)
-        k = attn.apply_rope(self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q = attn.apply_rope(call(self.q_proj, x, rows).reshape(b, t, self.heads, self.head_dim), cos, sin)
+        k = attn.apply_rope(call(self.k_proj, x, rows).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = call(self.v_proj, x, rows).reshape(b, t, self.kv_heads, self.head_dim)
         if kv is not None:
             cached_k, cached_v, end = kv
             k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), end, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), end, axis=1)
         out = attn.attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots, q_segments, kv_segments,
                              window=self.window, impl=self.attention)
-        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), (k, v)
+        return call(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), rows), (k, v)
 
 
 MLP_CHUNK = 512  # positions per MLP chunk on long sequences (a multiple of them; see LlamaMLP). 1024 -> 512
@@ -99,10 +101,10 @@ class LlamaMLP(nnx.Module):
         self.up_proj = _linear(hidden, inter, bias, config, dtype, param_dtype, rngs)
         self.down_proj = _linear(inter, hidden, bias, config, dtype, param_dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # (batch, seq, hidden)
+    def __call__(self, x: jax.Array, rows: AdapterRows | None = None) -> jax.Array:  # (batch, seq, hidden)
         b, t, d = x.shape
         if t <= MLP_CHUNK or t % MLP_CHUNK:
-            return self._dense(x)
+            return self._dense(x, rows)
         # Long sequences: a rematerialized scan over chunks of positions, so the (tokens, intermediate)
         # activations and their gradients exist for one chunk at a time (each is ~5x the layer's input).
         # Dropout streams advance from chunk to chunk, as in one call.
@@ -111,7 +113,7 @@ class LlamaMLP(nnx.Module):
         @jax.checkpoint
         def chunk(rng, xc):
             mlp = nnx.merge(graphdef, rng, rest)
-            return nnx.state(mlp, nnx.RngState), mlp._dense(xc)
+            return nnx.state(mlp, nnx.RngState), mlp._dense(xc, rows)  # a chunk keeps every row
 
         chunks = jnp.moveaxis(x.reshape(b, t // MLP_CHUNK, MLP_CHUNK, d), 1, 0)
         rng, y = jax.lax.scan(chunk, rng, chunks)
@@ -119,8 +121,8 @@ class LlamaMLP(nnx.Module):
             nnx.update(self, rng)
         return jnp.moveaxis(y, 0, 1).reshape(b, t, y.shape[-1])
 
-    def _dense(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def _dense(self, x: jax.Array, rows: AdapterRows | None) -> jax.Array:
+        return call(self.down_proj, jax.nn.silu(call(self.gate_proj, x, rows)) * call(self.up_proj, x, rows), rows)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -133,10 +135,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(**norm)
         self.post_attention_layernorm = RMSNorm(**norm)
 
-    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None):
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, q_segments, kv_segments, kv)
+    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None, rows=None):
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, q_segments, kv_segments, kv, rows)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x)), new_kv
+        return x + self.mlp(self.post_attention_layernorm(x), rows), new_kv
 
 
 class LlamaModel(nnx.Module):
@@ -154,9 +156,11 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.config, self.dtype, self.remat = config, dtype, remat_policy(remat)
 
-    def __call__(self, input_ids, segment_ids, positions, cache: KVCache | None):
+    def __call__(self, input_ids, segment_ids, positions, cache: KVCache | None, rows: AdapterRows | None = None):
         b, t = input_ids.shape
-        x = self.embed_tokens(input_ids)
+        if rows is not None:
+            rows.check_batch(b)
+        x = call(self.embed_tokens, input_ids, rows)
         # The frequencies are a trace-time numpy constant, not a Variable: never trained, never saved.
         cos, sin = attn.rope_cos_sin(positions, attn.rope_inv_freq(self.config), self.dtype)
         if cache is None:
@@ -168,13 +172,14 @@ class LlamaModel(nnx.Module):
             )
 
         def run_layer(layer, h, kv, consts):  # kv: this layer's (cached keys, cached values), or None
-            cos, sin, q_slots, q_segments, kv_segments, end = consts
-            h, (k, v) = layer(h, cos, sin, q_slots, q_segments, kv_segments, None if kv is None else (*kv, end))
+            cos, sin, q_slots, q_segments, kv_segments, end, rows = consts
+            h, (k, v) = layer(h, cos, sin, q_slots, q_segments, kv_segments, None if kv is None else (*kv, end),
+                              rows)
             return h, None if kv is None else (k, v)
 
         # Decoding with a cache has no backward pass: nothing to rematerialize.
         caches = None if cache is None else tuple(zip(cache.keys, cache.values))
-        consts = (cos, sin, q_slots, segment_ids, kv_segments, None if cache is None else cache.end)
+        consts = (cos, sin, q_slots, segment_ids, kv_segments, None if cache is None else cache.end, rows)
         x, new = self.layers(x, caches, self.remat, run_layer, consts)
         x = self.norm(x)
         if cache is None:
@@ -213,6 +218,7 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,  # (batch, seq) int; default counts real tokens only
         segment_ids: jax.Array | None = None,  # (batch, seq) int; packed rows: 1, 2, ... per example, 0 on padding
         cache: KVCache | None = None,
+        adapter_rows: AdapterRows | None = None,  # a mixed-adapter batch: each row's adapter (jaxlora.adapter_rows)
     ):
         """Returns logits (batch, seq, vocab); with a `cache`, returns (logits, updated cache).
 
@@ -221,11 +227,12 @@ class LlamaForCausalLM(nnx.Module):
         a token attends only to earlier tokens of its own segment; pass the per-example `positions` too.
         """
         h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
-                                          cache=cache)
-        logits = self.logits(h)
+                                          cache=cache, adapter_rows=adapter_rows)
+        logits = self.logits(h, adapter_rows)
         return logits if cache is None else (logits, new_cache)
 
-    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None):
+    def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None,
+                      adapter_rows=None):
         """The final normed hidden states (batch, seq, hidden) and the updated cache (None without one):
         everything of `__call__` but the output head, so a loss can apply `logits` chunk by chunk."""
         if attention_mask is None:
@@ -238,11 +245,11 @@ class LlamaForCausalLM(nnx.Module):
             positions = attn.positions_from_mask(attention_mask)
             if cache is not None:
                 positions = positions + jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
-        return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache)
+        return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache, adapter_rows)
 
-    def logits(self, h: jax.Array) -> jax.Array:  # (..., hidden) -> (..., vocab)
-        if self.lm_head is not None:
-            return self.lm_head(h)
+    def logits(self, h: jax.Array, adapter_rows: AdapterRows | None = None) -> jax.Array:  # (batch, ..., hidden)
+        if self.lm_head is not None:  # -> (batch, ..., vocab)
+            return call(self.lm_head, h, adapter_rows)
         # Embed.attend's promoted jnp.dot, as rounded_matmul (jaxlora.models.rounded: no float32 copy of
         # the (vocab, hidden) table on the CPU).
         table = self.model.embed_tokens.embedding[...]

@@ -1,0 +1,69 @@
+"""Mixed-adapter batches, PEFT's ``model(x, adapter_names=[...])``: each row runs its own adapter, or the base.
+
+The names become `AdapterRows` outside jit: a per-row index (an array, so another combination of names
+reuses the compiled program) into the names of all the model's adapters (static: fixed while the model's
+adapters are). The rows travel as an argument of the model call down to every adapter layer -- through the
+scanned decoder layers too -- never as state on a module. A layer adds each of its adapters' delta to the
+rows that name it, so a batch costs one delta per adapter of the layer for every row (PEFT gathers
+sub-batches, a data-dependent shape that jit cannot have); LoRA deltas are small next to the base matmul.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+BASE = "__base__"  # PEFT's name for "this row runs the base model only"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AdapterRows:
+    """Which adapter each row of a batch runs: ``names[index[i]]``, or the base where ``index[i] == -1``."""
+
+    index: jax.Array  # (batch,) int32
+    names: tuple[str, ...] = dataclasses.field(metadata=dict(static=True))  # every adapter of the model
+
+    @classmethod
+    def from_names(cls, adapter_names: Sequence[str], names: Sequence[str]) -> AdapterRows:
+        """Rows naming adapters of `names` (or `BASE`); ValueError naming any unknown name."""
+        if isinstance(adapter_names, str):
+            raise ValueError(f"adapter_names={adapter_names!r} must be a list of names, one per row of the batch")
+        names = tuple(names)
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in names})
+        if unknown:
+            raise ValueError(f"adapter_names has unknown adapters {unknown}; have {list(names)} (or {BASE!r})")
+        index = [-1 if n == BASE else names.index(n) for n in adapter_names]
+        return cls(jnp.asarray(np.asarray(index, np.int32).reshape(len(index))), names)
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+    def mask(self, name: str) -> jax.Array | None:
+        """(batch,) bool: the rows that run adapter `name`; None for a name the model does not have."""
+        if name not in self.names:
+            return None
+        return self.index == self.names.index(name)
+
+    def check_batch(self, batch: int) -> None:
+        if len(self) != batch:
+            raise ValueError(f"adapter_names has {len(self)} names for a batch of {batch} rows; give one per row")
+
+
+def where_rows(mask: jax.Array, on: jax.Array, off: jax.Array) -> jax.Array:
+    """`on` in the rows of `mask` (batch,), `off` elsewhere; both (batch, ...)."""
+    return jnp.where(mask.reshape(mask.shape + (1,) * (on.ndim - 1)), on, off)
+
+
+def call(module, x: jax.Array, rows: AdapterRows | None) -> jax.Array:
+    """``module(x)``, routing `rows` to a module that holds adapters (one with ``routes_adapter_rows``).
+
+    Models call their layers through this, so the same model code runs plain layers, quantized layers and
+    adapter layers without knowing which it holds."""
+    if rows is None or not getattr(module, "routes_adapter_rows", False):
+        return module(x)
+    return module(x, rows)
