@@ -1,6 +1,7 @@
 """Where the compiled QLoRA train step spends its time: per-op (per-fusion) times from a jax.profiler trace.
 
     python -m benchmarks.profile_step [--size h1024] [--dtype bfloat16] [--steps 3] [--cpus 0] [--out runs/profile]
+    XLA_FLAGS=... python -m benchmarks.profile_step --time 8 --cpus 0   # only step times: min / median of 8
 
 Builds the benchmark's model (benchmarks.run SIZES, NF4 + double quant, LoRA r=16 all-linear, AdamW), takes
 two warm-up steps, traces `--steps` steps with ``jax.profiler.trace(create_perfetto_trace=True)`` and sums
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--cpus", type=lambda v: [int(c) for c in v.split(",")], default=None)
     ap.add_argument("--out", type=Path, default=Path("runs/profile"))
+    ap.add_argument("--time", type=int, default=0, metavar="N",
+                    help="no trace: print the min and median wall time of N steps (to compare XLA_FLAGS or a change)")
     args = ap.parse_args()
     if args.cpus:  # before jax starts its thread pool
         os.sched_setaffinity(0, args.cpus)
@@ -108,6 +111,16 @@ def main() -> None:
     step = nnx.cached_partial(train_step, model, optimizer)
     for _ in range(2):
         float(step(batch)["loss"])
+    if args.time:
+        times = []
+        for _ in range(args.time):
+            t0 = time.perf_counter()
+            float(step(batch)["loss"])
+            times.append(time.perf_counter() - t0)
+        print(json.dumps({"size": args.size, "dtype": args.dtype, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                          "min_s": min(times), "median_s": sorted(times)[len(times) // 2],
+                          "load": os.getloadavg()[0]}))
+        return
     hlo = train_step.lower(model, optimizer, batch).compile().as_text()
 
     out = args.out / f"{args.size}_{args.dtype}"
