@@ -4,7 +4,14 @@ Strict JAX modes, as Equinox's tests set them: a silent upcast or a broadcast be
 is an error here rather than a quiet change of numbers.
 """
 
+import os
+
 import jax
+
+# The training loop turns on a persistent compilation cache under ~/.cache; tests must not write there
+# (nor share executables between runs): off for this process and the CLI subprocesses it starts.
+# tests/test_compile_cache.py turns it on in a temporary directory.
+os.environ["JAXLORA_COMPILATION_CACHE"] = "off"
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

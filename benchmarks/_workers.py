@@ -88,8 +88,11 @@ def jax_side(spec: dict) -> dict:
     from jaxlora.models.loading import from_pretrained
     from jaxlora.models.quantize import QuantConfig
     from jaxlora.train.optim import OptimizerConfig, make_optimizer
+    from jaxlora.train.compile_cache import enable_compilation_cache
     from jaxlora.train.step import train_step
 
+    if spec.get("compilation_cache"):  # before the first compile (the loader's); benchmarks.run gives a fresh one
+        enable_compilation_cache(spec["compilation_cache"])
     rss_import = _status("VmRSS")
     cd = jnp.dtype(spec["dtype"])
     t0 = time.perf_counter()
@@ -115,6 +118,16 @@ def jax_side(spec: dict) -> dict:
         losses.append(float(out["loss"]))  # also waits for the last step: the clock stops on finished work
 
     train = timed_repeats(run_steps, spec)
+    if spec.get("train_only"):  # benchmarks.run's 2nd jaxlora process: the same steps, the compilation cache filled
+        tokens = spec["batch"] * spec["seq"] * spec["steps"]
+        return dict(train_tokens_per_s=tokens / statistics.median(train[0]), train_repeat_s=train[0],
+                    train_first_step_s=train[1], train_peak_rss=max(train[2:]), train_timed_peak_rss=train[3],
+                    first_loss=losses[0], load_s=load_s, rss_after_import=rss_import, load_peak_rss=load_peak,
+                    gen_peak_rss=0)
+    # After the timed steps, so that it perturbs none of them; with the compilation cache on, a cache hit.
+    from benchmarks.flops import step_flops
+
+    flops = step_flops(train_step.lower(model, optimizer, data[0]).compile())
 
     device = jax.devices()[0]
     train_device_peak = (device.memory_stats() or {}).get("peak_bytes_in_use")  # before generation
@@ -126,6 +139,7 @@ def jax_side(spec: dict) -> dict:
     result = _summary(spec, train, timed_repeats(gen, dict(spec, steps=1)), losses[0])
     stats = device.memory_stats() or {}
     return result | compiled | dict(
+        step_flops=flops["flops"], step_cost_analysis_flops=flops["cost_analysis_flops"],
         train_device_peak_bytes=train_device_peak, use_kernel=kernel_on(model),
         load_s=load_s, rss_after_import=rss_import, rss_after_load=rss_loaded,
         load_peak_rss=load_peak, device_peak_bytes=stats.get("peak_bytes_in_use"),
@@ -259,14 +273,39 @@ def quant_side(spec: dict) -> dict:
     return {"rows": rows, "machine": machine()}
 
 
-SIDES = {"jax": jax_side, "torch": torch_side, "quant": quant_side}
+def peak_side(spec: dict) -> dict:
+    """This CPU's one-core f32 matmul rate: the faster of jax (XLA) and torch (oneDNN) on an n^3 product,
+    pinned to the first CPU of `cpus` (or of this process's set) and one torch thread: the stated peak
+    the train rows' FLOP/s are a fraction of. bf16 rates are recorded beside it."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from benchmarks.timing import median_time
+
+    os.sched_setaffinity(0, [sorted(os.sched_getaffinity(0))[0]])
+    torch.set_num_threads(1)
+    n = 2048
+    rates = {}
+    for dtype in ("float32", "bfloat16"):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        mm = jax.jit(jnp.matmul)
+        rates[f"jax_{dtype}"] = 2 * n**3 / median_time(lambda: jax.block_until_ready(mm(a, a)), spec["repeats"] + 2)
+        t = torch.randn(n, n, dtype=getattr(torch, dtype))
+        rates[f"torch_{dtype}"] = 2 * n**3 / median_time(lambda: torch.mm(t, t), spec["repeats"] + 2)
+    detail = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates.items())
+    return dict(peak_flops=max(rates["jax_float32"], rates["torch_float32"]), n=n, rates=rates,
+                detail=f"GFLOP/s: {detail}")
+
+
+SIDES = {"jax": jax_side, "torch": torch_side, "quant": quant_side, "peak": peak_side}
 
 if __name__ == "__main__":
     side, spec = sys.argv[1], json.loads(sys.argv[2])
     if spec.get("cpus"):  # before any library starts its thread pool: both size theirs to this set
         os.sched_setaffinity(0, spec["cpus"])
     result = SIDES[side](spec)
-    if side != "quant":
+    if side in ("jax", "torch"):
         result["process_peak_rss"] = max(result[k] for k in ("load_peak_rss", "train_peak_rss", "gen_peak_rss"))
     result["cpus_used"] = sorted(os.sched_getaffinity(0))
     print("@@RESULT " + json.dumps(result))

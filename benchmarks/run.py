@@ -1,13 +1,15 @@
 """Side-by-side benchmark: jaxlora vs transformers + bitsandbytes + PEFT on the same model and data.
 
-    python -m benchmarks.run [--size tiny|small] [--dtype bfloat16|float32|both] [--steps N]
-                             [--repeats R] [--remat] [--no-quant] [--out runs/bench]
+    python -m benchmarks.run [--size tiny[,h512,h1024,small] | all] [--dtype bfloat16|float32|both]
+                             [--steps N] [--repeats R] [--remat] [--no-quant] [--cpus 0] [--out runs/bench]
 
-Builds a llama checkpoint from a transformers config (no network), then runs each side in its own
-process (benchmarks/_workers.py), so that each peak RSS is that side's alone, and prints one table:
-QLoRA train-step tokens/s, peak host RSS, generation tokens/s, and bench_quant's 4096x4096
-quantize / dequantize throughput. Results go to <out>/<date>_<hardware>.{json,md}. How to read them:
-benchmarks/README.md.
+Per size: builds a llama checkpoint from a transformers config (no network), then runs each side in its
+own process (benchmarks/_workers.py), so that each peak RSS is that side's alone, and a second jaxlora
+process that loads and trains again (no generation) with the persistent compilation cache the first
+one filled. Prints a summary (tokens/s, ratio, fraction of this CPU's measured one-core f32 matmul peak that
+each side reaches), a table per size (tokens/s, peak host RSS, generation, compile times), and
+bench_quant's 4096x4096 quantize / dequantize throughput. Results go to
+<out>/<date>_<hardware>_<sizes>.{json,md}. How to read them: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ SIZES = {
     "tiny": dict(model=dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                             num_key_value_heads=4, vocab_size=2048),
                  batch=4, seq=128, gen_batch=1, prompt_len=32, new_tokens=32),
+    # Wider, same depth and tokens per step, so that the ratio's trend with width is visible (issue 16).
+    "h512": dict(model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                            num_key_value_heads=4, vocab_size=8192),
+                 batch=4, seq=128, gen_batch=1, prompt_len=32, new_tokens=32),
+    "h1024": dict(model=dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16,
+                             num_key_value_heads=8, vocab_size=8192),
+                  batch=4, seq=128, gen_batch=1, prompt_len=32, new_tokens=32),
     "small": dict(model=dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
                              num_key_value_heads=4, vocab_size=8192),
                   batch=8, seq=256, gen_batch=4, prompt_len=64, new_tokens=64),
@@ -72,8 +81,9 @@ def run_side(side: str, spec: dict) -> dict:
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT ")), None)
     if proc.returncode or line is None:
         return {"error": f"{side} side failed (rc {proc.returncode}): " + proc.stderr[-2000:]}
-    print(f"  {side:<5} side done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    return json.loads(line[len("@@RESULT "):]) | {"wall_s": time.perf_counter() - t0}
+    load = os.getloadavg()[0]  # the 1-minute average: about this side's run, on a shared machine
+    print(f"  {side:<5} side done in {time.perf_counter() - t0:.0f} s (load {load:.2f})", file=sys.stderr)
+    return json.loads(line[len("@@RESULT "):]) | {"wall_s": time.perf_counter() - t0, "load_1min": load}
 
 
 def table(results: dict) -> list[str]:
@@ -107,6 +117,14 @@ def table(results: dict) -> list[str]:
             row(f"{dtype} device peak MiB", j["device_peak_bytes"] / MiB, t["device_peak_bytes"] / MiB, "{:.0f}")
         row(f"{dtype} first train step s (compile; excluded)", j["train_first_step_s"], t["train_first_step_s"],
             "{:.2f}")
+        cached = pair.get("jax_cached", {})
+        if "train_first_step_s" in cached:  # a second jaxlora process, against the same PyTorch figures
+            row(f"{dtype} 2nd process (compilation cache filled): first train step s", cached["train_first_step_s"],
+                t["train_first_step_s"], "{:.2f}")
+            row(f"{dtype} 2nd process: train peak RSS MiB", cached["train_peak_rss"] / MiB, t["train_peak_rss"] / MiB,
+                "{:.0f}", goal=lambda r: r <= GOALS["train_rss"])
+            row(f"{dtype} 2nd process: train tokens/s", cached["train_tokens_per_s"], t["train_tokens_per_s"],
+                goal=lambda r: r >= GOALS["train_speed"])
         row(f"{dtype} first-step loss (same model: should agree)", j["first_loss"], t["first_loss"], "{:.4f}")
         row(f"{dtype} generate tokens/s (higher is better)", j["gen_tokens_per_s"], t["gen_tokens_per_s"])
         row(f"{dtype} first generate call s (compile; excluded)", j["gen_first_call_s"], t["gen_first_call_s"],
@@ -126,9 +144,52 @@ def table(results: dict) -> list[str]:
     return rows
 
 
+def peak_rows(results: dict) -> list[str]:
+    """The summary: per size and dtype, tokens/s of both sides, their ratio, the step's FLOPs and the
+    fraction of the measured one-core f32 matmul peak each side reaches (both sides do the same matmuls,
+    so the jaxlora program's count stands for both)."""
+    peak = (results.get("peak") or {}).get("peak_flops")
+    rows = ["| size | dtype | jaxlora tok/s | PyTorch tok/s | jaxlora / PyTorch | step GFLOP (dots) | "
+            "jaxlora % of peak | PyTorch % of peak |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for size, res in results["sizes"].items():
+        tokens = res["spec"]["batch"] * res["spec"]["seq"]
+        for dtype, pair in res["train"].items():
+            j, t = pair["jax"], pair["torch"]
+            if "error" in j or "error" in t:
+                rows.append(f"| {size} | {dtype} | error | error | | | | |")
+                continue
+            flops = j.get("step_flops")
+            frac = (lambda tps: f"{100 * flops * tps / tokens / peak:.1f}") if flops and peak else (lambda tps: "")
+            gflop = f"{flops / 1e9:.1f}" if flops else ""
+            a, b = j["train_tokens_per_s"], t["train_tokens_per_s"]
+            rows.append(f"| {size} | {dtype} | {a:.0f} | {b:.0f} | {a / b:.2f} | {gflop} | {frac(a)} | {frac(b)} |")
+    return rows
+
+
+def run_size(name: str, args, tmp: Path) -> dict:
+    size = SIZES[name]
+    print(f"# {name}: {size['model']}, batch {size['batch']} x seq {size['seq']}; load {os.getloadavg()[0]:.2f}",
+          file=sys.stderr)
+    model_dir = save_model(size, tmp / name)
+    spec = dict(model_dir=str(model_dir), vocab=size["model"]["vocab_size"], r=16, alpha=32, seed=0,
+                steps=args.steps, repeats=args.repeats, remat=args.remat, quant_n=args.quant_n, cpus=args.cpus,
+                **{k: size[k] for k in ("batch", "seq", "gen_batch", "prompt_len", "new_tokens")})
+    result = {"spec": {k: v for k, v in spec.items() if k != "model_dir"} | {"model": size["model"]}, "train": {}}
+    dtypes = ("bfloat16", "float32") if args.dtype == "both" else (args.dtype,)
+    for dtype in dtypes:
+        # A fresh compilation cache per size and dtype: the first jaxlora process compiles (and fills it),
+        # the second loads its programs from it; the difference is what the cache saves a second run.
+        cache = dict(compilation_cache=str(tmp / f"xla-cache-{name}-{dtype}"))
+        pair = {side: run_side(side, spec | {"dtype": dtype} | cache) for side in ("jax", "torch")}
+        pair["jax_cached"] = run_side("jax", spec | {"dtype": dtype, "train_only": True} | cache)
+        result["train"][dtype] = pair
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--size", default="tiny", type=lambda v: sorted(SIZES) if v == "all" else v.split(","),
+                    help=f"comma-separated sizes of {sorted(SIZES)}, or all (default tiny: ~3 min on 2 cores)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both",
                     help="compute dtype of both sides (QLoRA uses bfloat16)")
     ap.add_argument("--steps", type=int, default=4, help="train steps per timed repeat")
@@ -142,47 +203,56 @@ def main() -> None:
                     help="where the .json and .md results go (default: runs/bench, git-ignored; the README's "
                          "figures are the files committed under benchmarks/results)")
     args = ap.parse_args()
+    unknown = [n for n in args.size if n not in SIZES]
+    if unknown:
+        ap.error(f"--size {','.join(unknown)}: not a size; valid: {', '.join(sorted(SIZES))} or all")
 
-    size = SIZES[args.size]
     info = machine()
-    print(f"# {args.size}: {size['model']}, batch {size['batch']} x seq {size['seq']}; "
-          f"{info['cpu']}, {info['cpus_usable']} cpus usable, load {info['load_average']}", file=sys.stderr)
-    dtypes = ("bfloat16", "float32") if args.dtype == "both" else (args.dtype,)
-    results = {"size": args.size, "machine": info, "train": {}}
+    print(f"# sizes {args.size}; {info['cpu']}, {info['cpus_usable']} cpus usable, load {info['load_average']}",
+          file=sys.stderr)
+    results = {"machine": info, "sizes": {}}
     with tempfile.TemporaryDirectory(prefix="jaxlora-bench-") as tmp:
-        model_dir = save_model(size, Path(tmp) / "model")
-        spec = dict(model_dir=str(model_dir), vocab=size["model"]["vocab_size"], r=16, alpha=32, seed=0,
-                    steps=args.steps, repeats=args.repeats, remat=args.remat, quant_n=args.quant_n, cpus=args.cpus,
-                    **{k: size[k] for k in ("batch", "seq", "gen_batch", "prompt_len", "new_tokens")})
-        results["spec"] = {k: v for k, v in spec.items() if k != "model_dir"} | {"model": size["model"]}
-        for dtype in dtypes:
-            results["train"][dtype] = {side: run_side(side, spec | {"dtype": dtype}) for side in ("jax", "torch")}
-        if not args.no_quant:
-            results["quant"] = run_side("quant", spec)
+        for name in args.size:
+            results["sizes"][name] = run_size(name, args, Path(tmp))
+    base = {"quant_n": args.quant_n, "repeats": args.repeats, "cpus": args.cpus}
+    results["peak"] = run_side("peak", base)
+    if not args.no_quant:
+        results["quant"] = run_side("quant", base)
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    pair = next(iter(results["train"].values()))
+    first = next(iter(results["sizes"].values()))
+    pair = next(iter(first["train"].values()))
     backends = [pair[s].get("backend", "?") for s in ("jax", "torch")]
+    loads = [pair_side["load_1min"] for res in results["sizes"].values() for p in res["train"].values()
+             for pair_side in p.values() if "load_1min" in pair_side]
+    peak = results["peak"]
 
-    header = [f"# jaxlora vs PyTorch, size {args.size}, {info['date']}",
+    header = [f"# jaxlora vs PyTorch, sizes {', '.join(args.size)}, {info['date']}",
               f"- machine: {info['cpu']}, {info['cpus_usable']} cpus usable of {info['cpus']}, RAM {info['ram']}; "
-              f"load average {info['load_average']} at start, {info['load_average_end']} at end",
+              f"load average {info['load_average']} at start, {info['load_average_end']} at end"
+              + (f", 1-min load at the end of each side {min(loads):.2f}-{max(loads):.2f}" if loads else ""),
               f"- jaxlora: {backends[0]}; PyTorch: {backends[1]}; CPUs pinned: {args.cpus or 'no'}",
-              f"- model: llama {size['model']}; NF4 + double quant, blocksize 64; LoRA r=16, alpha=32, "
-              f"all-linear; AdamW lr 2e-4, clip 1.0; remat {args.remat}",
-              f"- train: batch {size['batch']} x seq {size['seq']}, medians of {args.repeats} repeats x "
-              f"{args.steps} steps after 2 warm-up steps; generate: batch {size['gen_batch']}, prompt "
-              f"{size['prompt_len']}, {size['new_tokens']} new tokens, greedy, medians of {args.repeats}",
+              f"- CPU peak (stated, measured): {peak.get('peak_flops', 0) / 1e9:.0f} GFLOP/s = the faster of a "
+              f"{peak.get('n')}^3 f32 matmul in jax and in torch on one core ({peak.get('detail')})",
+              f"- NF4 + double quant, blocksize 64; LoRA r=16, alpha=32, all-linear; AdamW lr 2e-4, clip 1.0; "
+              f"remat {args.remat}; train: medians of {args.repeats} repeats x {args.steps} steps after 2 warm-up "
+              f"steps; generate: greedy, medians of {args.repeats}",
               f"- quantize/dequantize: {args.quant_n}x{args.quant_n} bf16 (benchmarks/bench_quant.py), "
-              f"medians of {args.repeats}", ""]
+              f"medians of {args.repeats}", "", *peak_rows(results), ""]
     devices = {pair[s]["device"] for s in ("jax", "torch") if "device" in pair[s]}
     if len(devices) > 1:  # e.g. a CUDA jaxlib beside a CPU-only torch: the ratios would mean nothing
         header.insert(1, f"- WARNING: the sides ran on different devices {sorted(devices)}; ratios are not comparable")
-    text = "\n".join(header + table(results)) + "\n"
+    body = []
+    for name, res in results["sizes"].items():
+        m, sp = res["spec"]["model"], res["spec"]
+        body += [f"## {name}: llama {m}, train batch {sp['batch']} x seq {sp['seq']}, generate batch "
+                 f"{sp['gen_batch']}, prompt {sp['prompt_len']}, {sp['new_tokens']} new tokens", "",
+                 *table(res | {"quant": results.get("quant") if name == args.size[-1] else None}), ""]
+    text = "\n".join(header + body)
     print(text)
     ncpu = len(args.cpus) if args.cpus else info["cpus_usable"]
     gpu = "gpu" if " on gpu" in backends[0] or " on cuda" in backends[1] else "cpu"
     hw = re.sub(r"[^a-z0-9]+", "-", f"{info['cpu']}-{ncpu}c-{gpu}".lower()).strip("-")
-    stem = f"{info['date'][:10]}_{hw}_{args.size}"
+    stem = f"{info['date'][:10]}_{hw}_{'+'.join(args.size)}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(text)

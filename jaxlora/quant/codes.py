@@ -80,6 +80,14 @@ def table(quant_type: str) -> np.ndarray:
     return {"nf4": NF4, "fp4": FP4, "dynamic8": DYNAMIC8}[quant_type]
 
 
+@functools.cache
+def byte_table(quant_type: str) -> np.ndarray:
+    """(256, 2) float32: row b holds the values of packed byte b's two 4-bit codes, high nibble first
+    (the packing order of bitsandbytes and `blockwise._pack`), so a dequantization gathers once per byte."""
+    code, b = table(quant_type), np.arange(256)
+    return np.stack([code[b >> 4], code[b & 15]], axis=1).astype(np.float32)
+
+
 # ---- CPU backend, 4-bit (bitsandbytes backends/default/ops.py, which the CPU backend uses) ----------
 # torch.bucketize(x, mid) over the table sorted by torch.argsort, then remapped through that order:
 # code = ORDER[#{i : mid[i] < x}]; a value equal to a midpoint takes the lower bucket.

@@ -29,6 +29,7 @@ from flax import nnx
 
 from jaxlora.checks import number
 from jaxlora.generate import inference_view
+from jaxlora.train import compile_cache
 from jaxlora.train.checkpoint import (
     clean_leftovers,
     latest_checkpoint,
@@ -143,6 +144,9 @@ def train(
     wrt: the variables trained — adapters by default; `nnx.Param` trains a dense model in full (the
     demo pretrains its tiny base this way).
     """
+    # Before the step is compiled: a second run of the same shapes loads it (jaxlora/train/compile_cache.py;
+    # JAXLORA_COMPILATION_CACHE=0 turns it off).
+    compile_cache.enable_compilation_cache()
     out = Path(train_cfg.output_dir)
     with run_lock(out):
         check_output_dir(out, resume=resume)
