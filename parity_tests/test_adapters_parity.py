@@ -97,26 +97,33 @@ VARIANTS = {
 }
 
 
+def round_trip(peft, base_path, tmp_path, tokens, **load):
+    """PEFT -> jaxlora -> PEFT: PEFT's saved adapter loads in jaxlora with PEFT's logits, jaxlora writes back
+    exactly PEFT's tensors (keys and values), and PEFT loads that with the same logits again. Returns
+    (jaxlora model, its logits, PEFT's logits, PEFT's file as a dict)."""
+    from safetensors.numpy import load_file
+
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(base_path), tmp_path / "peft", **load)
+    save_adapter(model, tmp_path / "ours")
+    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
+    assert rel_err(ours, theirs) < TOL
+    again = peft_ref.load_adapter(hf_ref.load_model(base_path), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), theirs) < TOL
+    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    return model, ours, theirs, a
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_config_variants_round_trip(llama, tmp_path, variant):
     """PEFT -> jaxlora -> PEFT for rank/alpha patterns, rsLoRA (+ regex targets), DoRA (+ exclude): the
     logits agree at every hop and the re-saved config means what PEFT's did."""
     cfg = VARIANTS[variant]
     peft = peft_ref.random_adapter(hf_ref.load_model(llama), seed=4, **cfg)
-    peft.save_pretrained(tmp_path / "peft")
-    model = load_adapter(from_pretrained(llama), tmp_path / "peft", rngs=nnx.Rngs(0))
-    save_adapter(model, tmp_path / "ours")
-    again = peft_ref.load_adapter(hf_ref.load_model(llama), tmp_path / "ours")
-    tokens = ids(2)
-    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
-    assert rel_err(ours, theirs) < TOL
-    assert rel_err(torch_logits(again, tokens), theirs) < TOL
-    assert_adapted(ours, torch_logits(hf_ref.load_model(llama), tokens))
     # Tensor by tensor too: jaxlora writes back exactly what PEFT wrote (float32 through, no arithmetic).
-    from safetensors.numpy import load_file
-
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
-    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    _, ours, _, _ = round_trip(peft, llama, tmp_path, ids(2), rngs=nnx.Rngs(0))
+    assert_adapted(ours, torch_logits(hf_ref.load_model(llama), ids(2)))
 
 
 @pytest.fixture(scope="module")
@@ -130,19 +137,9 @@ def test_trained_biases_round_trip(qwen2, tmp_path, bias):
     with PEFT's logits, and jaxlora writes back the same keys and values, which PEFT loads again."""
     peft = peft_ref.random_adapter(hf_ref.load_model(qwen2), seed=5, r=4, lora_alpha=8, bias=bias,
                                    target_modules=["q_proj", "o_proj", "up_proj"])
-    peft.save_pretrained(tmp_path / "peft")
-    model = load_adapter(from_pretrained(qwen2), tmp_path / "peft")
-    save_adapter(model, tmp_path / "ours")
     tokens = ids(6)
-    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
-    assert rel_err(ours, theirs) < TOL
-    again = peft_ref.load_adapter(hf_ref.load_model(qwen2), tmp_path / "ours")
-    assert rel_err(torch_logits(again, tokens), theirs) < TOL
+    _, _, theirs, a = round_trip(peft, qwen2, tmp_path, tokens)
     # The biases alone move the logits: with them reset to the base's, the logits differ.
-    from safetensors.numpy import load_file
-
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
-    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
     biases = [k for k in a if k.endswith(".bias")]
     assert len(biases) == (6 if bias == "all" else 2)  # q, k, v of 2 layers; "lora_only": q (the adapted one)
     assert any(".base_layer.bias" in k for k in biases)
@@ -159,18 +156,8 @@ def test_modules_to_save_round_trip(llama, tmp_path, saved):
     back PEFT's keys and values, PEFT loads that; with adapters disabled both run the original module."""
     peft = peft_ref.random_adapter(hf_ref.load_model(llama), seed=6, r=4, lora_alpha=8,
                                    target_modules=["q_proj", "v_proj"], modules_to_save=saved)
-    peft.save_pretrained(tmp_path / "peft")
-    model = load_adapter(from_pretrained(llama), tmp_path / "peft")
-    save_adapter(model, tmp_path / "ours")
     tokens = ids(7)
-    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
-    assert rel_err(ours, theirs) < TOL
-    assert rel_err(torch_logits(peft_ref.load_adapter(hf_ref.load_model(llama), tmp_path / "ours"), tokens),
-                   theirs) < TOL
-    from safetensors.numpy import load_file
-
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
-    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    model, _, _, a = round_trip(peft, llama, tmp_path, tokens)
     assert {"lm_head": "base_model.model.lm_head.weight",
             "embed_tokens": "base_model.model.model.embed_tokens.weight"}[saved[0]] in a
     with peft.disable_adapter(), disable_adapters(model):
@@ -191,18 +178,8 @@ def test_embedding_lora_round_trip(tmp_path, tie):
     path = hf_ref.save_tiny_model("llama", tmp_path / "m", seed=1, tie_word_embeddings=tie)
     peft = peft_ref.random_adapter(hf_ref.load_model(path), seed=7, r=4, lora_alpha=8,
                                    target_modules=["embed_tokens", "v_proj"])
-    peft.save_pretrained(tmp_path / "peft")
-    model = load_adapter(from_pretrained(path), tmp_path / "peft")
-    save_adapter(model, tmp_path / "ours")
     tokens = ids(8)
-    ours, theirs = model(jnp.asarray(tokens)), torch_logits(peft, tokens)
-    assert rel_err(ours, theirs) < TOL
-    assert rel_err(torch_logits(peft_ref.load_adapter(hf_ref.load_model(path), tmp_path / "ours"), tokens),
-                   theirs) < TOL
-    from safetensors.numpy import load_file
-
-    a, b = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
-    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    model, ours, _, a = round_trip(peft, path, tmp_path, tokens)
     assert a["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (4, 256)
     assert a["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (64, 4)
     with torch.no_grad():  # the embedding's adapter alone moves the logits
