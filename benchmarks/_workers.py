@@ -82,7 +82,7 @@ def jax_side(spec: dict) -> dict:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxlora.adapters import get_peft_model
+    from jaxlora.peft_model import get_peft_model
     from jaxlora.generate import generate
     from jaxlora.lora_config import LoraConfig
     from jaxlora.models.loading import from_pretrained

@@ -87,7 +87,7 @@ def main() -> None:
     from flax import nnx
 
     from benchmarks.run import SIZES
-    from jaxlora.adapters import get_peft_model
+    from jaxlora.peft_model import get_peft_model
     from jaxlora.lora_config import LoraConfig
     from jaxlora.models.config import LlamaConfig
     from jaxlora.models.llama import LlamaForCausalLM

@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
 
     before = score()
     print(f"before fine-tuning: {before}", file=sys.stderr)
-    jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=args.r, lora_alpha=2 * args.r), rngs=nnx.Rngs(0))
+    model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=args.r, lora_alpha=2 * args.r), rngs=nnx.Rngs(0))
     trainable, total = jaxlora.print_trainable_parameters(model)
     summary = common.finetune(model, train_rows, out / "finetune", steps=args.steps, learning_rate=args.learning_rate,
                               batch_size=args.batch_size, max_seq_len=args.max_seq_len, tok=tok)

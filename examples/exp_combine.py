@@ -8,7 +8,7 @@ from flax import nnx
 
 import jaxlora
 from examples.exp_lab import Lab, Result, curve_of, pct, pyplot, save
-from jaxlora.adapters import adapter_configs, lora_layers
+from jaxlora.targets import lora_layers
 
 # (adapter name, weights for (add, sub), combination_type, svd_rank); svd_rank None = the larger input rank
 COMBINATIONS = (
@@ -50,7 +50,7 @@ def combine(lab: Lab, r: int = 16, combinations=COMBINATIONS) -> Result:
     model = lab.base()
     ops = ("+", "-")
     scores = {"base (no adapter)": lab.accuracy(model, ops)}
-    jaxlora.get_peft_model(model, config, rngs=nnx.Rngs(0), adapter_name="add")
+    model = jaxlora.get_peft_model(model, config, rngs=nnx.Rngs(0), adapter_name="add")
     trained = {"add": _train(lab, model, "add", "+")}
     jaxlora.add_adapter(model, "sub", config, rngs=nnx.Rngs(1))
     jaxlora.set_adapter(model, "sub")
@@ -68,7 +68,7 @@ def combine(lab: Lab, r: int = 16, combinations=COMBINATIONS) -> Result:
                                      svd_rank=2 * r if svd_rank == "2r" else None)
         jaxlora.set_adapter(model, name)
         scores[name] = lab.accuracy(model, ops)
-        shape[name] = (adapter_configs(model)[name].r, _distance(model, name, weights))
+        shape[name] = (model.peft_config[name].r, _distance(model, name, weights))
 
     def cells(k: str) -> list:  # rank and distance; the base has no adapter, the specialists are exact
         if k in shape:

@@ -18,7 +18,7 @@ from flax import nnx
 
 import jaxlora
 from examples import common, tasks
-from jaxlora.adapters import find_targets
+from jaxlora.targets import find_targets
 from jaxlora.train.loop import NonFiniteLossError, read_metrics
 
 TASK_NAMES = {"+": "addition", "-": "subtraction"}
@@ -112,7 +112,7 @@ class Lab:
             return self._runs[key]
         model = self.base()
         expected = sum(t.r * (t.module.in_features + t.module.out_features) for t in find_targets(model, config))
-        jaxlora.get_peft_model(model, config, rngs=nnx.Rngs(0))
+        model = jaxlora.get_peft_model(model, config, rngs=nnx.Rngs(0))
         with contextlib.redirect_stdout(sys.stderr):  # keep stdout for the tables
             trainable, total = jaxlora.print_trainable_parameters(model)
         out = self.settings.out / "runs" / tag

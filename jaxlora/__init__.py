@@ -2,19 +2,6 @@
 
 from jaxlora import lora
 from jaxlora.adapter import LoRAAdapter
-from jaxlora.adapters import (
-    adapter_rows,
-    add_adapter,
-    add_weighted_adapter,
-    delete_adapter,
-    disable_adapters,
-    enable_adapters,
-    get_peft_model,
-    merge_and_unload,
-    print_trainable_parameters,
-    set_adapter,
-    unload,
-)
 from jaxlora.generate import generate
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.lora_config import LoraConfig
@@ -28,7 +15,21 @@ from jaxlora.models import (
     quantize_model,
     save_pretrained,
 )
-from jaxlora.peft_io import load_adapter, save_adapter
+from jaxlora.peft_model import (
+    LoraModel,
+    PeftModel,
+    adapter_rows,
+    add_adapter,
+    add_weighted_adapter,
+    delete_adapter,
+    get_peft_model,
+    load_adapter,
+    merge_and_unload,
+    print_trainable_parameters,
+    save_adapter,
+    set_adapter,
+    unload,
+)
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
 from jaxlora.qmatmul import qmatmul
 from jaxlora.quant import (
@@ -49,6 +50,8 @@ __all__ = [
     "LoRAAdapter",
     "LoRALinear",
     "LoraConfig",
+    "LoraModel",
+    "PeftModel",
     "QLoRALinear",
     "QuantConfig",
     "QuantizedLinear",
@@ -60,8 +63,6 @@ __all__ = [
     "delete_adapter",
     "dequantize_4bit",
     "dequantize_blockwise",
-    "disable_adapters",
-    "enable_adapters",
     "from_bnb_state_dict",
     "from_config",
     "from_pretrained",

@@ -180,8 +180,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def _train(args: argparse.Namespace, cfg: RunConfig) -> dict:
-    from jaxlora.adapters import get_peft_model, print_trainable_parameters
-    from jaxlora.peft_io import save_adapter
+    from jaxlora.peft_model import get_peft_model, print_trainable_parameters
+    from jaxlora.peft_model import save_adapter
     from jaxlora.train.checkpoint import latest_checkpoint
     from jaxlora.train.data import load_data
     from jaxlora.train.distributed import host_local, is_primary
@@ -207,7 +207,7 @@ def _train(args: argparse.Namespace, cfg: RunConfig) -> dict:
         print(f"warning: train.eval_every={cfg.train.eval_every} does nothing without eval data; set "
               "--data.eval_path FILE or --data.eval_fraction 0.1", file=sys.stderr)
     model = load_model(directory, cfg.model, cfg.quantization)
-    get_peft_model(model, cfg.lora, rngs=nnx.Rngs(params=cfg.model.seed, dropout=cfg.model.seed + 1))
+    model = get_peft_model(model, cfg.lora, rngs=nnx.Rngs(params=cfg.model.seed, dropout=cfg.model.seed + 1))
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON result alone
         trainable, total = print_trainable_parameters(model)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,12 +257,12 @@ def _prepare(args, *, max_seq_len: int | None = None):
 
 
 def _load_with_adapter(args, directory):
-    from jaxlora.peft_io import load_adapter
+    from jaxlora.peft_model import load_adapter
 
     mcfg = ModelConfig(name_or_path=args.model, tokenizer=args.tokenizer, dtype=args.dtype, quantize=args.quantize)
     model = load_model(directory, mcfg, QuantConfig(compute_dtype=jnp.dtype(args.dtype)) if args.quantize else None)
     if args.adapter:
-        load_adapter(model, args.adapter, rngs=nnx.Rngs(0))
+        model = load_adapter(model, args.adapter, rngs=nnx.Rngs(0))
     return model
 
 
@@ -305,7 +305,7 @@ def cmd_generate(args) -> dict:
 
 
 def cmd_export(args) -> dict:
-    from jaxlora.adapters import merge_and_unload
+    from jaxlora.peft_model import merge_and_unload
     from jaxlora.fileio import check_directory_path
     from jaxlora.models.loading import save_pretrained
 
@@ -315,7 +315,7 @@ def cmd_export(args) -> dict:
     args.quantize = False  # merge into the full-precision base: no quantization error added
     directory, tok, _ = _prepare(args)
     model = _load_with_adapter(args, directory)
-    merge_and_unload(model)
+    model = merge_and_unload(model)
     path = save_pretrained(model, args.merged)
     tok.save(str(path))
     return {"merged": str(path)}

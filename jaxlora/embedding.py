@@ -73,14 +73,15 @@ class LoRAEmbedding(LoRALinear):
 
     # --- merging: the table is the kernel (vocab, hidden) ---------------------------------------------
 
-    def merge(self) -> None:
+    def merge(self, name: str | None = None) -> None:
         if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
-        adapter = self._adapter(self.active_adapter)
+        name = self._only() if name is None else name
+        adapter = self._adapter(name)
         table = self.base.embedding
         table.set_value(lora.merge(table.get_value(), adapter.lora_a.get_value(), adapter.lora_b.get_value(),
                                    adapter.scaling))
-        self.merged_adapters = (self.active_adapter,)
+        self.merged_adapters = (name,)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
@@ -91,10 +92,10 @@ class LoRAEmbedding(LoRALinear):
                                     adapter.scaling))
         self.merged_adapters = ()
 
-    def merge_and_unload(self, *, requantize: bool = False) -> nnx.Embed:
+    def merge_and_unload(self, name: str | None = None, *, requantize: bool = False) -> nnx.Embed:
         del requantize  # an embedding is never quantized
         if not self.merged_adapters:
-            self.merge()
+            self.merge(name)
         return self.base
 
     # --- PEFT layout ----------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora.adapters import adapter_rows
+from jaxlora.peft_model import adapter_rows
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float) -> jax.Array:
@@ -46,13 +46,20 @@ def inference_view(model: nnx.Module) -> nnx.Module:
     return view
 
 
+def _call(model, input_ids, attention_mask, cache, rows):
+    """One forward with the cache; rows (a mixed batch) only where asked: a plain model takes none."""
+    if rows is None:
+        return model(input_ids, attention_mask, cache=cache)
+    return model(input_ids, attention_mask, cache=cache, adapter_rows=rows)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_p"))
 def _generate(graphdef, state, input_ids, attention_mask, rng, eos_ids, pad_id, rows, *, max_new_tokens,
               temperature, top_p):
     model = nnx.merge(graphdef, state)
     batch, prompt_len = input_ids.shape
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    logits, cache = model(input_ids, attention_mask, cache=cache, adapter_rows=rows)
+    logits, cache = _call(model, input_ids, attention_mask, cache, rows)
     logits = logits[:, -1, :]  # (batch, vocab): only the last position predicts the next token
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
     done = jnp.zeros((batch,), bool)
@@ -68,7 +75,7 @@ def _generate(graphdef, state, input_ids, attention_mask, rng, eos_ids, pad_id, 
         token = jnp.where(done, pad_id, token)  # finished rows emit padding, as transformers does
         out = jax.lax.dynamic_update_slice_in_dim(out, token[:, None], step, axis=1)
         done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
-        logits, cache = model(token[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache, adapter_rows=rows)
+        logits, cache = _call(model, token[:, None], jnp.ones((batch, 1), jnp.int32), cache, rows)
         return step + 1, out, logits[:, -1, :], cache, done, rng
 
     carry = (jnp.zeros((), jnp.int32), out, logits, cache, done, rng)

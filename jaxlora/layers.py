@@ -13,7 +13,7 @@ from flax import nnx
 
 from jaxlora import lora
 from jaxlora.adapter import DoraNorm, LoRAAdapter
-from jaxlora.mixed import AdapterRows, where_rows
+from jaxlora.mixed import Active, AdapterRows, Selection, where_rows
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, quantize_weight
 from jaxlora.qmatmul import dequantize
 
@@ -66,7 +66,9 @@ def set_bias_trainable(base: Base, trainable: bool) -> None:
 
 
 class LoRALinear(nnx.Module):
-    """A frozen linear base plus named LoRA adapters; one active at a time.
+    """A frozen linear base plus named LoRA adapters. Which one runs is the caller's choice, passed in each
+    call (`jaxlora.mixed.Selection`; a `jaxlora.PeftModel` owns the active adapter); on its own a layer with
+    one adapter runs it. The layer owns only its adapters and which of them is merged into the base.
 
     ``y = base(x) + scale * (dropout(x) @ A) @ B`` (DoRA rescales per output feature). Knobs are named
     as PEFT's ``LoraConfig``. The sum is formed in the promoted dtype of the base output and the adapter
@@ -78,8 +80,6 @@ class LoRALinear(nnx.Module):
                  loftq_iter: int = 1, adapter_name: str = "default", param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.base = base
         self.adapters = nnx.Dict()
-        self.active_adapter: str | None = adapter_name
-        self.disabled = False
         self.merged_adapters: tuple[str, ...] = ()
         self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
@@ -99,7 +99,7 @@ class LoRALinear(nnx.Module):
                     use_rslora: bool = False, use_dora: bool = False,
                     init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
                     param_dtype=jnp.float32, rngs: nnx.Rngs) -> LoRAAdapter:
-        """Add an adapter (not activated, as PEFT; the constructor's first one is). PiSSA and LoftQ
+        """Add an adapter. PiSSA and LoftQ
         rewrite the base weight and need it dense: for a quantized base use `QLoRALinear`."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
@@ -133,28 +133,18 @@ class LoRALinear(nnx.Module):
             raise ValueError(f"unknown adapter {name!r}; have {sorted(self.adapters)}")
         return self.adapters[name]
 
-    def set_adapter(self, name: str) -> None:
-        self._adapter(name)
-        if self.merged_adapters:
-            raise ValueError(f"adapters {self.merged_adapters} are merged; unmerge before switching")
-        self.active_adapter = name
-
-    def disable_adapter_layers(self) -> None:
-        """Base output only. Unmerges first, as PEFT does."""
-        if self.merged_adapters:
-            self.unmerge()
-        self.disabled = True
-
-    def enable_adapter_layers(self) -> None:
-        self.disabled = False
+    def _only(self) -> str:
+        """The name of this layer's one adapter: what runs, merges and saves when no name is given."""
+        if len(self.adapters) != 1:
+            raise ValueError(f"this layer holds adapters {list(self.adapters)}; name the one to use (a "
+                             "jaxlora.PeftModel passes its active adapter)")
+        return next(iter(self.adapters))
 
     def delete_adapter(self, name: str) -> None:
         self._adapter(name)
         if name in self.merged_adapters:
             raise ValueError(f"adapter {name!r} is merged; unmerge before deleting it")
         del self.adapters[name]
-        if self.active_adapter == name:  # PEFT activates the first remaining adapter
-            self.active_adapter = next(iter(self.adapters), None)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
                              combination_type: lora.CombinationType = "svd", svd_rank: int | None = None) -> None:
@@ -176,22 +166,28 @@ class LoRALinear(nnx.Module):
                                param_dtype=sources[0].dtype, rngs=nnx.Rngs(0))
         new.set_weights(a, b)
 
-    def _active(self) -> LoRAAdapter | None:
-        if self.disabled or self.merged_adapters or self.active_adapter is None:
+    def _selected(self, adapters: Active | None) -> LoRAAdapter | None:
+        """The adapter whose delta this call adds: the named one (None if this layer lacks it or the name is
+        None), this layer's only one when nothing is named; none while an adapter is merged into the base."""
+        name = self._only() if adapters is None else adapters.name
+        if self.merged_adapters:
+            if name not in self.merged_adapters:
+                raise ValueError(f"adapter {self.merged_adapters[0]!r} is merged into the base, but {name!r} was "
+                                 "asked to run; unmerge first")
             return None
-        return self.adapters[self.active_adapter]
+        return self.adapters[name] if name is not None and name in self.adapters else None
 
     # --- forward --------------------------------------------------------------------------------------
 
-    routes_adapter_rows = True  # jaxlora.mixed.call passes it a mixed batch's rows
+    selects_adapters = True  # jaxlora.mixed.call passes it the selection
 
-    def __call__(self, x: jax.Array, rows: AdapterRows | None = None) -> jax.Array:  # (..., in) -> (..., out)
-        """The base plus the active adapter's delta; with `rows` (a mixed batch, x (batch, ..., in)) each row
-        gets the delta of its own adapter, or none."""
+    def __call__(self, x: jax.Array, adapters: Selection = None) -> jax.Array:  # (..., in) -> (..., out)
+        """The base plus the selected adapter's delta; with `AdapterRows` (a mixed batch, x (batch, ..., in))
+        each row gets the delta of its own adapter, or none."""
         y = self.base(x)
-        if rows is not None:
-            return self._mixed(x, y, rows)
-        adapter = self._active()
+        if isinstance(adapters, AdapterRows):
+            return self._mixed(x, y, adapters)
+        adapter = self._selected(adapters)
         if adapter is None:
             return y
         return wide_add(y, self._dora_delta(x, y, adapter) if adapter.use_dora else self._delta(adapter, x))
@@ -221,8 +217,6 @@ class LoRALinear(nnx.Module):
         if self.merged_adapters:
             raise ValueError(f"adapters {self.merged_adapters} are merged; unmerge before a mixed-adapter batch "
                              "(adapter_names), as PEFT requires")
-        if self.disabled:  # PEFT: disabled adapters win over adapter_names
-            return y
         out = y
         for name, adapter in self.adapters.items():
             mask = rows.mask(name)
@@ -236,18 +230,19 @@ class LoRALinear(nnx.Module):
 
     # --- merging --------------------------------------------------------------------------------------
 
-    def merge(self) -> None:
-        """Fold the active adapter into the base. A quantized base is re-quantized with its own settings
+    def merge(self, name: str | None = None) -> None:
+        """Fold adapter `name` (default: the only one) into the base. A quantized base is re-quantized with its own settings
         (as PEFT does; bitsandbytes' "cpu" bytes, see `QuantizedLinear.requantize`): the merged weight
         carries a fresh quantization error, measured in tests/test_layers.py."""
         if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
-        adapter = self._adapter(self.active_adapter)
+        name = self._only() if name is None else name
+        adapter = self._adapter(name)
         kernel, norm = _merged_kernel(self.base, adapter)
         if adapter.use_dora:
             adapter.dora_norm = DoraNorm(norm)
         _set_kernel(self.base, kernel)
-        self.merged_adapters = (self.active_adapter,)
+        self.merged_adapters = (name,)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
@@ -270,8 +265,8 @@ class LoRALinear(nnx.Module):
             self.unmerge()
         return self.base
 
-    def merge_and_unload(self, *, requantize: bool = False) -> Base:
-        """The base with the active adapter folded in, the same whether or not `merge` ran first.
+    def merge_and_unload(self, name: str | None = None, *, requantize: bool = False) -> Base:
+        """The base with adapter `name` (default: the merged one, else the only one) folded in, the same whether or not `merge` ran first.
 
         A dense base is merged in place and returned. A quantized base becomes an ``nnx.Linear``
         holding dequantize(W) + delta in W's original dtype: no new quantization error (if `merge`
@@ -280,13 +275,13 @@ class LoRALinear(nnx.Module):
         """
         if not isinstance(self.base, QuantizedLinear) or requantize:
             if not self.merged_adapters:
-                self.merge()
+                self.merge(name)
             return self.base
         dtype = self.base.weight.get_value().dtype
         if self.merged_adapters:  # the delta is already in W
             kernel = _kernel(self.base, dtype)
         else:
-            kernel, _ = _merged_kernel(self.base, self._adapter(self.active_adapter))
+            kernel, _ = _merged_kernel(self.base, self._adapter(self._only() if name is None else name))
         dense = nnx.Linear(self.in_features, self.out_features, use_bias=self.base.bias is not None,
                            param_dtype=dtype, rngs=nnx.Rngs(0))
         dense.kernel.set_value(kernel.astype(dtype))
@@ -298,10 +293,10 @@ class LoRALinear(nnx.Module):
 
     def peft_state(self, name: str | None = None) -> dict[str, jax.Array]:
         """``{"lora_A.weight": (r, in), "lora_B.weight": (out, r)[, "lora_magnitude_vector": (out,)]}``."""
-        return self._adapter(name or self.active_adapter).to_peft()
+        return self._adapter(name or self._only()).to_peft()
 
     def load_peft_state(self, tensors: dict[str, jax.Array], name: str | None = None) -> None:
-        self._adapter(name or self.active_adapter).load_peft(tensors)
+        self._adapter(name or self._only()).load_peft(tensors)
 
 
 class QLoRALinear(LoRALinear):
@@ -331,12 +326,12 @@ class QLoRALinear(LoRALinear):
             qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
             qbase = QuantizedLinear(qt, _bias(base), compute_dtype=compute_dtype)
             super().__init__(qbase, r=r, init_lora_weights=True, **lora_kwargs)
-            self.adapters[self.active_adapter].set_weights(a, b)
+            self.adapters[self._only()].set_weights(a, b)
         else:  # PiSSA (if asked) rewrites the dense kernel; the residual is what gets quantized
             super().__init__(base, r=r, init_lora_weights=init_lora_weights, **lora_kwargs)
             self.base = QuantizedLinear.from_linear(base, compute_dtype=compute_dtype, **settings)
         if use_dora:
-            adapter = self.adapters[self.active_adapter]
+            adapter = self.adapters[self._only()]
             adapter.use_dora = True
             adapter.init_dora(_kernel(self.base, adapter.dtype))
 

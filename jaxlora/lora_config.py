@@ -8,7 +8,6 @@ Field names, defaults (except ``target_modules``) and matching semantics are pef
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import warnings
@@ -67,8 +66,8 @@ class FrozenMapping(Mapping):
     def __reduce__(self):
         return FrozenMapping, (self._items,)
 
-    def __hash__(self):
-        return hash(json.dumps(self._items, sort_keys=True, default=str))
+    def __hash__(self):  # the values are numbers: a LoraConfig hashes as the frozen dataclass it is
+        return hash(frozenset(self._items.items()))
 
     def __repr__(self) -> str:
         return repr(self._items)
@@ -213,9 +212,6 @@ class LoraConfig:
             raise ValueError(f"loftq_config={dict(self.loftq_config)!r}: jaxlora's LoftQ is 4-bit NF4 and takes "
                              "only loftq_bits=4 and loftq_iter")
         number("loftq_config['loftq_iter']", self.loftq_config.get("loftq_iter", 1), integer=True, ge=1)
-
-    def __hash__(self):  # the mappings are read-only views; hash their JSON (configs are static graph data)
-        return hash(json.dumps(self.to_peft_dict(), sort_keys=True, default=str))
 
     # --- what each module gets -------------------------------------------------------------------------
 

@@ -1,6 +1,11 @@
-"""Mixed-adapter batches, PEFT's ``model(x, adapter_names=[...])``: each row runs its own adapter, or the base.
+"""Which adapter runs: `Active` (one adapter, or none, for the whole batch) or `AdapterRows` (PEFT's
+``model(x, adapter_names=[...])``: each row runs its own adapter, or the base).
 
-The names become `AdapterRows` outside jit: a per-row index (an array, so another combination of names
+The selection is an argument of the model call, never state on a layer: `jaxlora.PeftModel` owns the active
+adapter and passes it down to every adapter layer, through the scanned decoder layers too. A layer holds
+only its own adapters.
+
+For a mixed batch the names become `AdapterRows` outside jit: a per-row index (an array, so another combination of names
 reuses the compiled program) into the names of all the model's adapters (static: fixed while the model's
 adapters are). The rows travel as an argument of the model call down to every adapter layer -- through the
 scanned decoder layers too -- never as state on a module. A layer adds each of its adapters' delta to the
@@ -18,6 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 
 BASE = "__base__"  # PEFT's name for "this row runs the base model only"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Active:
+    """Every row runs adapter `name` (a layer without it runs its base); None: the base alone (adapters
+    disabled). Static, no array leaves: it passes through jit and scan as part of the program."""
+
+    name: str | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    def check_batch(self, batch: int) -> None:
+        del batch  # one adapter serves any batch
 
 
 @jax.tree_util.register_dataclass
@@ -59,11 +76,16 @@ def where_rows(mask: jax.Array, on: jax.Array, off: jax.Array) -> jax.Array:
     return jnp.where(mask.reshape(mask.shape + (1,) * (on.ndim - 1)), on, off)
 
 
-def call(module, x: jax.Array, rows: AdapterRows | None) -> jax.Array:
-    """``module(x)``, routing `rows` to a module that holds adapters (one with ``routes_adapter_rows``).
+# What a model passes its layers: one adapter for the batch, one per row, or None -- a layer's only adapter
+# (a layer used on its own, outside a `jaxlora.PeftModel`).
+Selection = Active | AdapterRows | None
+
+
+def call(module, x: jax.Array, adapters: Selection) -> jax.Array:
+    """``module(x)``, passing the selection to a module that holds adapters (one with ``selects_adapters``).
 
     Models call their layers through this, so the same model code runs plain layers, quantized layers and
     adapter layers without knowing which it holds."""
-    if rows is None or not getattr(module, "routes_adapter_rows", False):
+    if adapters is None or not getattr(module, "selects_adapters", False):
         return module(x)
-    return module(x, rows)
+    return module(x, adapters)

@@ -1,8 +1,9 @@
 """`ModulesToSave`: PEFT's ``modules_to_save`` -- a module trained in full, one copy per adapter.
 
 As PEFT's ``ModulesToSaveWrapper``: the original module stays frozen, each adapter owns a full copy whose
-parameters are ``nnx.LoRAParam`` (so ``wrt=nnx.LoRAParam`` trains them), and the active adapter's copy
-runs; with adapters disabled, or an active adapter that has no copy here, the original runs. The copy is
+parameters are ``nnx.LoRAParam`` (so ``wrt=nnx.LoRAParam`` trains them), and the selected adapter's copy
+runs (the selection comes with each call, `jaxlora.mixed`); with adapters disabled, or a selected adapter
+that has no copy here, the original runs. The copy is
 written to the adapter file under the module's own transformers names (``lm_head.weight``).
 """
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.graph import replace_module
-from jaxlora.mixed import AdapterRows, where_rows
+from jaxlora.mixed import AdapterRows, Selection, where_rows
 
 # The modules a copy can be made of, and their transformers tensors: name -> (variable, transposed).
 _TENSORS = {nnx.Linear: {"weight": ("kernel", True), "bias": ("bias", False)},
@@ -50,8 +51,6 @@ class ModulesToSave(nnx.Module):
                              "skip_modules)")
         self.original = original
         self.adapters = nnx.Dict()
-        self.active_adapter: str | None = adapter_name
-        self.disabled = False
         self.add_adapter(adapter_name)
 
     def add_adapter(self, name: str) -> None:
@@ -59,49 +58,41 @@ class ModulesToSave(nnx.Module):
             raise ValueError(f"adapter {name!r} already exists")
         self.adapters[name] = _retype(nnx.clone(self.original), nnx.Param, nnx.LoRAParam)
 
-    def set_adapter(self, name: str) -> None:
-        if name not in self.adapters:
-            raise ValueError(f"unknown adapter {name!r}; have {sorted(self.adapters)}")
-        self.active_adapter = name
-
     def delete_adapter(self, name: str) -> None:
         del self.adapters[name]
-        if self.active_adapter == name:
-            self.active_adapter = next(iter(self.adapters), None)
 
-    def disable_adapter_layers(self) -> None:
-        self.disabled = True
+    def _only(self) -> str:
+        if len(self.adapters) != 1:
+            raise ValueError(f"this module holds copies for adapters {list(self.adapters)}; name the one to run "
+                             "(a jaxlora.PeftModel passes its active adapter)")
+        return next(iter(self.adapters))
 
-    def enable_adapter_layers(self) -> None:
-        self.disabled = False
+    def module(self, name: str | None) -> nnx.Module:
+        """The module adapter `name` runs: its copy, else (no copy here, or None) the original."""
+        return self.adapters[name] if name is not None and name in self.adapters else self.original
 
-    def module(self) -> nnx.Module:
-        """The module that runs now: the active adapter's copy, else the original."""
-        if self.disabled or self.active_adapter is None:
-            return self.original
-        return self.adapters[self.active_adapter]
+    selects_adapters = True  # jaxlora.mixed.call passes it the selection
 
-    routes_adapter_rows = True  # jaxlora.mixed.call passes it a mixed batch's rows
-
-    def __call__(self, x: jax.Array, rows: AdapterRows | None = None) -> jax.Array:
-        """The running module's output; with `rows` (a mixed batch) each row gets its adapter's copy, and the
-        original where the row names the base or an adapter without a copy here (PEFT's _mixed_batch_forward)."""
-        if rows is None:
-            return self.module()(x)
+    def __call__(self, x: jax.Array, adapters: Selection = None) -> jax.Array:
+        """The selected copy's output (None: the only copy); with `AdapterRows` (a mixed batch) each row gets
+        its adapter's copy, and the original where the row names the base or an adapter without a copy here
+        (PEFT's _mixed_batch_forward)."""
+        if not isinstance(adapters, AdapterRows):
+            return self.module(self._only() if adapters is None else adapters.name)(x)
+        rows = adapters
         out = self.original(x)
-        if self.disabled or self.active_adapter is None:  # PEFT: then the original runs for every row
-            return out
         for name, copy in self.adapters.items():
             mask = rows.mask(name)
             if mask is not None:
                 out = where_rows(mask, copy(x), out)
         return out
 
-    def unload(self) -> nnx.Module:
-        """What PEFT's unload and merge_and_unload leave: the active copy (frozen again), else the original."""
-        if self.active_adapter is None:
+    def unload(self, name: str | None) -> nnx.Module:
+        """What PEFT's unload and merge_and_unload leave: adapter `name`'s copy (frozen again), else the
+        original (no copy here, or None)."""
+        if name is None or name not in self.adapters:
             return self.original
-        return _retype(self.adapters[self.active_adapter], nnx.LoRAParam, nnx.Param)
+        return _retype(self.adapters[name], nnx.LoRAParam, nnx.Param)
 
     # --- PEFT layout ----------------------------------------------------------------------------------
 

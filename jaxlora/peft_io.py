@@ -1,7 +1,7 @@
 """PEFT adapter directories: ``adapter_model.safetensors`` + ``adapter_config.json``, both ways.
 
-Tensor names are PEFT's with the adapter name stripped (peft 0.21 ``get_peft_model_state_dict``):
-``base_model.model.<module path>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r), and for DoRA
+Tensor names are PEFT's with the adapter name stripped (peft 0.21 ``get_peft_model_state_dict``), which are
+a `jaxlora.PeftModel`'s own module paths: ``base_model.model.<module path>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r), and for DoRA
 ``.lora_magnitude_vector`` (out,), all float32; with ``bias="all"`` / ``"lora_only"`` the trained base biases
 as PEFT names them, ``<path>.base_layer.bias`` under an adapted layer and ``<path>.bias`` elsewhere; and
 each module of ``modules_to_save`` under its own names (``base_model.model.lm_head.weight``), in its dtype. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
@@ -22,49 +22,49 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlora.fileio import atomic_directory
-from jaxlora.adapters import (adapter_configs, add_adapter, embedding_modules, find_saved_modules,
-                              find_targets, linear_modules, lora_layers, saved_modules, set_adapter, trained_biases)
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear
 from jaxlora.modules_to_save import ModulesToSave, module_tensors
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
+from jaxlora.targets import (embedding_modules, find_saved_modules, find_targets, linear_modules, lora_layers,
+                             saved_modules, trained_biases)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # where a PeftModel holds the user's model: its paths are the file's names
 # Adapter tensors may come in any float width (PEFT saves the parameters' dtype); each widens to float32 exactly.
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-def save_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> Path:
-    """Writes one adapter (default: the active one) as a PEFT adapter directory, atomically: the files are
-    written in a temporary directory beside `directory` and renamed into place. "all-linear" is written as
-    the list of adapted module paths, as PEFT does."""
-    configs = adapter_configs(model)
-    name = adapter_name or getattr(model, "active_adapter", None)
+def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name: str | None = None) -> Path:
+    """Writes one adapter of a `jaxlora.PeftModel` (default: the active one) as a PEFT adapter directory,
+    atomically: the files are written in a temporary directory beside `directory` and renamed into place.
+    "all-linear" is written as the list of adapted module paths, as PEFT does."""
+    configs = peft.peft_config
+    name = adapter_name or peft.active_adapter
     if name not in configs:
         raise ValueError(f"no adapter {name!r} to save; have {list(configs)}")
     tensors = {}
-    with unstacked(model):
-        for path, layer in lora_layers(model).items():
+    with unstacked(peft):  # paths from the wrapper down: the file's names
+        for path, layer in lora_layers(peft).items():
             if name in layer.adapters:
                 for key, value in layer.peft_state(name).items():
-                    tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
-        adapted = sorted({k[len(PREFIX):].rsplit(".lora_", 1)[0] for k in tensors})
-        for path, layer in lora_layers(model).items():  # PEFT saves an adapted embedding's table as well
+                    tensors[f"{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
+        adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's table as well
             if name in layer.adapters and isinstance(layer, LoRAEmbedding):
                 table = layer.base.embedding.get_value()
-                tensors[f"{PREFIX}{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(table))
-        for path, base in trained_biases(model, name).items():  # in the base's dtype, as PEFT saves them
+                tensors[f"{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(table))
+        for path, base in trained_biases(peft, configs[name], name).items():  # in the base's dtype, as PEFT
             tensors[_bias_key(path, path in adapted)] = np.ascontiguousarray(np.asarray(base.bias.get_value()))
-        for path, wrapper in saved_modules(model).items():  # PEFT drops "modules_to_save.<adapter>" from names
+        for path, wrapper in saved_modules(peft).items():  # PEFT drops "modules_to_save.<adapter>" from names
             if name in wrapper.adapters:
                 for key, value in wrapper.peft_state(name).items():
-                    tensors[f"{PREFIX}{path}.{key}"] = np.ascontiguousarray(np.asarray(value))
+                    tensors[f"{path}.{key}"] = np.ascontiguousarray(np.asarray(value))
     config = configs[name].to_peft_dict()
     if config["target_modules"] == ALL_LINEAR:
-        config["target_modules"] = adapted
+        config["target_modules"] = [k[len(PREFIX):] for k in adapted]
     target = Path(directory)
     with atomic_directory(target) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
@@ -90,13 +90,14 @@ _TABLE = "base_layer.weight"
 
 
 def _bias_key(path: str, adapted: bool) -> str:
-    """PEFT's name of a trained base bias: under ``base_layer`` where a LoRA layer wraps the linear layer."""
-    return f"{PREFIX}{path}.base_layer.bias" if adapted else f"{PREFIX}{path}.bias"
+    """PEFT's name of a trained base bias at module `path` (from the wrapper down): under ``base_layer``
+    where a LoRA layer wraps the linear layer."""
+    return f"{path}.base_layer.bias" if adapted else f"{path}.bias"
 
 
 def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[int, ...]], dict]:
-    """File key -> shape, for the layers `config` selects in `model` (call it inside `unstacked`): the tensors
-    a file must hold, and those it may hold (an adapted embedding's table)."""
+    """File key -> shape, for the layers `config` selects in the user's `model` (call it inside `unstacked`):
+    the tensors a file must hold, and those it may hold (an adapted embedding's table)."""
     shapes, optional = {}, {}
     targets = find_targets(model, config)
     embeddings = embedding_modules(model)
@@ -117,7 +118,7 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
         adapted = name in targeted or isinstance(module, LoRALinear)
         bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
         if bias is not None and (config.bias == "all" or config.bias == "lora_only" and name in targeted):
-            shapes[_bias_key(name, adapted)] = tuple(bias.get_value().shape)
+            shapes[_bias_key(PREFIX + name, adapted)] = tuple(bias.get_value().shape)
     for name, (_, module) in find_saved_modules(model, config).items():
         original = module.original if isinstance(module, ModulesToSave) else module
         shapes.update({f"{PREFIX}{name}.{k}": tuple(v.shape) for k, v in module_tensors(original).items()})
@@ -125,10 +126,10 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
 
 
 @per_layer
-def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_name: str = "default",
-                 rngs: nnx.Rngs | None = None) -> nnx.Module:
-    """Injects the adapter of a PEFT adapter directory into `model` and fills it. Every tensor's name, shape
-    and dtype is checked against the model before the model is touched. The first adapter of a model
+def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name: str = "default",
+                 rngs: nnx.Rngs | None = None) -> None:
+    """Injects the adapter of a PEFT adapter directory into a `jaxlora.PeftModel` and fills it. Every tensor's
+    name, shape and dtype is checked against the model before the model is touched. The first adapter
     becomes active; a further one does not (PEFT's ``load_adapter``; use `set_adapter`).
 
     `rngs` is optional, as in PEFT: every weight comes from the file, so the draws it would seed are
@@ -139,12 +140,12 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
     file = directory / WEIGHTS_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found (jaxlora reads safetensors adapters only)")
-    if adapter_name in adapter_configs(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; have {list(adapter_configs(model))}")
+    if adapter_name in peft.peft_config:
+        raise ValueError(f"adapter {adapter_name!r} already exists; have {list(peft.peft_config)}")
     # PiSSA / LoftQ initialisation would rewrite the base weights; the file already holds the result.
     init = config.init_lora_weights if isinstance(config.init_lora_weights, bool) else True
     inject = dataclasses.replace(config, init_lora_weights=init)
-    expected, optional = _expected(model, inject)
+    expected, optional = _expected(peft.base_model.model, inject)
     try:
         with safe_open(file, framework="np") as f:
             keys = set(f.keys())
@@ -165,29 +166,25 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike, *, adapter_nam
         tensors = _read(file)
     except SafetensorError as e:
         raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
-    first = not adapter_configs(model)
-    add_adapter(model, adapter_name, inject, rngs=rngs)
-    model.lora_configs = model.lora_configs[:-1] + ((adapter_name, config),)
-    for path, layer in lora_layers(model).items():
+    peft.add_adapter(adapter_name, inject, rngs=rngs)
+    peft._register(adapter_name, config)  # the file's config, not the injection's
+    for path, layer in lora_layers(peft).items():
         if adapter_name in layer.adapters:
-            prefix = f"{PREFIX}{path}."
+            prefix = f"{path}."
             layer.load_peft_state({k[len(prefix):]: v for k, v in tensors.items()
                                    if k.startswith(prefix) and ".lora_" in k}, adapter_name)
-    for path, wrapper in saved_modules(model).items():
+    for path, wrapper in saved_modules(peft).items():
         if adapter_name in wrapper.adapters:
-            prefix = f"{PREFIX}{path}."
+            prefix = f"{path}."
             wrapper.load_peft_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                                     adapter_name)
-    adapted = lora_layers(model)
+    adapted = lora_layers(peft)
     for path, layer in adapted.items():
-        if adapter_name in layer.adapters and f"{PREFIX}{path}.{_TABLE}" in tensors:
+        if adapter_name in layer.adapters and f"{path}.{_TABLE}" in tensors:
             table = layer.base.embedding
-            table.set_value(tensors[f"{PREFIX}{path}.{_TABLE}"].astype(table.get_value().dtype))
-    for path, base in trained_biases(model, adapter_name).items():  # into the base, as PEFT loads them
+            table.set_value(tensors[f"{path}.{_TABLE}"].astype(table.get_value().dtype))
+    for path, base in trained_biases(peft, config, adapter_name).items():  # into the base, as PEFT loads them
         base.bias.set_value(tensors[_bias_key(path, path in adapted)].astype(base.bias.get_value().dtype))
-    if first:
-        set_adapter(model, adapter_name)
-    return model
 
 
 def _read(file: Path) -> dict:

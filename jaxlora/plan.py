@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters import get_peft_model
+from jaxlora.peft_model import get_peft_model
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.loading import from_config

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora.mixed import AdapterRows, call
+from jaxlora.mixed import Selection, call
 from jaxlora.models import attention as attn
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.rounded import rounded_dot_general, rounded_matmul
@@ -71,23 +71,23 @@ class LlamaAttention(nnx.Module):
         self.window = config.window(layer)
         self.attention = attn.check_impl(attention)
 
-    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None, rows=None):
+    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None, adapters=None):
         """x: (batch, seq, hidden); cos, sin: (batch, seq, head_dim); q_slots: (seq,) cache slots of x;
         q_segments (batch, seq) / kv_segments (batch, kv): segment ids of queries and key slots, 0 on
         padding (see attention_mask_matrix); kv: (cached keys, cached values, end) or None;
-        rows: a mixed-adapter batch's `AdapterRows`, or None.
+        adapters: which adapter runs (`jaxlora.mixed.Selection`): `Active`, a mixed batch's `AdapterRows`, or None.
         Returns the output (batch, seq, hidden) and the keys and values attended to (the updated cache)."""
         b, t, _ = x.shape
-        q = attn.apply_rope(call(self.q_proj, x, rows).reshape(b, t, self.heads, self.head_dim), cos, sin)
-        k = attn.apply_rope(call(self.k_proj, x, rows).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
-        v = call(self.v_proj, x, rows).reshape(b, t, self.kv_heads, self.head_dim)
+        q = attn.apply_rope(call(self.q_proj, x, adapters).reshape(b, t, self.heads, self.head_dim), cos, sin)
+        k = attn.apply_rope(call(self.k_proj, x, adapters).reshape(b, t, self.kv_heads, self.head_dim), cos, sin)
+        v = call(self.v_proj, x, adapters).reshape(b, t, self.kv_heads, self.head_dim)
         if kv is not None:
             cached_k, cached_v, end = kv
             k = jax.lax.dynamic_update_slice_in_dim(cached_k, k.astype(cached_k.dtype), end, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cached_v, v.astype(cached_v.dtype), end, axis=1)
         out = attn.attention(q, k.astype(q.dtype), v.astype(q.dtype), q_slots, q_segments, kv_segments,
                              window=self.window, impl=self.attention)
-        return call(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), rows), (k, v)
+        return call(self.o_proj, out.reshape(b, t, self.heads * self.head_dim), adapters), (k, v)
 
 
 MLP_CHUNK = 512  # positions per MLP chunk on long sequences (a multiple of them; see LlamaMLP). 1024 -> 512
@@ -101,10 +101,10 @@ class LlamaMLP(nnx.Module):
         self.up_proj = _linear(hidden, inter, bias, config, dtype, param_dtype, rngs)
         self.down_proj = _linear(inter, hidden, bias, config, dtype, param_dtype, rngs)
 
-    def __call__(self, x: jax.Array, rows: AdapterRows | None = None) -> jax.Array:  # (batch, seq, hidden)
+    def __call__(self, x: jax.Array, adapters: Selection = None) -> jax.Array:  # (batch, seq, hidden)
         b, t, d = x.shape
         if t <= MLP_CHUNK or t % MLP_CHUNK:
-            return self._dense(x, rows)
+            return self._dense(x, adapters)
         # Long sequences: a rematerialized scan over chunks of positions, so the (tokens, intermediate)
         # activations and their gradients exist for one chunk at a time (each is ~5x the layer's input).
         # Dropout streams advance from chunk to chunk, as in one call.
@@ -113,7 +113,7 @@ class LlamaMLP(nnx.Module):
         @jax.checkpoint
         def chunk(rng, xc):
             mlp = nnx.merge(graphdef, rng, rest)
-            return nnx.state(mlp, nnx.RngState), mlp._dense(xc, rows)  # a chunk keeps every row
+            return nnx.state(mlp, nnx.RngState), mlp._dense(xc, adapters)  # a chunk keeps every row
 
         chunks = jnp.moveaxis(x.reshape(b, t // MLP_CHUNK, MLP_CHUNK, d), 1, 0)
         rng, y = jax.lax.scan(chunk, rng, chunks)
@@ -121,8 +121,9 @@ class LlamaMLP(nnx.Module):
             nnx.update(self, rng)
         return jnp.moveaxis(y, 0, 1).reshape(b, t, y.shape[-1])
 
-    def _dense(self, x: jax.Array, rows: AdapterRows | None) -> jax.Array:
-        return call(self.down_proj, jax.nn.silu(call(self.gate_proj, x, rows)) * call(self.up_proj, x, rows), rows)
+    def _dense(self, x: jax.Array, adapters: Selection) -> jax.Array:
+        gated = jax.nn.silu(call(self.gate_proj, x, adapters)) * call(self.up_proj, x, adapters)
+        return call(self.down_proj, gated, adapters)
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -135,10 +136,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(**norm)
         self.post_attention_layernorm = RMSNorm(**norm)
 
-    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None, rows=None):
-        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, q_segments, kv_segments, kv, rows)
+    def __call__(self, x, cos, sin, q_slots, q_segments, kv_segments, kv=None, adapters=None):
+        a, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, q_slots, q_segments, kv_segments, kv, adapters)
         x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x), rows), new_kv
+        return x + self.mlp(self.post_attention_layernorm(x), adapters), new_kv
 
 
 class LlamaModel(nnx.Module):
@@ -156,11 +157,11 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
         self.config, self.dtype, self.remat = config, dtype, remat_policy(remat)
 
-    def __call__(self, input_ids, segment_ids, positions, cache: KVCache | None, rows: AdapterRows | None = None):
+    def __call__(self, input_ids, segment_ids, positions, cache: KVCache | None, adapters: Selection = None):
         b, t = input_ids.shape
-        if rows is not None:
-            rows.check_batch(b)
-        x = call(self.embed_tokens, input_ids, rows)
+        if adapters is not None:
+            adapters.check_batch(b)
+        x = call(self.embed_tokens, input_ids, adapters)
         # The frequencies are a trace-time numpy constant, not a Variable: never trained, never saved.
         cos, sin = attn.rope_cos_sin(positions, attn.rope_inv_freq(self.config), self.dtype)
         if cache is None:
@@ -172,14 +173,14 @@ class LlamaModel(nnx.Module):
             )
 
         def run_layer(layer, h, kv, consts):  # kv: this layer's (cached keys, cached values), or None
-            cos, sin, q_slots, q_segments, kv_segments, end, rows = consts
+            cos, sin, q_slots, q_segments, kv_segments, end, adapters = consts
             h, (k, v) = layer(h, cos, sin, q_slots, q_segments, kv_segments, None if kv is None else (*kv, end),
-                              rows)
+                              adapters)
             return h, None if kv is None else (k, v)
 
         # Decoding with a cache has no backward pass: nothing to rematerialize.
         caches = None if cache is None else tuple(zip(cache.keys, cache.values))
-        consts = (cos, sin, q_slots, segment_ids, kv_segments, None if cache is None else cache.end, rows)
+        consts = (cos, sin, q_slots, segment_ids, kv_segments, None if cache is None else cache.end, adapters)
         x, new = self.layers(x, caches, self.remat, run_layer, consts)
         x = self.norm(x)
         if cache is None:
@@ -218,7 +219,7 @@ class LlamaForCausalLM(nnx.Module):
         positions: jax.Array | None = None,  # (batch, seq) int; default counts real tokens only
         segment_ids: jax.Array | None = None,  # (batch, seq) int; packed rows: 1, 2, ... per example, 0 on padding
         cache: KVCache | None = None,
-        adapter_rows: AdapterRows | None = None,  # a mixed-adapter batch: each row's adapter (jaxlora.adapter_rows)
+        adapters: Selection = None,  # which adapter runs; a `jaxlora.PeftModel` passes it (jaxlora.mixed)
     ):
         """Returns logits (batch, seq, vocab); with a `cache`, returns (logits, updated cache).
 
@@ -227,12 +228,12 @@ class LlamaForCausalLM(nnx.Module):
         a token attends only to earlier tokens of its own segment; pass the per-example `positions` too.
         """
         h, new_cache = self.hidden_states(input_ids, attention_mask, positions=positions, segment_ids=segment_ids,
-                                          cache=cache, adapter_rows=adapter_rows)
-        logits = self.logits(h, adapter_rows)
+                                          cache=cache, adapters=adapters)
+        logits = self.logits(h, adapters)
         return logits if cache is None else (logits, new_cache)
 
     def hidden_states(self, input_ids, attention_mask=None, *, positions=None, segment_ids=None, cache=None,
-                      adapter_rows=None):
+                      adapters: Selection = None):
         """The final normed hidden states (batch, seq, hidden) and the updated cache (None without one):
         everything of `__call__` but the output head, so a loss can apply `logits` chunk by chunk."""
         if attention_mask is None:
@@ -245,11 +246,11 @@ class LlamaForCausalLM(nnx.Module):
             positions = attn.positions_from_mask(attention_mask)
             if cache is not None:
                 positions = positions + jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)[:, None]
-        return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache, adapter_rows)
+        return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache, adapters)
 
-    def logits(self, h: jax.Array, adapter_rows: AdapterRows | None = None) -> jax.Array:  # (batch, ..., hidden)
+    def logits(self, h: jax.Array, adapters: Selection = None) -> jax.Array:  # (batch, ..., hidden)
         if self.lm_head is not None:  # -> (batch, ..., vocab)
-            return call(self.lm_head, h, adapter_rows)
+            return call(self.lm_head, h, adapters)
         # Embed.attend's promoted jnp.dot, as rounded_matmul (jaxlora.models.rounded: no float32 copy of
         # the (vocab, hidden) table on the CPU).
         table = self.model.embed_tokens.embedding[...]

@@ -1,0 +1,161 @@
+"""Which modules of a model a `LoraConfig` adapts, trains in full or trains the bias of.
+
+A module's name is its attribute path joined by dots (``model.layers.0.self_attn.q_proj``): the
+transformers module name, so PEFT's ``target_modules`` select the same layers here. Every function takes the
+user's model (what `jaxlora.PeftModel` holds at ``base_model.model``) and runs on the per-layer picture of
+its stacked decoder layers (`jaxlora.models.stack.per_layer`). Nothing here changes the model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from flax import nnx
+
+from jaxlora.embedding import LoRAEmbedding
+from jaxlora.layers import LoRALinear, set_bias_trainable
+from jaxlora.lora import pissa_niter
+from jaxlora.lora_config import ALL_LINEAR, LoraConfig
+from jaxlora.models.stack import per_layer
+from jaxlora.modules_to_save import ModulesToSave
+from jaxlora.qlinear import QuantizedLinear
+
+OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
+_LINEAR = (nnx.Linear, QuantizedLinear, LoRALinear)
+
+
+class Target(NamedTuple):
+    """A layer an adapter goes to: where it sits and what it gets."""
+
+    path: tuple[str | int, ...]  # attribute path, ints index nnx.List
+    name: str  # the dotted path, PEFT's module name
+    module: nnx.Module  # nnx.Linear, QuantizedLinear, nnx.Embed, or a LoRA layer that gets one more adapter
+    r: int
+    lora_alpha: float
+
+
+def dotted(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def modules(model: nnx.Module, kinds: tuple[type, ...]) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of the modules of `kinds`, not descending into adapter layers."""
+    found = {dotted(p): (tuple(p), m) for p, m in nnx.iter_graph(model) if isinstance(m, kinds)}
+    wrappers = [dotted(p) for p, m in nnx.iter_graph(model) if isinstance(m, LoRALinear | ModulesToSave)]
+    return {name: v for name, v in found.items() if not any(name.startswith(w + ".") for w in wrappers)}
+
+
+def base_of(module: nnx.Module) -> nnx.Module:
+    """The base layer under a LoRA layer; any other module is its own base."""
+    return module.base if isinstance(module, LoRALinear) else module
+
+
+@per_layer
+def linear_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of every linear layer, not descending into LoRA layers or the modules
+    trained in full (`ModulesToSave`)."""
+    return {k: v for k, v in modules(model, _LINEAR).items() if not isinstance(v[1], LoRAEmbedding)}
+
+
+@per_layer
+def embedding_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
+    """Dotted path -> (path, module) of every token embedding (``nnx.Embed`` or `LoRAEmbedding`)."""
+    return modules(model, (nnx.Embed, LoRAEmbedding))
+
+
+@per_layer
+def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
+    """Dotted path -> every LoRA layer in the model: `LoRALinear`, `QLoRALinear`, `LoRAEmbedding`."""
+    return {name: m for name, (_, m) in modules(model, (LoRALinear,)).items()}
+
+
+@per_layer
+def saved_modules(model: nnx.Module) -> dict[str, ModulesToSave]:
+    """Dotted path -> every `ModulesToSave` (a module trained in full) in the model."""
+    return {name: m for name, (_, m) in modules(model, (ModulesToSave,)).items()}
+
+
+def adapter_layers(model: nnx.Module) -> dict[str, LoRALinear | ModulesToSave]:
+    """Every layer holding adapters: LoRA layers and modules trained in full (the same adapter methods)."""
+    return lora_layers(model) | saved_modules(model)
+
+
+@per_layer
+def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
+    """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
+    targets = []
+    linears = linear_modules(model)
+    # Embeddings are adapted when named, never by "all-linear" (PEFT's rule as well).
+    embeddings = {} if config.target_modules == ALL_LINEAR else embedding_modules(model)
+    for name, (path, module) in (linears | embeddings).items():
+        if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
+            continue
+        r = config.r_for(name)  # may exceed min(in, out): PEFT accepts that too
+        if name in embeddings and (config.use_dora or config.init_lora_weights not in (True, False, "gaussian")):
+            raise ValueError(f"{name} is an embedding: LoRA there takes init_lora_weights True, False or 'gaussian' "
+                             f"and no DoRA, as in PEFT (got {config.init_lora_weights!r}, use_dora={config.use_dora})")
+        needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
+        if needs_dense and isinstance(base_of(module), QuantizedLinear):
+            raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
+                             "this layer is already quantized; inject into the dense model and quantize with "
+                             "QLoRALinear.from_linear")
+        targets.append(Target(path, name, module, r, config.alpha_for(name)))
+    if config.exclude_modules and not any(config.excludes(name) for name in linears):
+        # PEFT's inject_adapter warns the same way: an exclusion that names nothing is likely a typo.
+        warnings.warn(f"exclude_modules={config.exclude_modules!r} excludes no linear layer of the model; "
+                      "check its names", UserWarning, stacklevel=3)
+    if not targets:
+        names = list(linears)
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+        raise ValueError(f"target_modules={config.target_modules!r} (exclude_modules={config.exclude_modules!r}) "
+                         f"matches no linear layer; available names: {suffixes}, e.g. paths {names[:4]}")
+    return targets
+
+
+@per_layer
+def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[tuple, nnx.Module]]:
+    """The modules `config.modules_to_save` names (path -> (path, module): an ``nnx.Linear``, ``nnx.Embed`` or
+    `ModulesToSave` that gets one more copy); ValueError if a name matches nothing or a LoRA target."""
+    if not config.modules_to_save:
+        return {}
+    found = {name: v for name, v in modules(model, (*_LINEAR, nnx.Embed, ModulesToSave)).items()
+             if config.saves(name)}
+    targeted = {t.name for t in find_targets(model, config)}
+    for name, (_, module) in found.items():
+        if isinstance(module, QuantizedLinear):
+            raise ValueError(f"{name} is quantized and cannot be trained in full (modules_to_save); keep it dense "
+                             "with QuantConfig(skip_modules=...)")
+        if isinstance(module, LoRALinear) or name in targeted:
+            raise ValueError(f"{name} is both a LoRA target and in modules_to_save={list(config.modules_to_save)}; "
+                             "choose one")
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        # PEFT (ensure_weight_tying=False) trains an untied copy there: the logits keep the original matrix,
+        # and merge_and_unload unties the model -- which a tied jaxlora model has no lm_head module to hold.
+        raise ValueError(f"modules_to_save={list(config.modules_to_save)} on a model with tied embeddings is not "
+                         "supported (it has no lm_head module, and PEFT's trained copy would untie the model)")
+    missing = [n for n in config.modules_to_save if not any(path.endswith(n) for path in found)]
+    if missing:
+        raise ValueError(f"modules_to_save names {missing} match no module of the model")
+    return found
+
+
+@per_layer
+def trained_biases(model: nnx.Module, config: LoraConfig, adapter_name: str) -> dict[str, nnx.Module]:
+    """Dotted path -> base linear layer whose bias adapter `adapter_name` (configured by `config`) trains: every
+    biased linear layer for bias="all", those it adapts for "lora_only" (PEFT's rule), none for "none"."""
+    found = {}
+    for name, (_, module) in linear_modules(model).items():
+        adapted = isinstance(module, LoRALinear) and adapter_name in module.adapters
+        if base_of(module).bias is not None and (config.bias == "all" or config.bias == "lora_only" and adapted):
+            found[name] = base_of(module)
+    return found
+
+
+@per_layer
+def sync_biases(model: nnx.Module, configs: Mapping[str, LoraConfig]) -> None:
+    """Each base bias trains iff some adapter's config says so (derived from the configs, never kept)."""
+    trained = {name for adapter, config in configs.items() for name in trained_biases(model, config, adapter)}
+    for name, (_, module) in linear_modules(model).items():
+        set_bias_trainable(base_of(module), name in trained)
