@@ -119,15 +119,15 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched():
     jax.tree.map(np.testing.assert_array_equal, after, before)  # bit for bit: nothing applied, step count too
 
 
-def test_evaluate_leaves_the_model_mode_alone(tmp_path, jsonl):
-    from jaxlora.train.loop import evaluate
+def test_eval_loss_leaves_the_model_mode_alone(tmp_path, jsonl):
+    from jaxlora.evaluate import eval_loss
 
     data_cfg = DataConfig(path=str(jsonl), max_seq_len=16, batch_size=4)
     data = load_data(data_cfg, TOK)
     model = ByteLM(nnx.Rngs(params=0, dropout=1))
     for mode in ("eval", "train"):
         getattr(model, mode)()
-        first = evaluate(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id)
+        first = eval_loss(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id)
         assert model.drop.deterministic == (mode == "eval")
         # Dropout is off during evaluation whatever the mode: the loss is deterministic.
-        assert evaluate(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id) == first
+        assert eval_loss(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id) == first
