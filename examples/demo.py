@@ -26,11 +26,10 @@ from flax import nnx
 
 import jaxlora
 from examples import common, tasks
-from jaxlora.evaluate import completion_accuracy
+from jaxlora.evaluate import completion_accuracy, eval_loss
 from jaxlora.peft_io import save_adapter
 from jaxlora.tokenizer import load_tokenizer
 from jaxlora.train.data import DataConfig, load_data
-from jaxlora.train.loop import evaluate
 from jaxlora.train.records import read_jsonl
 
 
@@ -92,7 +91,7 @@ def main(argv=None) -> dict:
             return {"accuracy": completion_accuracy(model, tok, eval_rows)[0]}
         path = tasks.write_jsonl(eval_rows, out / "eval.jsonl")
         dcfg = DataConfig(path=str(path), max_seq_len=args.max_seq_len, batch_size=args.batch_size, overlong="truncate")
-        return {"eval_loss": evaluate(model, load_data(dcfg, tok).train, dcfg, pad_token_id=tok.pad_token_id or 0)}
+        return {"eval_loss": eval_loss(model, load_data(dcfg, tok).train, dcfg, pad_token_id=tok.pad_token_id or 0)}
 
     before = score()
     print(f"before fine-tuning: {before}", file=sys.stderr)

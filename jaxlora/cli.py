@@ -267,9 +267,8 @@ def _load_with_adapter(args, directory):
 
 
 def cmd_eval(args) -> dict:
-    from jaxlora.evaluate import completion_accuracy
+    from jaxlora.evaluate import completion_accuracy, eval_loss
     from jaxlora.train.data import load_data
-    from jaxlora.train.loop import evaluate
     from jaxlora.train.records import read_jsonl
 
     directory, tok, config = _prepare(args, max_seq_len=args.max_seq_len)
@@ -280,7 +279,7 @@ def cmd_eval(args) -> dict:
     if args.accuracy and not all("prompt" in r for r in records):
         raise ValueError(f"--accuracy needs prompt/completion records; {args.data} has other records")
     model = _load_with_adapter(args, directory)
-    loss = evaluate(model, data.train, dcfg, pad_token_id=tok.pad_token_id or 0)
+    loss = eval_loss(model, data.train, dcfg, pad_token_id=tok.pad_token_id or 0)
     result = {"eval_loss": loss, "perplexity": float(np.exp(loss)), "examples": len(data.train)}
     if args.accuracy:
         result["accuracy"], _ = completion_accuracy(model, tok, records)

@@ -40,8 +40,8 @@ from torch_ref import hf_ref, peft_ref, train_ref
 
 VOCAB, BATCH, SEQ, N_BATCHES = 128, 4, 16, 4
 STEPS = 20
-CFG = train_ref.TrainConfig(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                            weight_decay=0.01, warmup_steps=2, max_steps=STEPS, max_grad_norm=1.0)
+CFG = train_ref.TrainingArguments(learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                                  weight_decay=0.01, warmup_steps=2, max_steps=STEPS, max_grad_norm=1.0)
 
 
 def rel(ours, theirs) -> float:

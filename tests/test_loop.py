@@ -37,7 +37,7 @@ def jsonl(tmp_path):
     return path
 
 
-def _run(out, jsonl, *, max_steps, resume=False, save_every=0, lr=3e-2, model=None, on_step=None):
+def _run(out, jsonl, *, max_steps, resume=False, save_every=0, lr=3e-2, model=None, on_step=None, **kw):
     data_cfg = DataConfig(path=str(jsonl), max_seq_len=16, batch_size=4, eval_fraction=0.2, seed=3)
     model = model or ByteLM(nnx.Rngs(params=0, dropout=1))
     return train(
@@ -50,6 +50,7 @@ def _run(out, jsonl, *, max_steps, resume=False, save_every=0, lr=3e-2, model=No
         write_adapter=lambda m, path: (path / "marker").write_text("adapter"),
         resume=resume,
         on_step=on_step,
+        **kw,
     )
 
 
@@ -119,15 +120,48 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_untouched():
     jax.tree.map(np.testing.assert_array_equal, after, before)  # bit for bit: nothing applied, step count too
 
 
-def test_evaluate_leaves_the_model_mode_alone(tmp_path, jsonl):
-    from jaxlora.train.loop import evaluate
+def test_eval_loss_leaves_the_model_mode_alone(tmp_path, jsonl):
+    from jaxlora.evaluate import eval_loss
 
     data_cfg = DataConfig(path=str(jsonl), max_seq_len=16, batch_size=4)
     data = load_data(data_cfg, TOK)
     model = ByteLM(nnx.Rngs(params=0, dropout=1))
     for mode in ("eval", "train"):
         getattr(model, mode)()
-        first = evaluate(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id)
+        first = eval_loss(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id)
         assert model.drop.deterministic == (mode == "eval")
         # Dropout is off during evaluation whatever the mode: the loss is deterministic.
-        assert evaluate(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id) == first
+        assert eval_loss(model, data.train, data_cfg, pad_token_id=TOK.pad_token_id) == first
+
+
+def test_an_injected_loss_and_hook(tmp_path, jsonl):
+    """train(loss_fn=...) trains and evaluates that loss; train(hooks=[...]) runs a hook after the built-in
+    ones, which see each step first (the checkpoint of a save step exists when the hook runs)."""
+    from jaxlora.train.hooks import Hook
+    from jaxlora.train.step import lm_loss
+
+    def tripled(m, batch):
+        loss, aux = lm_loss(m, batch)
+        return 3.0 * loss, aux
+
+    class Record(Hook):
+        def __init__(self):
+            self.seen, self.ended = [], None
+
+        def after_step(self, state, metrics, final):
+            saved = (tmp_path / "tripled" / f"checkpoint-{state.step:06d}").is_dir()
+            self.seen.append((state.step, "eval_loss" in metrics, saved, final))
+
+        def at_end(self, state, summary):
+            self.ended = dict(summary)
+
+    plain = _run(tmp_path / "plain", jsonl, max_steps=3)
+    record = Record()
+    summary = _run(tmp_path / "tripled", jsonl, max_steps=3, save_every=2, loss_fn=tripled, hooks=[record])
+    rows = read_metrics(tmp_path / "tripled" / "metrics.jsonl")
+    first_plain = read_metrics(tmp_path / "plain" / "metrics.jsonl")[0]["loss"]
+    # Step 1 runs at learning rate 0 (warm-up), so both runs' first loss comes from the same weights.
+    np.testing.assert_allclose(rows[0]["loss"], 3 * first_plain, rtol=1e-6)
+    assert plain["eval_loss"] < summary["eval_loss"]  # tripled
+    assert record.seen == [(1, False, False, False), (2, False, True, False), (3, True, True, True)]
+    assert record.ended["checkpoint"].endswith("checkpoint-000003") and record.ended["loss_plot"]

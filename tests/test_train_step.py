@@ -174,3 +174,34 @@ def test_bf16_compute_keeps_fp32_adapters_and_trains():
     losses = [float(train_step(model, opt, batch)["loss"]) for _ in range(4)]
     assert losses[-1] < losses[0]
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.LoRAParam))} == {jnp.dtype(jnp.float32)}
+
+
+def test_injected_loss_is_the_one_trained():
+    """`loss_fn(model, batch) -> (loss, aux)`: the step minimizes it and returns its aux entries."""
+    from jaxlora.train.step import lm_loss
+
+    def tripled(m, batch):  # 3x the default: 3x its gradient, and an aux entry of its own
+        loss, aux = lm_loss(m, batch)
+        return 3.0 * loss, {**aux, "plain": loss}
+
+    batch = _batch(6)
+    cfg = OptimizerConfig(learning_rate=1e-2, max_steps=5, max_grad_norm=None)
+    m1, m2 = ToyLM(nnx.Rngs(0)), ToyLM(nnx.Rngs(0))
+    plain = train_step(m1, nnx.Optimizer(m1, make_optimizer(cfg), wrt=nnx.LoRAParam), batch)
+    custom = train_step(m2, nnx.Optimizer(m2, make_optimizer(cfg), wrt=nnx.LoRAParam), batch, loss_fn=tripled)
+    np.testing.assert_allclose(float(custom["loss"]), 3 * float(plain["loss"]), rtol=1e-6)
+    np.testing.assert_allclose(float(custom["grad_norm"]), 3 * float(plain["grad_norm"]), rtol=1e-5)
+    assert float(custom["plain"]) == float(plain["loss"]) and float(custom["tokens"]) == float(plain["tokens"])
+    out = eval_step(m1, batch, loss_fn=tripled)  # evaluation weights it by its aux `tokens`
+    np.testing.assert_allclose(float(out["loss_sum"]), 3 * float(out["plain"]) * float(out["tokens"]), rtol=1e-6)
+
+
+def test_the_optimizer_decides_what_trains():
+    """wrt is the optimizer's: an nnx.Param optimizer trains the frozen weights too, with no other argument."""
+    model = ToyLM(nnx.Rngs(0))
+    frozen_before = jax.tree.map(np.asarray, nnx.state(model, FROZEN))
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=5)), wrt=nnx.Param)
+    train_step(model, opt, _batch(7))
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), frozen_before,
+                         jax.tree.map(np.asarray, nnx.state(model, FROZEN)))
+    assert all(jax.tree.leaves(moved))

@@ -3,7 +3,7 @@ torch AdamW, transformers' cosine schedule with warm-up, ``clip_grad_norm_`` -- 
 written out so every step's loss, gradient norm and learning rate can be read.
 
     peft_model = peft_ref.random_adapter(hf_ref.load_4bit_model(path), r=8, lora_alpha=16)
-    history = train(peft_model, batches, TrainConfig(max_steps=20))
+    history = train(peft_model, batches, TrainingArguments(max_steps=20))
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ IGNORE_INDEX = -100  # transformers' ForCausalLMLoss ignore_index
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """transformers' TrainingArguments names, as jaxlora's OptimizerConfig."""
+class TrainingArguments:
+    """The optimizer fields of transformers' TrainingArguments (jaxlora's OptimizerConfig takes the same names)."""
 
     learning_rate: float = 1e-3
     adam_beta1: float = 0.9
@@ -37,7 +37,7 @@ def labels_from_loss_mask(input_ids: np.ndarray, loss_mask: np.ndarray) -> torch
     return torch.from_numpy(np.where(loss_mask, input_ids, IGNORE_INDEX).astype(np.int64))
 
 
-def train(model: torch.nn.Module, batches: list[dict], cfg: TrainConfig) -> dict[str, list[float]]:
+def train(model: torch.nn.Module, batches: list[dict], cfg: TrainingArguments) -> dict[str, list[float]]:
     """`cfg.max_steps` optimizer steps over `batches` (cycled), each a dict of numpy ``input_ids``,
     ``attention_mask`` and ``loss_mask``. The loss is the model's own with ``labels``: without
     ``num_items_in_batch`` transformers takes the mean over the non-ignored targets of the batch, which is

@@ -80,10 +80,11 @@ def _checkpointer() -> ocp.Checkpointer:
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers))
 
 
-def _trainable(model: nnx.Module, optimizer: nnx.Optimizer, wrt) -> dict[str, nnx.State]:
-    # Only what training changes: the frozen base is reloaded from its own checkpoint. Taken from the
-    # state trees generically, so stacked (scanned) layers are stored as the stacked arrays they are.
-    return {"model": nnx.state(model, nnx.Any(wrt, nnx.RngState)), "optimizer": nnx.state(optimizer)}
+def _trainable(model: nnx.Module, optimizer: nnx.Optimizer) -> dict[str, nnx.State]:
+    # Only what training changes (the optimizer's `wrt` variables and the RNG streams): the frozen base is
+    # reloaded from its own checkpoint. Taken from the state trees generically, so stacked (scanned)
+    # layers are stored as the stacked arrays they are.
+    return {"model": nnx.state(model, nnx.Any(optimizer.wrt, nnx.RngState)), "optimizer": nnx.state(optimizer)}
 
 
 def _flatten(parts: dict[str, nnx.State]) -> dict[str, jax.Array]:
@@ -107,22 +108,21 @@ def save_checkpoint(
     trainer_state: dict | None = None,
     write_adapter: Callable[[Path], None] | None = None,
     keep: int | None = None,
-    wrt=nnx.LoRAParam,
 ) -> Path:
     """Write checkpoint-{step} atomically; keep the newest `keep` checkpoints.
 
-    Every process must call it (a collective). wrt: the trained variables to store (adapters by
-    default), besides optimizer state and RNG streams."""
+    Every process must call it (a collective). It stores the trained variables (`optimizer.wrt`),
+    the optimizer state and the RNG streams."""
     run_dir = Path(run_dir).absolute()
     final = run_dir / f"checkpoint-{step:06d}"
     if final.exists():
         raise FileExistsError(f"{final} exists already; set it aside before saving step {step} again")
-    arrays = _flatten(_trainable(model, optimizer, wrt))  # taken before host_local swaps values in
+    arrays = _flatten(_trainable(model, optimizer))  # taken before host_local swaps values in
     items = {_STATE: ocp.args.StandardSave(arrays), _META: ocp.args.JsonSave({"step": int(step), **(trainer_state or {})})}
     if write_adapter is not None:
         items[_ADAPTER] = AdapterSave(write_adapter)
     # The PEFT writer turns adapters into numpy, which arrays sharded across processes do not allow.
-    with host_local(model, wrt) if write_adapter is not None else contextlib.nullcontext(), _checkpointer() as ckpt:
+    with host_local(model, optimizer.wrt) if write_adapter is not None else contextlib.nullcontext(), _checkpointer() as ckpt:
         ckpt.save(final, args=ocp.args.Composite(**items))
     if keep is not None and is_primary():
         prune_checkpoints(run_dir, keep, protect=final)
@@ -173,7 +173,7 @@ def set_aside(path: Path, why: str) -> Path:
     return aside
 
 
-def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nnx.Optimizer, wrt=nnx.LoRAParam) -> dict:
+def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
     """Restore adapters, optimizer state and RNG streams in place; return the trainer_state dict.
 
     Arrays are read into the shardings the model and optimizer have now (any mesh, any process count).
@@ -188,7 +188,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nn
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"checkpoint file {meta_file} is unreadable (truncated or corrupt?): {e}") from None
-    parts = _trainable(model, optimizer, wrt)
+    parts = _trainable(model, optimizer)
     expected = _flatten(parts)
     try:
         with _checkpointer() as ckpt:
@@ -225,12 +225,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: nnx.Module, optimizer: nn
     return meta
 
 
-def restore_newest(run_dir: str | os.PathLike, *, model, optimizer, wrt=nnx.LoRAParam) -> tuple[Path, dict]:
+def restore_newest(run_dir: str | os.PathLike, *, model, optimizer) -> tuple[Path, dict]:
     """Load the newest checkpoint that reads back whole; each damaged newer one is reported (a warning
     naming the file) and set aside as `checkpoint-N.unreadable`. Every process must call it."""
     while (path := latest_checkpoint(run_dir)) is not None:
         try:
-            return path, load_checkpoint(path, model=model, optimizer=optimizer, wrt=wrt)
+            return path, load_checkpoint(path, model=model, optimizer=optimizer)
         except CheckpointMismatchError:
             raise  # the run changed, not the file: an older checkpoint would not fit either
         except (ValueError, FileNotFoundError) as e:

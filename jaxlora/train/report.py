@@ -1,7 +1,8 @@
 """Where a run's metrics go: metrics.jsonl (always), TensorBoard, Weights & Biases, and the progress line.
 
-The loop calls one hook, `Reporter.log(step, metrics)`, with a train step's metrics (they hold "loss")
-or an evaluation's ({"eval_loss": ...}); each backend is a `MetricsWriter`. `report_to` takes the
+The trainer's logging hook (jaxlora.train.hooks.Log) calls `Reporter.log(step, metrics)` with a train
+step's metrics (they hold "loss") or an evaluation's ({"eval_loss": ...}); each backend is a
+`MetricsWriter`. `read_metrics` reads metrics.jsonl back, `plot_metrics` draws it. `report_to` takes the
 values of transformers' `TrainingArguments.report_to`: "none", "tensorboard", "wandb", or a list.
 
 Tags follow transformers' callbacks: `train/loss`, `train/learning_rate`, `train/grad_norm`,
@@ -14,6 +15,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, TextIO
@@ -222,3 +224,60 @@ class Reporter:
             w.close()
         if self.progress is not None:
             self.progress.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The rows of a metrics.jsonl; a torn last line (the run was killed while writing it) is dropped
+    with a warning, a bad line elsewhere is an error naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i < len(lines):
+                raise ValueError(f"{path}:{i}: malformed JSON ({e.msg}); only a torn last line is dropped") from None
+            warnings.warn(f"{path}:{i}: dropped a torn last line ({line[:40]!r}...)", stacklevel=2)
+    return rows
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Keep the rows of steps <= `step` (a resumed run drops what the interrupted run logged after its
+    checkpoint), replacing the file atomically: a kill while rewriting must not lose the curve."""
+    if path.exists():
+        keep = [r for r in read_metrics(path) if r["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, path)
+
+
+def plot_metrics(metrics_file: Path, png: Path) -> Path | None:
+    """Train (and eval) loss against step; None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = read_metrics(metrics_file)
+    train_pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train_pts:
+        ax.plot(*zip(*train_pts), label="train loss")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png

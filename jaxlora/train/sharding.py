@@ -102,3 +102,12 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
         # own devices their rows, so this also feeds a mesh that spans several processes.
         out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value), value.shape)
     return out
+
+
+def device_batch(batch, mesh: Mesh | None = None, packing: bool = False) -> dict:
+    """The step's dict of a `jaxlora.train.batching.Batch`, split over `mesh` when there is one. Packed rows
+    (several examples per row) also carry positions and segment_ids: the model must keep them apart."""
+    arrays = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "loss_mask": batch.loss_mask}
+    if packing:
+        arrays.update(positions=batch.positions, segment_ids=batch.segment_ids)
+    return shard_batch(arrays, mesh) if mesh is not None else arrays

@@ -1,16 +1,23 @@
-"""The causal-LM loss and the jitted train / eval steps. Only `nnx.LoRAParam` variables receive gradients.
+"""The jitted train and eval steps around an injectable loss; the causal-LM loss is the default.
 
 A batch is a dict of numpy or jax arrays, all (batch, seq):
   input_ids       int32  token ids
   attention_mask  int32  1 for real tokens, 0 for padding
   loss_mask       bool   aligned to targets: loss_mask[b, t] says whether token t is predicted with loss
 and, for packed rows only, `positions` and `segment_ids` (see jaxlora.train.batching), which are passed
-on to the model.
+on to the model; for a mixed-adapter batch (evaluation only) `adapter_rows` (`jaxlora.adapter_rows`).
+
+A loss is `loss_fn(model, batch) -> (loss, aux)`: a scalar to minimize and a dict of scalars returned
+with the step's metrics. An aux `tokens` entry weights the loss when evaluation combines batches (a
+plain mean over batches without it). The step gets gradients for the optimizer's own `wrt` variables
+only (`nnx.LoRAParam` for LoRA): the optimizer is the one place that choice is made.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,42 +26,47 @@ from flax import nnx
 
 from jaxlora.train.loss import causal_lm_loss, chunked_causal_lm_loss
 
-__all__ = ["causal_lm_loss", "chunked_causal_lm_loss", "eval_step", "offload_optimizer_state", "train_step"]
+__all__ = ["LossFn", "causal_lm_loss", "chunked_causal_lm_loss", "eval_step", "lm_loss", "offload_optimizer_state",
+           "train_step"]
+
+LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, Any]]]
 
 
-def _forward_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
-    packing = {k: batch[k] for k in ("positions", "segment_ids") if k in batch}
+def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The default loss: mean next-token cross-entropy over `loss_mask`'s targets, and their count."""
+    extra = {k: batch[k] for k in ("positions", "segment_ids", "adapter_rows") if batch.get(k) is not None}
     if hasattr(model, "hidden_states") and hasattr(model, "logits"):  # the llama family: chunked head + loss
-        h, _ = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"], **packing)
+        rows = extra.get("adapter_rows")
+        h, _ = model.hidden_states(batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
         graphdef, state = nnx.split(model)
-        head = lambda state, h: nnx.merge(graphdef, state).logits(h)  # noqa: E731
-        return chunked_causal_lm_loss(head, state, h, batch["input_ids"], batch["loss_mask"])
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **packing)
-    return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+        head = lambda state, h: nnx.merge(graphdef, state).logits(h, rows)  # noqa: E731
+        loss, n = chunked_causal_lm_loss(head, state, h, batch["input_ids"], batch["loss_mask"])
+    else:
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        loss, n = causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+    return loss, {"tokens": n}
 
 
-@functools.partial(nnx.jit, static_argnames=("offload_optimizer", "wrt"))
+@functools.partial(nnx.jit, static_argnames=("loss_fn", "offload_optimizer"))
 def train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, offload_optimizer: bool = False, wrt=nnx.LoRAParam
+    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, loss_fn: LossFn = lm_loss,
+    offload_optimizer: bool = False,
 ) -> dict:
     """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`), skipped when the
-    loss or the gradient norm is not finite (the result's `finite` is then False).
+    loss or the gradient norm is not finite (the result's `finite` is then False). Returns `loss`,
+    `grad_norm`, `finite` and the loss's aux entries.
 
-    wrt: which variables get gradients — adapters (`nnx.LoRAParam`) for LoRA training; `nnx.Param`
-    for full training of a dense model (the demo pretrains its base that way). It must match the
-    optimizer's own `wrt`.
+    The trained variables are `optimizer.wrt`: adapters (`nnx.LoRAParam`) for LoRA training, `nnx.Param`
+    for full training of a dense model (the demo pretrains its base that way). `loss_fn` is a static
+    argument: pass the same function object every step, or each call compiles anew.
 
     offload_optimizer: the optimizer state lives in host memory between steps (see
     `offload_optimizer_state`); it is copied to the device for the update and back after it.
     """
-
-    def loss_fn(m):
-        loss, n = _forward_loss(m, batch)
-        return loss, n
-
-    # DiffState(0, LoRAParam): gradients exist for adapters only; the frozen base never gets one.
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt), has_aux=True)
-    (loss, n), grads = grad_fn(model)
+    wrt = optimizer.wrt
+    # DiffState(0, wrt): gradients exist for the trained variables only; the frozen base never gets one.
+    grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch), argnums=nnx.DiffState(0, wrt), has_aux=True)
+    (loss, aux), grads = grad_fn(model)
     # optax mixes its int32 step count with floats (bias correction, schedules): keep the user's strict
     # promotion mode for the model, but let optax's own arithmetic promote as it was written to.
     grad_norm = optax.tree.norm(grads)  # the global L2 norm (optax.global_norm is deprecated)
@@ -71,14 +83,18 @@ def train_step(
     nnx.update((model, optimizer), jax.tree.map(lambda new, old: jnp.where(finite, new, old), after, before))
     if offload_optimizer:
         _move_optimizer_state(optimizer, jax.memory.Space.Host)
-    return {"loss": loss, "tokens": n, "grad_norm": grad_norm, "finite": finite}
+    return {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-@nnx.jit
-def eval_step(model: nnx.Module, batch: dict) -> dict:
-    """Summed loss and target count, so eval batches of different fill combine exactly."""
-    loss, n = _forward_loss(model, batch)
-    return {"loss_sum": loss * n, "tokens": n}
+@functools.partial(nnx.jit, static_argnames=("loss_fn",))
+def eval_step(model: nnx.Module, batch: dict, *, loss_fn: LossFn = lm_loss) -> dict:
+    """The loss times its weight (aux `tokens`, else 1) and that weight, so batches of different fill
+    combine exactly; plus the loss's other aux entries."""
+    loss, aux = loss_fn(model, batch)
+    weight = aux.get("tokens", jnp.ones((), jnp.float32))
+    return {**aux, "loss_sum": loss * weight, "tokens": weight}
+
+
 def offload_optimizer_state(optimizer: nnx.Optimizer) -> None:
     """Keep the optimizer state (Adam's two moments: 2x the adapter size in fp32) in pinned host memory.
 
