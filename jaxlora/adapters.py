@@ -1,4 +1,4 @@
-"""Adapters at model level: inject `LoRALinear` / `QLoRALinear` by `LoraConfig`, switch, combine, merge.
+"""Adapters at model level: inject `LoRALinear` / `LoRAEmbedding` by `LoraConfig`, switch, combine, merge.
 
 A module's path is its attribute path joined by dots (``model.layers.0.self_attn.q_proj``): the
 transformers module name, so PEFT's ``target_modules`` select the same layers here. Each function runs on
@@ -26,7 +26,7 @@ from jaxlora.graph import replace_module
 from jaxlora.mixed import BASE, AdapterRows
 from jaxlora.models.stack import per_layer, stochastic, unstacked
 from jaxlora.embedding import LoRAEmbedding
-from jaxlora.layers import LoRALinear, QLoRALinear, set_bias_trainable
+from jaxlora.layers import LoRALinear, set_bias_trainable
 from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.lora import CombinationType, pissa_niter
@@ -34,7 +34,7 @@ from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
 _LINEAR = (nnx.Linear, QuantizedLinear, LoRALinear)
-_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: QLoRALinear, nnx.Embed: LoRAEmbedding}  # base -> layer
+_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: LoRALinear, nnx.Embed: LoRAEmbedding}  # base -> layer
 
 
 class Target(NamedTuple):
@@ -73,7 +73,7 @@ def embedding_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
 
 @per_layer
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
-    """Dotted path -> every LoRA layer in the model: `LoRALinear`, `QLoRALinear`, `LoRAEmbedding`."""
+    """Dotted path -> every LoRA layer in the model: `LoRALinear` (over any base), `LoRAEmbedding`."""
     return {name: m for name, (_, m) in _modules(model, (LoRALinear,)).items()}
 
 
@@ -138,7 +138,7 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
         if needs_dense and isinstance(_base(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
                              "this layer is already quantized; inject into the dense model and quantize with "
-                             "QLoRALinear.from_linear")
+                             "jaxlora.qlora_linear")
         targets.append(Target(path, name, module, r, config.alpha_for(name)))
     if config.exclude_modules and not any(config.excludes(name) for name in linears):
         # PEFT's inject_adapter warns the same way: an exclusion that names nothing is likely a typo.
@@ -216,8 +216,8 @@ def _sync_biases(model: nnx.Module) -> None:
 
 @per_layer
 def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, adapter_name: str = "default"):
-    """PEFT's ``get_peft_model``: replaces the targeted ``nnx.Linear`` by `LoRALinear` and
-    `QuantizedLinear` by `QLoRALinear`, in place, and returns the model with `adapter_name` active."""
+    """PEFT's ``get_peft_model``: replaces each targeted ``nnx.Linear`` or `QuantizedLinear` by a `LoRALinear`
+    over it (an ``nnx.Embed`` by a `LoRAEmbedding`), in place, and returns the model with `adapter_name` active."""
     if adapter_configs(model):
         raise ValueError(f"model already has adapters {list(adapter_configs(model))}; use add_adapter")
     return add_adapter(model, adapter_name, config, rngs=rngs)
@@ -354,8 +354,7 @@ def add_weighted_adapter(model: nnx.Module, adapters: Sequence[str], weights: Se
 def _strip(model: nnx.Module, merge: bool, requantize: bool) -> nnx.Module:
     for name, (path, layer) in _modules(model, (LoRALinear,)).items():
         if merge and layer.active_adapter is not None:
-            base = (layer.merge_and_unload(requantize=requantize) if isinstance(layer.base, QuantizedLinear)
-                    else layer.merge_and_unload())
+            base = layer.merge_and_unload(requantize=requantize)  # a dense base: requantize changes nothing
         else:
             base = layer.unload()
         replace_module(model, path, base)
