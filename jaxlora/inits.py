@@ -57,39 +57,27 @@ def loftq(base: DenseBase, r: int, scale: float, rngs: nnx.Rngs, *, quantize: Qu
     return a, b, QuantizedLinear(qt, bias, compute_dtype=compute_dtype)
 
 
-def _then(init: BaseInit, finish: Callable[[LinearBase], LinearBase]) -> BaseInit:
-    def run(base, r, scale, rngs):
-        a, b, new = init(base, r, scale, rngs)
-        return a, b, finish(new)
-
-    return run
-
-
-def _dequantized(like: DenseBase) -> Callable[[QuantizedLinear], DenseBase]:
-    # PEFT's LoftQ on a dense layer stores deq(Q) back in the dense weight, in the weight's dtype.
-    return lambda q: like.with_kernel(q.dense_kernel(like.weight_dtype))
-
-
 def resolve(init_lora_weights, *, loftq_iter: int = 1, quantize: Quantize | None = None,
             compute_dtype=jnp.bfloat16) -> BaseInit | None:
     """The `BaseInit` that PEFT's ``init_lora_weights`` names ("pissa", "pissa_niter_<n>", "loftq"); None for
     True / False / "gaussian" (A and B drawn, the base kept); a `BaseInit` passes through. Given `quantize`
-    (a QLoRA layer), the new base is quantized: PiSSA's residual by `quantize`, LoftQ's with it."""
+    (QLoRA), the new base is a `QuantizedLinear` in `compute_dtype`: PiSSA's residual quantized by it, LoftQ's
+    own last quantization with it. Without, it stays dense: LoftQ quantizes as PEFT's (`PEFT_LOFTQ`) and
+    stores deq(Q) back in the weight's dtype, as PEFT does."""
     if callable(init_lora_weights):
         return init_lora_weights
     niter = lora.pissa_niter(init_lora_weights)
     if init_lora_weights == "pissa" or niter is not None:
-        init = lambda base, r, scale, rngs: pissa(base, r, scale, rngs, niter=niter)  # noqa: E731
-        return init if quantize is None else _then(init, lambda new: quantized(new, quantize, compute_dtype))
+        def run(base, r, scale, rngs):
+            a, b, residual = pissa(base, r, scale, rngs, niter=niter)
+            return a, b, residual if quantize is None else quantized(residual, quantize, compute_dtype)
+
+        return run
     if init_lora_weights == "loftq":
-        if quantize is not None:
-            return lambda base, r, scale, rngs: loftq(base, r, scale, rngs, quantize=quantize, num_iter=loftq_iter,
-                                                      compute_dtype=compute_dtype)
-
-        def dense_loftq(base, r, scale, rngs):
-            a, b, q = loftq(base, r, scale, rngs, quantize=quantizer(**PEFT_LOFTQ), num_iter=loftq_iter,
+        def run(base, r, scale, rngs):
+            a, b, q = loftq(base, r, scale, rngs, quantize=quantize or quantizer(**PEFT_LOFTQ), num_iter=loftq_iter,
                             compute_dtype=compute_dtype)
-            return a, b, _dequantized(base)(q)
+            return a, b, q if quantize is not None else base.with_kernel(q.dense_kernel(base.weight_dtype))
 
-        return dense_loftq
+        return run
     return None

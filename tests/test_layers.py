@@ -344,3 +344,29 @@ def test_qlora_inits_from_the_dense_weight(init):
     assert frob(effective) < frob(plain.base.dequantize(jnp.float32).T)
     x = _x(shape=(4, 128))
     assert _rel(layer(x), x @ effective + layer.base.bias.get_value()[None, :]) < 1e-5  # DoRA at init: m = ||W'||
+
+
+def test_bases_implement_the_protocol():
+    # What LoRALinear reads of a base (jaxlora/base.py), for each kind: the unbiased product plus the bias
+    # is the base's output, the dense kernel round-trips through set_kernel, to_dense computes the same.
+    from jaxlora.base import EmbedBase, KernelBase, LinearBase, as_base
+
+    x = _x()
+    dense = as_base(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)))
+    quant = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+    for base in (dense, quant):
+        assert isinstance(base, LinearBase)
+        bias = base.bias.get_value()[None, :]
+        np.testing.assert_allclose(base.matmul(x) + bias, base(x), rtol=1e-6, atol=1e-6)
+        assert type(base.to_dense()) is nnx.Linear and _rel(base.to_dense()(x), base(x)) < 1e-6
+        kernel = base.dense_kernel(jnp.float32)
+        assert kernel.shape == (IN, OUT)
+        base.set_kernel(kernel * 2)
+        assert _rel(base.dense_kernel(jnp.float32), 2 * kernel) < (1e-6 if base is dense else 0.15)
+    np.testing.assert_array_equal(dense.matmul(x) + dense.bias.get_value()[None, :], dense(x))  # flax's own sum
+    assert quant.unwrap() is quant and type(dense.unwrap()) is nnx.Linear
+    embed = as_base(nnx.Embed(10, 6, rngs=nnx.Rngs(0)))
+    assert isinstance(embed, EmbedBase) and isinstance(embed, KernelBase) and not isinstance(embed, LinearBase)
+    np.testing.assert_array_equal(embed.dense_kernel(jnp.float32), embed.embedding.get_value())
+    with pytest.raises(TypeError, match="cannot adapt a LayerNorm"):
+        as_base(nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
