@@ -4,8 +4,9 @@ An embedding is a linear layer over one-hot token ids: with ``a (vocab, r)`` and
 adapter adds ``scale * a[ids] @ b`` (PEFT: ``F.embedding(x, lora_embedding_A.T) @ lora_embedding_B.T *
 scaling``), and merging adds ``scale * a @ b`` to the ``(vocab, hidden)`` table, so the adapter is a
 `LoRAAdapter` with in_features = vocab, the base is an `EmbedBase` (the table as a kernel), and the
-adapter, merge and unload methods are `LoRALinear`'s; this layer adds its init, its delta and PEFT's names. PEFT names the
-tensors ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(hidden, r)`` and applies no dropout.
+adapter, merge and unload methods are `LoRALinear`'s; this layer adds its init, its delta and PEFT's names.
+PEFT names the tensors ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(hidden, r)`` and applies
+no dropout.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""NNX layers (jaxlora/layers.py, adapter.py, base.py, inits.py): forward, trainability, modes, adapters, merging, errors."""
+"""NNX layers (jaxlora/layers.py, adapter.py, base.py, inits.py): forward, trainability, modes, adapters,
+merging, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -284,8 +285,8 @@ def test_qlora_over_a_quantized_base_takes_it_as_it_is():
     for kw, match in [(dict(quant_type="fp4"), "quant_type='fp4'"), (dict(blocksize=128), "blocksize=128"),
                       (dict(double_quant=False), "double_quant=False"),
                       (dict(compute_dtype=jnp.bfloat16), "compute_dtype='bfloat16'")]:
-        with pytest.raises(ValueError, match=r"already quantized with quant_type='nf4', blocksize=64, double_quant=True, "
-                                             r"compute_dtype='float32'; the requested " + match):
+        have = r"already quantized with quant_type='nf4', blocksize=64, double_quant=True, compute_dtype='float32'"
+        with pytest.raises(ValueError, match=have + "; the requested " + match):
             qlora_linear(base, r=R, rngs=nnx.Rngs(1), **kw)
     assert base.compute_dtype == jnp.float32  # the caller's layer untouched
     with pytest.raises(ValueError, match="init_lora_weights='pissa' needs the dense weight"):
