@@ -321,4 +321,4 @@ def qlora_linear(base: nnx.Linear | QuantizedLinear, *, quant_type: str | None =
     return LoRALinear(base, init_lora_weights=init, **lora_kwargs)  # the init returns the quantized base
 
 
-QLoRALinear = qlora_linear  # its name before 0.x, when it was a class (README Changelog)
+QLoRALinear = qlora_linear  # its name when it was a class, kept importable (README Changelog, 2026-12-02)
