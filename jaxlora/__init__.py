@@ -3,7 +3,8 @@
 from jaxlora import lora
 from jaxlora.adapter import LoRAAdapter
 from jaxlora.generate import generate
-from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.embedding import LoRAEmbedding
+from jaxlora.layers import LoRALinear, QLoRALinear, qlora_linear
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import AdapterRows
 from jaxlora.models import (
@@ -48,6 +49,7 @@ __all__ = [
     "LlamaConfig",
     "LlamaForCausalLM",
     "LoRAAdapter",
+    "LoRAEmbedding",
     "LoRALinear",
     "LoraConfig",
     "LoraModel",
@@ -73,6 +75,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "qmatmul",
+    "qlora_linear",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_model",

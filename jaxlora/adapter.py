@@ -15,7 +15,8 @@ from jaxlora import lora
 
 
 class DoraNorm(nnx.Variable):
-    """The weight norm DoRA used when merging; unmerging divides by the same norm. Not trainable."""
+    """The weight norm ``(out,)`` DoRA used when merging (zeros while unmerged); unmerging divides by the
+    same norm. Not trainable."""
 
 
 class LoRAAdapter(nnx.Module):
@@ -38,19 +39,22 @@ class LoRAAdapter(nnx.Module):
         lora.check_rank(r, in_features, out_features)
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1)")
-        if init_lora_weights not in (True, False, "gaussian", "pissa", "loftq") and lora.pissa_niter(
-                init_lora_weights) is None:
+        if not callable(init_lora_weights) and init_lora_weights not in (True, False, "gaussian", "pissa", "loftq") \
+                and lora.pissa_niter(init_lora_weights) is None:
             raise ValueError(f"init_lora_weights={init_lora_weights!r}; expected True, False, 'gaussian', "
-                             "'pissa', 'pissa_niter_<n>' or 'loftq'")
+                             "'pissa', 'pissa_niter_<n>', 'loftq' or a jaxlora.inits.BaseInit")
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.lora_alpha, self.use_rslora, self.use_dora = lora_alpha, use_rslora, use_dora
         self.scaling = lora.scaling(r, lora_alpha, use_rslora=use_rslora)
-        # PiSSA / LoftQ draw nothing: the layer overwrites A and B from the base weight (`set_weights`).
+        # PiSSA / LoftQ (and any jaxlora.inits.BaseInit) draw as True does, then the layer overwrites A and B
+        # from the base weight (`set_weights`): the draws keep the key stream the same for every init.
         random_init = init_lora_weights if init_lora_weights in (True, False, "gaussian") else True
         self.lora_a = nnx.LoRAParam(lora.init_a(rngs.params(), in_features, r, random_init, param_dtype))
         self.lora_b = nnx.LoRAParam(lora.init_b(rngs.params(), r, out_features, random_init, param_dtype))
-        self.magnitude = nnx.data(None)  # DoRA's m (out,); set by the layer from the base weight (`init_dora`)
-        self.dora_norm = nnx.data(None)
+        # DoRA's variables exist from here on, so the graph (and what a jitted step traced) never changes:
+        # m (out,) is set by the layer from the base weight (`init_dora`), the norm by a merge.
+        self.magnitude = nnx.LoRAParam(jnp.ones((out_features,), param_dtype)) if use_dora else nnx.data(None)
+        self.dora_norm = DoraNorm(jnp.zeros((out_features,), param_dtype)) if use_dora else nnx.data(None)
         self.dropout = nnx.data(nnx.Dropout(lora_dropout, rngs=rngs) if lora_dropout > 0 else None)
 
     @property
@@ -60,7 +64,7 @@ class LoRAAdapter(nnx.Module):
     def init_dora(self, kernel: jax.Array) -> None:
         """m = ||W + scale * A B|| per output feature, from the base kernel ``(in, out)`` (PEFT's init)."""
         norm = lora.dora_weight_norm(kernel, self.lora_a.get_value(), self.lora_b.get_value(), self.scaling)
-        self.magnitude = nnx.LoRAParam(norm)
+        self.magnitude.set_value(norm.astype(self.dtype))
 
     def dropped(self, x: jax.Array) -> jax.Array:
         """x cast to the adapter dtype (PEFT's ``_cast_input_dtype``), then dropout (train mode only)."""
@@ -89,7 +93,7 @@ class LoRAAdapter(nnx.Module):
 
     def to_peft(self) -> dict[str, jax.Array]:
         out = {"lora_A.weight": self.lora_a.get_value().T, "lora_B.weight": self.lora_b.get_value().T}
-        if self.magnitude is not None:
+        if self.use_dora:
             out["lora_magnitude_vector"] = self.magnitude.get_value()
         return out
 
@@ -105,4 +109,4 @@ class LoRAAdapter(nnx.Module):
                 raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, expected {shape}")
         self.set_weights(jnp.asarray(tensors["lora_A.weight"]).T, jnp.asarray(tensors["lora_B.weight"]).T)
         if self.use_dora:
-            self.magnitude = nnx.LoRAParam(jnp.asarray(tensors["lora_magnitude_vector"], self.dtype))
+            self.magnitude.set_value(jnp.asarray(tensors["lora_magnitude_vector"], self.dtype))

@@ -3,8 +3,10 @@
 An embedding is a linear layer over one-hot token ids: with ``a (vocab, r)`` and ``b (r, hidden)`` the
 adapter adds ``scale * a[ids] @ b`` (PEFT: ``F.embedding(x, lora_embedding_A.T) @ lora_embedding_B.T *
 scaling``), and merging adds ``scale * a @ b`` to the ``(vocab, hidden)`` table, so the adapter is a
-`LoRAAdapter` with in_features = vocab and the multi-adapter methods are `LoRALinear`'s. PEFT names the
-tensors ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(hidden, r)`` and applies no dropout.
+`LoRAAdapter` with in_features = vocab, the base is an `EmbedBase` (the table as a kernel), and the
+adapter, merge and unload methods are `LoRALinear`'s; this layer adds its init, its delta and PEFT's names.
+PEFT names the tensors ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(hidden, r)`` and applies
+no dropout.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import lora
 from jaxlora.adapter import LoRAAdapter
+from jaxlora.base import EmbedBase
 from jaxlora.layers import LoRALinear, wide_add
 
 # jaxlora's LoRAAdapter names -> PEFT's embedding names (the same (r, vocab) and (hidden, r) layouts).
@@ -24,26 +26,16 @@ _PEFT_NAMES = {"lora_A.weight": "lora_embedding_A", "lora_B.weight": "lora_embed
 class LoRAEmbedding(LoRALinear):
     """A frozen ``nnx.Embed`` plus named LoRA adapters; ``y = embed(ids) + scale * a[ids] @ b``."""
 
-    @property
-    def in_features(self) -> int:
-        return self.base.num_embeddings
+    base_kind = EmbedBase  # an nnx.Embed is held as one (jaxlora.base.as_base)
 
-    @property
-    def out_features(self) -> int:
-        return self.base.features
-
-    def add_adapter(self, name: str, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, use_dora: bool = False,
-                    init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
-                    param_dtype=jnp.float32, rngs: nnx.Rngs) -> LoRAAdapter:
+    def _new_adapter(self, *, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights, loftq_iter,
+                     param_dtype, rngs) -> LoRAAdapter:
         """PEFT's embedding init: A = 0 and B ~ N(0, 1) (True or "gaussian"), both N(0, 1) for False.
         Dropout is not applied, as in PEFT; DoRA, PiSSA and LoftQ are for linear layers only."""
         del lora_dropout, loftq_iter  # PEFT's Embedding never applies its dropout
         if use_dora or init_lora_weights not in (True, False, "gaussian"):
             raise ValueError(f"LoRA on an embedding takes init_lora_weights True, False or 'gaussian' and no DoRA "
                              f"(got init_lora_weights={init_lora_weights!r}, use_dora={use_dora})")
-        if name in self.adapters:
-            raise ValueError(f"adapter {name!r} already exists")
         adapter = LoRAAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
                               use_rslora=use_rslora, init_lora_weights=False, param_dtype=param_dtype, rngs=rngs)
         a_key, b_key = rngs.params(), rngs.params()
@@ -51,7 +43,6 @@ class LoRAEmbedding(LoRALinear):
         if init_lora_weights is not False:
             a = jnp.zeros_like(a)
         adapter.set_weights(a, jax.random.normal(b_key, (r, self.out_features), param_dtype))
-        self.adapters[name] = adapter
         return adapter
 
     # The forward is LoRALinear's: y = embed(ids) + delta, summed in the wider dtype (PEFT's
@@ -71,32 +62,7 @@ class LoRAEmbedding(LoRALinear):
         """The tied output head uses the table alone (PEFT's lm_head shares the base weight, not the adapter)."""
         return self.base.attend(h)
 
-    # --- merging: the table is the kernel (vocab, hidden) ---------------------------------------------
-
-    def merge(self, name: str | None = None) -> None:
-        if self.merged_adapters:
-            raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
-        name = self._only() if name is None else name
-        adapter = self._adapter(name)
-        table = self.base.embedding
-        table.set_value(lora.merge(table.get_value(), adapter.lora_a.get_value(), adapter.lora_b.get_value(),
-                                   adapter.scaling))
-        self.merged_adapters = (name,)
-
-    def unmerge(self) -> None:
-        if not self.merged_adapters:
-            raise ValueError("no adapter is merged")
-        adapter = self.adapters[self.merged_adapters[0]]
-        table = self.base.embedding
-        table.set_value(lora.unmerge(table.get_value(), adapter.lora_a.get_value(), adapter.lora_b.get_value(),
-                                    adapter.scaling))
-        self.merged_adapters = ()
-
-    def merge_and_unload(self, name: str | None = None, *, requantize: bool = False) -> nnx.Embed:
-        del requantize  # an embedding is never quantized
-        if not self.merged_adapters:
-            self.merge(name)
-        return self.base
+    # Merging, unmerging and unloading are LoRALinear's: EmbedBase reads the table as the kernel.
 
     # --- PEFT layout ----------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""NNX layers: `LoRALinear` / `QLoRALinear`, a frozen base plus named adapters.
+"""NNX layers: `LoRALinear`, a frozen base plus named adapters, and `qlora_linear`, which builds one over 4 bits.
 
-Trainability is a type: adapter weights are ``nnx.LoRAParam``; a quantized base (`QuantizedLinear`,
-jaxlora/qlinear.py) stores `QuantizedWeight` / `FrozenBias`, neither an ``nnx.Param``. A dense base stays
-the user's ``nnx.Linear`` (its kernel an ``nnx.Param``), so train with ``wrt=nnx.LoRAParam``.
+The layer reads its base only through `jaxlora.base.LinearBase` (dense kernel, unbiased product, bias,
+set-kernel, the dense layer `merge_and_unload` returns): an ``nnx.Linear`` through `DenseBase`, a
+`QuantizedLinear` by itself. Trainability is a type: adapter weights are ``nnx.LoRAParam``; a quantized base
+stores `QuantizedWeight` / `FrozenBias`, neither an ``nnx.Param``; a dense base's kernel is an ``nnx.Param``.
+Train with ``wrt=nnx.LoRAParam``.
 """
 
 from __future__ import annotations
@@ -11,40 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora import lora
-from jaxlora.adapter import DoraNorm, LoRAAdapter
+from jaxlora import inits, lora
+from jaxlora.adapter import LoRAAdapter
+from jaxlora.base import DenseBase, LinearBase, as_base
 from jaxlora.mixed import Active, AdapterRows, Selection, where_rows
-from jaxlora.qlinear import FrozenBias, QuantizedLinear, quantize_weight
-from jaxlora.qmatmul import dequantize
-
-Base = nnx.Linear | QuantizedLinear
-
-
-def _kernel(base: Base, dtype) -> jax.Array:
-    """The base weight as a dense kernel ``(in, out)``."""
-    if isinstance(base, QuantizedLinear):
-        return base.dequantize(base.weight.get_value().dtype).astype(dtype).T
-    return base.kernel.get_value().astype(dtype)
-
-
-def _set_kernel(base: Base, kernel: jax.Array) -> None:
-    if isinstance(base, QuantizedLinear):
-        base.requantize(kernel.T)
-    else:
-        base.kernel.set_value(kernel.astype(base.kernel.get_value().dtype))
-
-
-def _merged_kernel(base: Base, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Array | None]:
-    """The base kernel ``(in, out)`` with `adapter` folded in, and DoRA's weight norm (else None)."""
-    kernel = _kernel(base, adapter.dtype)
-    a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
-    if adapter.use_dora:
-        return lora.dora_merge(kernel, a, b, adapter.magnitude.get_value(), adapter.scaling)
-    return lora.merge(kernel, a, b, adapter.scaling), None
-
-
-def _bias(base: Base) -> jax.Array | None:
-    return None if base.bias is None else base.bias.get_value()
+from jaxlora.qlinear import QuantizedLinear
 
 
 def wide_add(y: jax.Array, extra: jax.Array) -> jax.Array:
@@ -54,31 +27,37 @@ def wide_add(y: jax.Array, extra: jax.Array) -> jax.Array:
     return (y.astype(wide) + extra.astype(wide)).astype(y.dtype)
 
 
-def set_bias_trainable(base: Base, trainable: bool) -> None:
+def set_bias_trainable(base: nnx.Module, trainable: bool) -> None:
     """PEFT's ``bias="all"`` / ``"lora_only"``: the base bias trains. Trainability is the variable's type:
-    ``nnx.LoRAParam`` (what ``wrt=nnx.LoRAParam`` selects), else the base's frozen type (``nnx.Param`` of a
-    dense ``nnx.Linear``, `FrozenBias` of a `QuantizedLinear`). The value is kept, not copied or cast."""
+    ``nnx.LoRAParam`` (what ``wrt=nnx.LoRAParam`` selects), else the base's frozen type (its ``frozen_bias``:
+    `FrozenBias` for a `QuantizedLinear`; ``nnx.Param`` for a dense layer, adapted or not). The value is kept."""
     if base.bias is None:
         return
-    kind = nnx.LoRAParam if trainable else FrozenBias if isinstance(base, QuantizedLinear) else nnx.Param
+    kind = nnx.LoRAParam if trainable else getattr(base, "frozen_bias", nnx.Param)
     if type(base.bias) is not kind:
         base.bias = kind(base.bias.get_value())
 
 
 class LoRALinear(nnx.Module):
-    """A frozen linear base plus named LoRA adapters. Which one runs is the caller's choice, passed in each
-    call (`jaxlora.mixed.Selection`; a `jaxlora.PeftModel` owns the active adapter); on its own a layer with
-    one adapter runs it. The layer owns only its adapters and which of them is merged into the base.
+    """A frozen linear base plus named LoRA adapters; one active at a time.
 
     ``y = base(x) + scale * (dropout(x) @ A) @ B`` (DoRA rescales per output feature). Knobs are named
     as PEFT's ``LoraConfig``. The sum is formed in the promoted dtype of the base output and the adapter
-    (float32) and cast back to the base output's dtype, as PEFT's ``lora.Linear``.
+    (float32) and cast back to the base output's dtype, as PEFT's ``lora.Linear``. `base` is an
+    ``nnx.Linear`` (held as a `DenseBase` with copies of its variables: the caller's layer is not edited) or
+    any `LinearBase` (a `QuantizedLinear`), kept at ``.base``. ``init_lora_weights`` may also be a
+    `jaxlora.inits.BaseInit`.
     """
 
-    def __init__(self, base: Base, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
+    base_kind = LinearBase  # what `base` must implement (jaxlora.base)
+
+    def __init__(self, base: nnx.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False, init_lora_weights: lora.InitLoraWeights = True,
                  loftq_iter: int = 1, adapter_name: str = "default", param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.base = base
+        self.base = as_base(base)
+        if not isinstance(self.base, self.base_kind):
+            raise TypeError(f"{type(self).__name__} cannot adapt a {type(base).__name__}: it needs a "
+                            f"{self.base_kind.__name__} (jaxlora.base)")
         self.adapters = nnx.Dict()
         self.merged_adapters: tuple[str, ...] = ()
         self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -99,33 +78,32 @@ class LoRALinear(nnx.Module):
                     use_rslora: bool = False, use_dora: bool = False,
                     init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
                     param_dtype=jnp.float32, rngs: nnx.Rngs) -> LoRAAdapter:
-        """Add an adapter. PiSSA and LoftQ
-        rewrite the base weight and need it dense: for a quantized base use `QLoRALinear`."""
+        """Add an adapter (which adapter runs is the caller's choice, see `_selected`)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
+        adapter = self._new_adapter(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                                    use_dora=use_dora, init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
+                                    param_dtype=param_dtype, rngs=rngs)
+        self.adapters[name] = adapter
+        return adapter
+
+    def _new_adapter(self, *, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights, loftq_iter,
+                     param_dtype, rngs) -> LoRAAdapter:
+        """PiSSA and LoftQ (`jaxlora.inits`) rewrite the base weight and need it dense: for a quantized base
+        build the layer with `qlora_linear(dense_linear, ...)`, which quantizes after the init. DoRA's
+        magnitude is taken from the base as it then is (quantized, for QLoRA: as PEFT)."""
         adapter = LoRAAdapter(self.in_features, self.out_features, r=r, lora_alpha=lora_alpha,
                               lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
                               init_lora_weights=init_lora_weights, param_dtype=param_dtype, rngs=rngs)
-        niter = lora.pissa_niter(init_lora_weights)
-        if init_lora_weights in ("pissa", "loftq") or niter is not None:
-            if not isinstance(self.base, nnx.Linear):
+        init = inits.resolve(init_lora_weights, loftq_iter=loftq_iter)
+        if init is not None:
+            if not isinstance(self.base, DenseBase):
                 raise ValueError(f"init_lora_weights={init_lora_weights!r} needs the dense weight; build the "
-                                 "layer with QLoRALinear(dense_linear, ...), which quantizes after the init")
-            kernel = self.base.kernel.get_value()
-            if init_lora_weights == "pissa" or niter is not None:  # the fast SVD draws its sketch from rngs
-                key = None if niter is None else rngs.params()
-                a, b, kernel = lora.pissa(kernel, r, adapter.scaling, niter=niter, key=key)
-            else:  # PEFT's LoftQ quantizes with NF4, blocksize 64, no double quantization
-                def quantize(w, dtype=kernel.dtype):
-                    return quantize_weight(w.astype(dtype), quant_type="nf4", blocksize=64, double_quant=False)
-
-                qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
-                kernel = dequantize(qt, jnp.float32).T.astype(kernel.dtype)
-            self.base.kernel.set_value(kernel)
+                                 "layer with qlora_linear(dense_linear, ...), which quantizes after the init")
+            a, b, self.base = init(self.base, r, adapter.scaling, rngs)
             adapter.set_weights(a, b)
         if use_dora:
-            adapter.init_dora(_kernel(self.base, adapter.dtype))
-        self.adapters[name] = adapter
+            adapter.init_dora(self.base.dense_kernel(adapter.dtype))
         return adapter
 
     def _adapter(self, name: str) -> LoRAAdapter:
@@ -190,21 +168,18 @@ class LoRALinear(nnx.Module):
         adapter = self._selected(adapters)
         if adapter is None:
             return y
-        return wide_add(y, self._dora_delta(x, y, adapter) if adapter.use_dora else self._delta(adapter, x))
+        return wide_add(y, self._dora_delta(x, adapter) if adapter.use_dora else self._delta(adapter, x))
 
     def _delta(self, adapter: LoRAAdapter, x: jax.Array) -> jax.Array:
         return adapter(x)
 
-    def _dora_delta(self, x: jax.Array, y: jax.Array, adapter: LoRAAdapter) -> jax.Array:
+    def _dora_delta(self, x: jax.Array, adapter: LoRAAdapter) -> jax.Array:
         h = adapter.dropped(x)
-        kernel = _kernel(self.base, adapter.dtype)
+        kernel = self.base.dense_kernel(adapter.dtype)
         if adapter.dropout_active():  # PEFT recomputes the base term on the dropped-out input
             base_out = h @ jax.lax.stop_gradient(kernel)
-        else:
-            bias = _bias(self.base)
-            base_out = y.astype(adapter.dtype)
-            if bias is not None:
-                base_out = base_out - jnp.broadcast_to(bias.astype(adapter.dtype), base_out.shape)
+        else:  # the base's own product without its bias (PEFT subtracts the bias from the output instead)
+            base_out = self.base.matmul(x).astype(adapter.dtype)
         return lora.dora_delta(h, base_out, kernel, adapter.lora_a.get_value(), adapter.lora_b.get_value(),
                                adapter.magnitude.get_value(), adapter.scaling)
 
@@ -230,64 +205,68 @@ class LoRALinear(nnx.Module):
 
     # --- merging --------------------------------------------------------------------------------------
 
+    def _merged_kernel(self, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Array | None]:
+        """The base kernel ``(in, out)`` with `adapter` folded in (adapter dtype), and DoRA's weight norm."""
+        kernel = self.base.dense_kernel(adapter.dtype)
+        a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
+        if adapter.use_dora:
+            return lora.dora_merge(kernel, a, b, adapter.magnitude.get_value(), adapter.scaling)
+        return lora.merge(kernel, a, b, adapter.scaling), None
+
     def merge(self, name: str | None = None) -> None:
-        """Fold adapter `name` (default: the only one) into the base. A quantized base is re-quantized with its own settings
-        (as PEFT does; bitsandbytes' "cpu" bytes, see `QuantizedLinear.requantize`): the merged weight
-        carries a fresh quantization error, measured in tests/test_layers.py."""
+        """Fold adapter `name` (default: the only one) into the base (`set_kernel`). A quantized base is re-quantized with its own
+        settings (as PEFT does; bitsandbytes' "cpu" bytes, see `QuantizedLinear.requantize`): the merged
+        weight carries a fresh quantization error, measured in tests/test_layers.py."""
         if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
         name = self._only() if name is None else name
         adapter = self._adapter(name)
-        kernel, norm = _merged_kernel(self.base, adapter)
-        if adapter.use_dora:
-            adapter.dora_norm = DoraNorm(norm)
-        _set_kernel(self.base, kernel)
+        kernel, norm = self._merged_kernel(adapter)
+        if adapter.use_dora:  # unmerging divides by the norm the merge used
+            adapter.dora_norm.set_value(norm)
+        self.base.set_kernel(kernel)
         self.merged_adapters = (name,)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
             raise ValueError("no adapter is merged")
         adapter = self.adapters[self.merged_adapters[0]]
-        kernel = _kernel(self.base, adapter.dtype)
+        kernel = self.base.dense_kernel(adapter.dtype)
         a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
         if adapter.use_dora:
-            magnitude, norm = adapter.magnitude.get_value(), adapter.dora_norm.get_value()
-            kernel = lora.dora_unmerge(kernel, a, b, magnitude, norm, adapter.scaling)
-            adapter.dora_norm = None
+            norm = adapter.dora_norm.get_value()
+            kernel = lora.dora_unmerge(kernel, a, b, adapter.magnitude.get_value(), norm, adapter.scaling)
+            adapter.dora_norm.set_value(jnp.zeros_like(norm))
         else:
             kernel = lora.unmerge(kernel, a, b, adapter.scaling)
-        _set_kernel(self.base, kernel)
+        self.base.set_kernel(kernel)
         self.merged_adapters = ()
 
-    def unload(self) -> Base:
-        """The base layer without adapters (nothing merged into it)."""
+    def unload(self) -> nnx.Module:
+        """The base layer without adapters (nothing merged into it): a plain ``nnx.Linear`` / ``nnx.Embed``,
+        or the `QuantizedLinear` itself."""
         if self.merged_adapters:
             self.unmerge()
-        return self.base
+        return self.base.unwrap()
 
-    def merge_and_unload(self, name: str | None = None, *, requantize: bool = False) -> Base:
-        """The base with adapter `name` (default: the merged one, else the only one) folded in, the same whether or not `merge` ran first.
+    def merge_and_unload(self, name: str | None = None, *, requantize: bool = False) -> nnx.Module:
+        """The base with adapter `name` (default: the merged one, else the only one) folded in, the same
+        whether or not `merge` ran first.
 
-        A dense base is merged in place and returned. A quantized base becomes an ``nnx.Linear``
-        holding dequantize(W) + delta in W's original dtype: no new quantization error (if `merge`
-        already ran, W holds the merged weight and is only dequantized). ``requantize=True`` keeps
-        the `QuantizedLinear` and re-quantizes W + delta, as PEFT's bitsandbytes merge does.
+        By default a plain dense layer (``nnx.Linear``, or ``nnx.Embed``) holding W + delta in W's dtype: a
+        dense base's exact merge; a quantized base's dequantize(W) + delta, no new quantization error (if
+        `merge` already ran, W holds the merged weight and is only dequantized). ``requantize=True`` keeps a
+        `QuantizedLinear` and re-quantizes W + delta, as PEFT's bitsandbytes merge does. This layer is left
+        as it was, unless ``requantize=True`` merges it.
         """
-        if not isinstance(self.base, QuantizedLinear) or requantize:
+        if requantize:
             if not self.merged_adapters:
                 self.merge(name)
-            return self.base
-        dtype = self.base.weight.get_value().dtype
+            return self.base.unwrap()
         if self.merged_adapters:  # the delta is already in W
-            kernel = _kernel(self.base, dtype)
-        else:
-            kernel, _ = _merged_kernel(self.base, self._adapter(self._only() if name is None else name))
-        dense = nnx.Linear(self.in_features, self.out_features, use_bias=self.base.bias is not None,
-                           param_dtype=dtype, rngs=nnx.Rngs(0))
-        dense.kernel.set_value(kernel.astype(dtype))
-        if self.base.bias is not None:
-            dense.bias.set_value(self.base.bias.get_value().astype(dtype))
-        return dense
+            return self.base.to_dense()
+        kernel, _ = self._merged_kernel(self._adapter(self._only() if name is None else name))
+        return self.base.to_dense(kernel)
 
     # --- PEFT layout ----------------------------------------------------------------------------------
 
@@ -299,43 +278,41 @@ class LoRALinear(nnx.Module):
         self._adapter(name or self._only()).load_peft(tensors)
 
 
-class QLoRALinear(LoRALinear):
-    """LoRA over a 4-bit base. Given an ``nnx.Linear`` it quantizes explicitly (NF4 + double
-    quantization by default, QLoRA's recipe). PiSSA runs on the dense weight and the base stores the
-    quantized residual; LoftQ quantizes with this layer's settings and keeps its own last quantization
-    (no second rounding); DoRA's magnitude is taken from the quantized weight, as PEFT does.
+def qlora_linear(base: nnx.Linear | QuantizedLinear, *, quant_type: str | None = None, blocksize: int | None = None,
+                 double_quant: bool | None = None, compute_dtype=None, init_lora_weights: lora.InitLoraWeights = True,
+                 loftq_iter: int = 1, **lora_kwargs) -> LoRALinear:
+    """QLoRA: a `LoRALinear` over a `QuantizedLinear`.
 
-    ``compute_dtype`` (None: bfloat16 for a dense base) is the base matmul's dtype. Given an already
-    quantized base, None keeps the base's own; a dtype is applied to that base (which this layer then
-    owns). The quantization settings apply only when quantizing a dense base."""
+    Given an ``nnx.Linear`` it quantizes explicitly (unset: NF4, blocksize 64, double quantization, bfloat16
+    compute -- QLoRA's recipe); PiSSA runs on the dense weight and the base stores the quantized residual;
+    LoftQ quantizes with these settings and keeps its own last quantization (no second rounding). Given a
+    `QuantizedLinear` it adapts that layer as it is: a setting that disagrees with it is a ValueError (it is
+    never re-quantized nor edited). DoRA's magnitude is taken from the quantized weight, as PEFT does.
+    The caller's layer is never modified.
+    """
+    asked = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
+             "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype)}
+    if isinstance(base, QuantizedLinear):
+        qt = base.weight.get_value()
+        have = {"quant_type": qt.quant_type, "blocksize": qt.blocksize, "double_quant": qt.double_quant,
+                "compute_dtype": base.compute_dtype}
+        wrong = {k: v for k, v in asked.items() if v is not None and v != have[k]}
+        if wrong:
+            def show(settings):
+                return ", ".join(f"{k}={getattr(v, 'name', v)!r}" for k, v in settings.items())
 
-    def __init__(self, base: Base, *, r: int = 8, quant_type: str = "nf4", blocksize: int = 64,
-                 double_quant: bool = True, compute_dtype=None,
-                 init_lora_weights: lora.InitLoraWeights = True, use_dora: bool = False, loftq_iter: int = 1,
-                 **lora_kwargs):
-        if isinstance(base, QuantizedLinear):
-            if compute_dtype is not None:
-                base.compute_dtype = jnp.dtype(compute_dtype)
-            super().__init__(base, r=r, init_lora_weights=init_lora_weights, use_dora=use_dora, **lora_kwargs)
-            return
-        compute_dtype = jnp.bfloat16 if compute_dtype is None else compute_dtype
-        settings = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
-        if init_lora_weights == "loftq":
-            kernel = base.kernel.get_value()
-            quantize = lambda w: quantize_weight(w.astype(kernel.dtype), **settings)
-            qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
-            qbase = QuantizedLinear(qt, _bias(base), compute_dtype=compute_dtype)
-            super().__init__(qbase, r=r, init_lora_weights=True, **lora_kwargs)
-            self.adapters[self._only()].set_weights(a, b)
-        else:  # PiSSA (if asked) rewrites the dense kernel; the residual is what gets quantized
-            super().__init__(base, r=r, init_lora_weights=init_lora_weights, **lora_kwargs)
-            self.base = QuantizedLinear.from_linear(base, compute_dtype=compute_dtype, **settings)
-        if use_dora:
-            adapter = self.adapters[self._only()]
-            adapter.use_dora = True
-            adapter.init_dora(_kernel(self.base, adapter.dtype))
+            raise ValueError(f"qlora_linear: the base is already quantized with {show(have)}; the requested "
+                             f"{show(wrong)} disagrees (pass a dense nnx.Linear to quantize it, or leave it unset)")
+        return LoRALinear(base, init_lora_weights=init_lora_weights, loftq_iter=loftq_iter, **lora_kwargs)
+    quantize = inits.quantizer(quant_type="nf4" if quant_type is None else quant_type,
+                               blocksize=64 if blocksize is None else blocksize,
+                               double_quant=True if double_quant is None else double_quant)
+    compute_dtype = jnp.bfloat16 if compute_dtype is None else compute_dtype
+    init = inits.resolve(init_lora_weights, loftq_iter=loftq_iter, quantize=quantize, compute_dtype=compute_dtype)
+    if init is None:  # A and B are drawn: the base is quantized now
+        qbase = inits.quantized(DenseBase.of(base), quantize, compute_dtype)
+        return LoRALinear(qbase, init_lora_weights=init_lora_weights, **lora_kwargs)
+    return LoRALinear(base, init_lora_weights=init, **lora_kwargs)  # the init returns the quantized base
 
-    @classmethod
-    def from_linear(cls, linear: nnx.Linear, **kwargs) -> QLoRALinear:
-        """``QLoRALinear(linear, **kwargs)``: quantize an ``nnx.Linear`` and attach an adapter."""
-        return cls(linear, **kwargs)
+
+QLoRALinear = qlora_linear  # its name when it was a class, kept importable (README Changelog, 2026-12-02)

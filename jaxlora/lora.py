@@ -17,7 +17,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<n>", "loftq"
+InitLoraWeights = bool | str  # True, False, "gaussian", "pissa", "pissa_niter_<n>", "loftq" (layers: or a jaxlora.inits.BaseInit)
 CombinationType = Literal["linear", "svd", "cat"]
 
 

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxlora import peft_io, targets
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.graph import replace_module
-from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.layers import LoRALinear
 from jaxlora.lora import CombinationType
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import BASE, Active, AdapterRows
@@ -36,7 +36,7 @@ from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 
 # The LoRA layer each kind of base gets.
-_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: QLoRALinear, nnx.Embed: LoRAEmbedding}
+_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: LoRALinear, nnx.Embed: LoRAEmbedding}
 
 
 class LoraModel(nnx.Module):
@@ -364,8 +364,9 @@ class PeftModel(nnx.Module):
 
 def get_peft_model(model: nnx.Module, config: LoraConfig, *, rngs: nnx.Rngs, adapter_name: str = "default"
                    ) -> PeftModel:
-    """PEFT's ``get_peft_model``: wraps `model` in a `PeftModel` with adapter `adapter_name`, active. The targeted
-    ``nnx.Linear`` layers become `LoRALinear` and `QuantizedLinear` layers `QLoRALinear`, in place."""
+    """PEFT's ``get_peft_model``: wraps `model` in a `PeftModel` with adapter `adapter_name`, active. Each targeted
+    ``nnx.Linear`` or `QuantizedLinear` becomes a `LoRALinear` over it (an ``nnx.Embed`` a `LoRAEmbedding`), in
+    place."""
     if isinstance(model, PeftModel):
         raise ValueError(f"model already has adapters {list(model.peft_config)}; use its add_adapter")
     return PeftModel(model, config, adapter_name, rngs=rngs)

@@ -102,3 +102,34 @@ class QuantizedLinear(nnx.Module):
         if self.bias is not None:  # bias in the compute dtype, added before the one rounding (addmm)
             y = y + jnp.broadcast_to(self.bias.get_value().astype(self.compute_dtype).astype(jnp.float32), y.shape)
         return y.astype(self.compute_dtype).astype(x.dtype)
+
+    # --- jaxlora.base.LinearBase: what a LoRA layer reads of its base -------------------------------------
+
+    frozen_bias = FrozenBias  # what a bias returns to when it stops training (layers.set_bias_trainable)
+
+    @property
+    def weight_dtype(self):
+        return self.weight.get_value().dtype
+
+    def dense_kernel(self, dtype) -> jax.Array:
+        """``(in, out)``: dequantized in the stored dtype (one rounding, as bitsandbytes), then cast."""
+        return self.dequantize(self.weight_dtype).astype(dtype).T
+
+    def set_kernel(self, kernel: jax.Array) -> None:
+        self.requantize(kernel.T)  # a merge re-quantizes with the stored settings, as PEFT's bnb merge
+
+    def to_dense(self, kernel: jax.Array | None = None) -> nnx.Linear:
+        """An ``nnx.Linear`` in the stored dtype holding `kernel` ``(in, out)`` (default: dequantize(W))."""
+        dtype = self.weight_dtype
+        kernel = self.dense_kernel(dtype) if kernel is None else kernel.astype(dtype)
+        bias = None if self.bias is None else self.bias.get_value().astype(dtype)
+        return nnx.Linear(self.in_features, self.out_features, use_bias=bias is not None, param_dtype=dtype,
+                          kernel_init=lambda *_: kernel, bias_init=lambda *_: bias, rngs=nnx.Rngs(0))
+
+    def unwrap(self) -> QuantizedLinear:
+        return self
+
+    def matmul(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
+        """__call__ without the bias: the same product and roundings."""
+        y = qmatmul(x, self.weight.get_value(), compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)
+        return y.astype(self.compute_dtype).astype(x.dtype)

@@ -67,7 +67,7 @@ def embedding_modules(model: nnx.Module) -> dict[str, tuple[tuple, nnx.Module]]:
 
 @per_layer
 def lora_layers(model: nnx.Module) -> dict[str, LoRALinear]:
-    """Dotted path -> every LoRA layer in the model: `LoRALinear`, `QLoRALinear`, `LoRAEmbedding`."""
+    """Dotted path -> every LoRA layer in the model: `LoRALinear` (over any base), `LoRAEmbedding`."""
     return {name: m for name, (_, m) in modules(model, (LoRALinear,)).items()}
 
 
@@ -100,7 +100,7 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
         if needs_dense and isinstance(base_of(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
                              "this layer is already quantized; inject into the dense model and quantize with "
-                             "QLoRALinear.from_linear")
+                             "jaxlora.qlora_linear")
         targets.append(Target(path, name, module, r, config.alpha_for(name)))
     if config.exclude_modules and not any(config.excludes(name) for name in linears):
         # PEFT's inject_adapter warns the same way: an exclusion that names nothing is likely a typo.

@@ -1,4 +1,4 @@
-"""LoRALinear / QLoRALinear against the PyTorch references: the seed's LoRALayer, PEFT's LoRA Linear,
+"""LoRALinear (dense and 4-bit base) against the PyTorch references: the seed's LoRALayer, PEFT's LoRA Linear,
 and PEFT's LoRA over bitsandbytes' Linear4bit. B is nonzero everywhere, and every test also checks that
 the adapted output differs from the base output, so a missing adapter cannot pass.
 
@@ -23,7 +23,7 @@ pytest.importorskip("bitsandbytes")
 
 from flax import nnx  # noqa: E402
 
-from jaxlora.layers import LoRALinear, QLoRALinear  # noqa: E402
+from jaxlora.layers import LoRALinear, qlora_linear  # noqa: E402
 from jaxlora.qlinear import QuantizedLinear  # noqa: E402
 from jaxlora.quant.blockwise import quantize_4bit  # noqa: E402
 from jaxlora.quant.bnb_format import from_bnb_state_dict  # noqa: E402
@@ -239,7 +239,7 @@ def test_qlora_vs_peft_bnb_linear4bit(compute_dtype, tol):
     np.testing.assert_array_equal(mine.codes, qt.codes)
     np.testing.assert_array_equal(mine.absmax, qt.absmax)
     jdtype = jnp.float32 if compute_dtype == torch.float32 else jnp.bfloat16
-    layer = QLoRALinear(QuantizedLinear(qt, jnp.asarray(b), compute_dtype=jdtype), r=R, lora_alpha=ALPHA,
+    layer = qlora_linear(QuantizedLinear(qt, jnp.asarray(b), compute_dtype=jdtype), r=R, lora_alpha=ALPHA,
                         rngs=nnx.Rngs(1))
     _, peft_layer = lora_ref.peft_model(bnb_layer, loaded_in_4bit=True, r=R, lora_alpha=ALPHA)
     assert type(peft_layer).__module__.endswith("lora.bnb")
@@ -259,7 +259,7 @@ def test_qlora_vs_peft_bnb_linear4bit(compute_dtype, tol):
 def test_qlora_from_linear_matches_bnb_bytes():
     w, b = _rand(0, OUT, IN), _rand(1, OUT)
     state = lora_ref.linear4bit(w, b).state_dict()
-    layer = QLoRALinear.from_linear(_dense_jax(w, b), r=R, lora_alpha=ALPHA, rngs=nnx.Rngs(1))
+    layer = qlora_linear(_dense_jax(w, b), r=R, lora_alpha=ALPHA, rngs=nnx.Rngs(1))
     ref = from_bnb_state_dict(state)
     np.testing.assert_array_equal(layer.base.weight.get_value().codes, ref.codes)
     np.testing.assert_array_equal(layer.base.weight.get_value().absmax, ref.absmax)

@@ -19,12 +19,13 @@ from jaxlora.adapters import (add_adapter, add_weighted_adapter, adapter_configs
                               get_peft_model, lora_layers, merge_and_unload, print_trainable_parameters,
                               set_adapter, unload)
 from jaxlora.generate import generate
-from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.layers import LoRALinear
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.peft_io import load_adapter, save_adapter
 from jaxlora.models.quantize import QuantConfig, quantize_model
+from jaxlora.qlinear import QuantizedLinear
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2)
@@ -230,7 +231,8 @@ def test_print_trainable_parameters(capsys):
     # A 4-bit weight counts as out * in elements (PEFT's convention), so quantizing changes no count.
     quantized = get_peft_model(quantize_linears(tiny()), LoraConfig(r=4, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
     assert print_trainable_parameters(quantized) == (trainable, total)
-    assert isinstance(quantized.model.layers[0].self_attn.q_proj, QLoRALinear)
+    q_proj = quantized.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, LoRALinear) and isinstance(q_proj.base, QuantizedLinear)
 
 
 @pytest.mark.parametrize("bias, trained", [("all", {"q_proj", "k_proj", "v_proj"}), ("lora_only", {"q_proj"})])

@@ -1,4 +1,5 @@
-"""NNX layers (jaxlora/layers.py, adapter.py): forward, trainability, modes, adapters, merging, errors."""
+"""NNX layers (jaxlora/layers.py, adapter.py, base.py, inits.py): forward, trainability, modes, adapters,
+merging, errors."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,8 @@ import pytest
 from flax import nnx
 
 from jaxlora import lora
-from jaxlora.layers import LoRALinear, QLoRALinear
+from jaxlora.base import DenseBase
+from jaxlora.layers import LoRALinear, qlora_linear
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
 
 IN, OUT, R = 64, 48, 4
@@ -175,7 +177,7 @@ def test_quantized_linear_is_frozen_storage():
 @pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
 def test_qlora_forward_and_grads(compute_dtype):
     dense = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
-    layer = QLoRALinear.from_linear(dense, r=R, lora_alpha=8, compute_dtype=compute_dtype,
+    layer = qlora_linear(dense, r=R, lora_alpha=8, compute_dtype=compute_dtype,
                                     rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     x = _x()
@@ -193,7 +195,7 @@ def test_qlora_merge_error_is_a_requantization():
     # Merging into a 4-bit base re-quantizes W + dW (as PEFT). The added error is of the order of
     # quantizing W itself; measured, not zero. The dense merge_and_unload adds no quantization.
     dense = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
-    layer = QLoRALinear.from_linear(dense, r=8, lora_alpha=16, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    layer = qlora_linear(dense, r=8, lora_alpha=16, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     ad.lora_b.set_value(ad.lora_b.get_value() * 0.1)
     x = _x(shape=(16, 256))
@@ -212,7 +214,7 @@ def test_qlora_merge_error_is_a_requantization():
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_qlora_merge_and_unload_is_the_same_after_merge(use_dora):
     # After merge() the quantized base already holds W + delta: merge_and_unload must not add it again.
-    layer = QLoRALinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, lora_alpha=8,
+    layer = qlora_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, lora_alpha=8,
                                     compute_dtype=jnp.float32, use_dora=use_dora, rngs=nnx.Rngs(1))
     _nonzero_b(layer)
     x = _x()
@@ -241,7 +243,7 @@ def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize)
     else:
         def quantize(a):
             return quantize_4bit(a, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
-    layer = QLoRALinear(QuantizedLinear(quantize(w), compute_dtype=jnp.float32), r=R, lora_alpha=8,
+    layer = qlora_linear(QuantizedLinear(quantize(w), compute_dtype=jnp.float32), r=R, lora_alpha=8,
                         rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     x = _x()
@@ -269,20 +271,59 @@ def test_requantize_takes_the_bnb_backend():
     np.testing.assert_array_equal(q.weight.get_value().absmax, expected.absmax)
 
 
-def test_qlora_compute_dtype_on_a_quantized_base():
-    # Unset, the quantized base keeps its own compute dtype (get_peft_model passes none); set, it applies.
+def test_qlora_over_a_quantized_base_takes_it_as_it_is():
+    # Unset settings keep the base's; agreeing ones are accepted; a disagreeing one is refused, naming both
+    # (the base is never re-quantized nor edited: asked fp4/128/no-DQ of an nf4/64/DQ base, it used to be ignored).
     def qbase():
         return QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
 
-    assert QLoRALinear(qbase(), r=R, rngs=nnx.Rngs(1)).base.compute_dtype == jnp.float32
-    layer = QLoRALinear(qbase(), r=R, compute_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
-    assert layer.base.compute_dtype == jnp.bfloat16
-    x = _x()
-    w = layer.base.dequantize(jnp.float32)  # (out, in); B = 0, so the layer is its base
-    bias = layer.base.bias.get_value().astype(jnp.bfloat16)[None, :]
-    expected = x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16).T + bias
-    assert _rel(layer(x), expected.astype(jnp.float32)) < 1e-6  # the same bf16 products, as test_qlora_forward
-    assert _rel(layer(x), qbase()(x)) > 1e-4  # differs from the float32 computation
+    assert qlora_linear(qbase(), r=R, rngs=nnx.Rngs(1)).base.compute_dtype == jnp.float32
+    layer = qlora_linear(qbase(), r=R, quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=jnp.float32,
+                         rngs=nnx.Rngs(1))
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base, QuantizedLinear)
+    base = qbase()
+    for kw, match in [(dict(quant_type="fp4"), "quant_type='fp4'"), (dict(blocksize=128), "blocksize=128"),
+                      (dict(double_quant=False), "double_quant=False"),
+                      (dict(compute_dtype=jnp.bfloat16), "compute_dtype='bfloat16'")]:
+        have = r"already quantized with quant_type='nf4', blocksize=64, double_quant=True, compute_dtype='float32'"
+        with pytest.raises(ValueError, match=have + "; the requested " + match):
+            qlora_linear(base, r=R, rngs=nnx.Rngs(1), **kw)
+    assert base.compute_dtype == jnp.float32  # the caller's layer untouched
+    with pytest.raises(ValueError, match="init_lora_weights='pissa' needs the dense weight"):
+        qlora_linear(qbase(), r=R, init_lora_weights="pissa", rngs=nnx.Rngs(1))
+
+
+@pytest.mark.parametrize("init", [True, "pissa", "loftq"])
+def test_the_callers_layer_is_not_edited(init):
+    # LoRALinear holds copies of an nnx.Linear's variables: PiSSA's residual, LoftQ's dequantized weight and
+    # merges stay in the layer; quantizing (qlora_linear) leaves the dense layer as it was.
+    dense = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
+    kernel = dense.kernel.get_value()
+    for build in (LoRALinear, qlora_linear):
+        layer = build(dense, r=R, lora_alpha=R, init_lora_weights=init, rngs=nnx.Rngs(1))
+        _nonzero_b(layer)
+        layer.merge()
+        assert type(dense) is nnx.Linear and dense.kernel.get_value() is kernel
+    assert isinstance(LoRALinear(dense, r=R, rngs=nnx.Rngs(1)).base, DenseBase)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_merging_keeps_the_graph(use_dora, quantized):
+    # DoRA's magnitude and merge norm exist from construction: merging changes only values (and the static
+    # record of what is merged), so a split state stays valid and unmerging gives back the same graphdef.
+    build = qlora_linear if quantized else LoRALinear
+    layer = build(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, use_dora=use_dora, rngs=nnx.Rngs(1))
+    _nonzero_b(layer)
+    graph, state = nnx.split(layer)
+    paths = {p: type(v) for p, v in nnx.to_flat_state(state)}
+    assert (("adapters", "default", "dora_norm") in paths) == use_dora
+    layer.merge()
+    merged = {p: type(v) for p, v in nnx.to_flat_state(nnx.state(layer))}
+    assert merged == paths
+    layer.unmerge()
+    assert nnx.graphdef(layer) == graph
+    assert {p: type(v) for p, v in nnx.to_flat_state(nnx.state(layer))} == paths
 
 
 @pytest.mark.parametrize("init", ["pissa", "loftq"])
@@ -293,8 +334,8 @@ def test_qlora_inits_from_the_dense_weight(init):
         return nnx.Linear(128, 64, rngs=nnx.Rngs(0))
 
     w = dense().kernel.get_value()
-    plain = QLoRALinear.from_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
-    layer = QLoRALinear.from_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, init_lora_weights=init,
+    plain = qlora_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    layer = qlora_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, init_lora_weights=init,
                                     use_dora=True, rngs=nnx.Rngs(1))
     ad = layer.adapters["default"]
     effective = layer.base.dequantize(jnp.float32).T + ad.delta_weight()
@@ -304,3 +345,29 @@ def test_qlora_inits_from_the_dense_weight(init):
     assert frob(effective) < frob(plain.base.dequantize(jnp.float32).T)
     x = _x(shape=(4, 128))
     assert _rel(layer(x), x @ effective + layer.base.bias.get_value()[None, :]) < 1e-5  # DoRA at init: m = ||W'||
+
+
+def test_bases_implement_the_protocol():
+    # What LoRALinear reads of a base (jaxlora/base.py), for each kind: the unbiased product plus the bias
+    # is the base's output, the dense kernel round-trips through set_kernel, to_dense computes the same.
+    from jaxlora.base import EmbedBase, KernelBase, LinearBase, as_base
+
+    x = _x()
+    dense = as_base(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)))
+    quant = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+    for base in (dense, quant):
+        assert isinstance(base, LinearBase)
+        bias = base.bias.get_value()[None, :]
+        np.testing.assert_allclose(base.matmul(x) + bias, base(x), rtol=1e-6, atol=1e-6)
+        assert type(base.to_dense()) is nnx.Linear and _rel(base.to_dense()(x), base(x)) < 1e-6
+        kernel = base.dense_kernel(jnp.float32)
+        assert kernel.shape == (IN, OUT)
+        base.set_kernel(kernel * 2)
+        assert _rel(base.dense_kernel(jnp.float32), 2 * kernel) < (1e-6 if base is dense else 0.15)
+    np.testing.assert_array_equal(dense.matmul(x) + dense.bias.get_value()[None, :], dense(x))  # flax's own sum
+    assert quant.unwrap() is quant and type(dense.unwrap()) is nnx.Linear
+    embed = as_base(nnx.Embed(10, 6, rngs=nnx.Rngs(0)))
+    assert isinstance(embed, EmbedBase) and isinstance(embed, KernelBase) and not isinstance(embed, LinearBase)
+    np.testing.assert_array_equal(embed.dense_kernel(jnp.float32), embed.embedding.get_value())
+    with pytest.raises(TypeError, match="cannot adapt a LayerNorm"):
+        as_base(nnx.LayerNorm(4, rngs=nnx.Rngs(0)))
