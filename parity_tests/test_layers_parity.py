@@ -69,7 +69,7 @@ def _jax_forward_and_grads(layer, x, g):
         return jnp.sum(model(x) * g)
 
     grads, dx = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.LoRAParam), 1))(layer, jnp.asarray(x))
-    ad = grads.adapters[layer.active_adapter]
+    ad = grads.adapters["default"]
     out = {"lora_A.weight": ad.lora_a.get_value().T, "lora_B.weight": ad.lora_b.get_value().T, "x": dx}
     if "magnitude" in ad:
         out["lora_magnitude_vector"] = ad["magnitude"].get_value()
