@@ -33,9 +33,11 @@ from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
 from jaxlora.qmatmul import qmatmul
 from jaxlora.quant import (
     QuantizedTensor,
+    dequantize,
     dequantize_4bit,
     dequantize_blockwise,
     from_bnb_state_dict,
+    quantize,
     quantize_4bit,
     quantize_blockwise,
     to_bnb_state_dict,
@@ -58,6 +60,7 @@ __all__ = [
     "add_adapter",
     "add_weighted_adapter",
     "delete_adapter",
+    "dequantize",
     "dequantize_4bit",
     "dequantize_blockwise",
     "disable_adapters",
@@ -72,6 +75,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "qmatmul",
+    "quantize",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_model",

@@ -14,8 +14,8 @@ from flax import nnx
 from jaxlora import lora
 from jaxlora.adapter import DoraNorm, LoRAAdapter
 from jaxlora.mixed import AdapterRows, where_rows
-from jaxlora.qlinear import FrozenBias, QuantizedLinear, quantize_weight
-from jaxlora.qmatmul import dequantize
+from jaxlora.qlinear import FrozenBias, QuantizedLinear
+from jaxlora.quant import QuantConfig, dequantize, quantize
 
 Base = nnx.Linear | QuantizedLinear
 
@@ -116,10 +116,12 @@ class LoRALinear(nnx.Module):
                 key = None if niter is None else rngs.params()
                 a, b, kernel = lora.pissa(kernel, r, adapter.scaling, niter=niter, key=key)
             else:  # PEFT's LoftQ quantizes with NF4, blocksize 64, no double quantization
-                def quantize(w, dtype=kernel.dtype):
-                    return quantize_weight(w.astype(dtype), quant_type="nf4", blocksize=64, double_quant=False)
+                config = QuantConfig(quant_type="nf4", blocksize=64, double_quant=False)
 
-                qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
+                def quantize_as_peft(w, dtype=kernel.dtype):
+                    return quantize(w.astype(dtype), config)
+
+                qt, a, b = lora.loftq(kernel.T, r, quantize_as_peft, dequantize, num_iter=loftq_iter)
                 kernel = dequantize(qt, jnp.float32).T.astype(kernel.dtype)
             self.base.kernel.set_value(kernel)
             adapter.set_weights(a, b)
@@ -320,21 +322,21 @@ class QLoRALinear(LoRALinear):
                  **lora_kwargs):
         if isinstance(base, QuantizedLinear):
             if compute_dtype is not None:
-                base.compute_dtype = jnp.dtype(compute_dtype)
+                base.weight.set_value(base.weight.get_value().with_config(compute_dtype=jnp.dtype(compute_dtype)))
             super().__init__(base, r=r, init_lora_weights=init_lora_weights, use_dora=use_dora, **lora_kwargs)
             return
-        compute_dtype = jnp.bfloat16 if compute_dtype is None else compute_dtype
-        settings = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
+        config = QuantConfig(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                             compute_dtype=jnp.bfloat16 if compute_dtype is None else compute_dtype)
         if init_lora_weights == "loftq":
             kernel = base.kernel.get_value()
-            quantize = lambda w: quantize_weight(w.astype(kernel.dtype), **settings)
-            qt, a, b = lora.loftq(kernel.T, r, quantize, dequantize, num_iter=loftq_iter)
-            qbase = QuantizedLinear(qt, _bias(base), compute_dtype=compute_dtype)
+            qt, a, b = lora.loftq(kernel.T, r, lambda w: quantize(w.astype(kernel.dtype), config), dequantize,
+                                  num_iter=loftq_iter)
+            qbase = QuantizedLinear(qt, _bias(base))
             super().__init__(qbase, r=r, init_lora_weights=True, **lora_kwargs)
             self.adapters[self.active_adapter].set_weights(a, b)
         else:  # PiSSA (if asked) rewrites the dense kernel; the residual is what gets quantized
             super().__init__(base, r=r, init_lora_weights=init_lora_weights, **lora_kwargs)
-            self.base = QuantizedLinear.from_linear(base, compute_dtype=compute_dtype, **settings)
+            self.base = QuantizedLinear.from_linear(base, config)
         if use_dora:
             adapter = self.adapters[self.active_adapter]
             adapter.use_dora = True

@@ -10,6 +10,7 @@ from flax import nnx
 from jaxlora import lora
 from jaxlora.layers import LoRALinear, QLoRALinear
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
+from jaxlora.quant import QuantConfig, quantize
 
 IN, OUT, R = 64, 48, 4
 
@@ -166,7 +167,7 @@ def test_rank_above_the_smaller_dimension_trains_and_merges():
 
 
 def test_quantized_linear_is_frozen_storage():
-    q = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+    q = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), QuantConfig(compute_dtype=jnp.float32))
     assert isinstance(q.weight, QuantizedWeight) and isinstance(q.bias, FrozenBias)
     assert not jax.tree.leaves(nnx.state(q, nnx.Param))
     assert q.weight.get_value().shape == (OUT, IN) and q.weight.get_value().double_quant
@@ -232,24 +233,16 @@ def test_qlora_merge_and_unload_is_the_same_after_merge(use_dora):
 
 @pytest.mark.parametrize(("quant_type", "blocksize"), [("dynamic8", 256), ("fp4", 128)])
 def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize):
-    from jaxlora.quant import quantize_4bit, quantize_blockwise
-
+    config = QuantConfig(quant_type=quant_type, blocksize=blocksize, double_quant=False, compute_dtype=jnp.float32)
     w = jax.random.normal(jax.random.key(3), (OUT, IN), jnp.bfloat16)
-    if quant_type == "dynamic8":  # bitsandbytes' 8-bit blockwise format, as quantize_model makes it
-        def quantize(a):
-            return quantize_blockwise(a, blocksize=blocksize)
-    else:
-        def quantize(a):
-            return quantize_4bit(a, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
-    layer = QLoRALinear(QuantizedLinear(quantize(w), compute_dtype=jnp.float32), r=R, lora_alpha=8,
-                        rngs=nnx.Rngs(1))
+    layer = QLoRALinear(QuantizedLinear(quantize(w, config)), r=R, lora_alpha=8, rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     x = _x()
     y = layer(x)
     # merge's arithmetic: W dequantized to its stored dtype, + delta in float32, rounded back (out, in)
     exact = (layer.base.dequantize().astype(jnp.float32).T + ad.delta_weight()).T.astype(jnp.bfloat16)
     layer.merge()
-    qt, expected = layer.base.weight.get_value(), quantize(exact)
+    qt, expected = layer.base.weight.get_value(), quantize(exact, config)
     assert (qt.quant_type, qt.blocksize, qt.dtype, qt.double_quant) == (quant_type, blocksize, jnp.bfloat16, False)
     np.testing.assert_array_equal(qt.codes, expected.codes)  # the same quantizer, byte for byte
     np.testing.assert_array_equal(qt.absmax, expected.absmax)
@@ -257,22 +250,11 @@ def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize)
     assert 0 < _rel(layer(x), y) < (0.02 if quant_type == "dynamic8" else 0.15)
 
 
-def test_requantize_takes_the_bnb_backend():
-    # A QuantizedTensor does not record the backend; requantize defaults to "cpu" and can be told.
-    from jaxlora.quant import quantize_4bit
-
-    w = jax.random.normal(jax.random.key(4), (OUT, IN), jnp.float32)
-    q = QuantizedLinear.from_weight(w, compute_dtype=jnp.float32)
-    q.requantize(w, bnb_backend="cuda")
-    expected = quantize_4bit(w, blocksize=64, compress_statistics=True, bnb_backend="cuda")
-    np.testing.assert_array_equal(q.weight.get_value().codes, expected.codes)
-    np.testing.assert_array_equal(q.weight.get_value().absmax, expected.absmax)
-
-
 def test_qlora_compute_dtype_on_a_quantized_base():
     # Unset, the quantized base keeps its own compute dtype (get_peft_model passes none); set, it applies.
     def qbase():
-        return QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+        return QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)),
+                                           QuantConfig(compute_dtype=jnp.float32))
 
     assert QLoRALinear(qbase(), r=R, rngs=nnx.Rngs(1)).base.compute_dtype == jnp.float32
     layer = QLoRALinear(qbase(), r=R, compute_dtype=jnp.bfloat16, rngs=nnx.Rngs(1))
