@@ -27,10 +27,10 @@ def _weight(shape, seed: int, double_quant: bool = True, quant_type: str = "nf4"
     import jax
     import jax.numpy as jnp
 
-    from jaxlora.quant.blockwise import quantize_4bit
+    from jaxlora.quant import QuantConfig, quantize
 
     w = jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(jnp.bfloat16) * 0.02
-    return quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    return quantize(w, QuantConfig(blocksize=64, quant_type=quant_type, double_quant=double_quant))
 
 
 def exactness(spec: dict) -> dict:
@@ -156,7 +156,7 @@ def bnb_quant(spec: dict) -> dict:
     import jax.numpy as jnp
 
     from jaxlora import platform
-    from jaxlora.quant.blockwise import quantize_4bit
+    from jaxlora.quant import quantize_4bit  # bitsandbytes' functional API, mirrored, against itself
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     backend = platform.defaults().bnb_backend

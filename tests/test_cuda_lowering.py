@@ -23,7 +23,7 @@ import jaxlora
 from jaxlora import platform
 from jaxlora.kernels import matmul_4bit, matmul_4bit_t, tiling
 from jaxlora.models.stack import unstacked
-from jaxlora.quant.blockwise import quantize_4bit
+from jaxlora.quant import QuantConfig, quantize
 from jaxlora.train.step import train_step
 
 GPU = platform.defaults_for("gpu")
@@ -50,9 +50,8 @@ def _lower_cuda(fn, *args) -> str:
 
 
 def _abstract_weight(shape, *, quant_type="nf4", double_quant=True, dtype=jnp.bfloat16):
-    return jax.eval_shape(lambda w: quantize_4bit(w, blocksize=64, quant_type=quant_type,
-                                                  compress_statistics=double_quant),
-                          jax.ShapeDtypeStruct(shape, dtype))
+    config = QuantConfig(blocksize=64, quant_type=quant_type, double_quant=double_quant)
+    return jax.eval_shape(lambda w: quantize(w, config), jax.ShapeDtypeStruct(shape, dtype))
 
 
 # --- the kernels, at the tiles the library picks ----------------------------------------------------
