@@ -27,10 +27,10 @@ def _weight(shape, seed: int, double_quant: bool = True, quant_type: str = "nf4"
     import jax
     import jax.numpy as jnp
 
-    from jaxlora.quant.blockwise import quantize_4bit
+    from jaxlora.quant import QuantConfig, quantize
 
     w = jax.random.normal(jax.random.key(seed), shape, jnp.float32).astype(jnp.bfloat16) * 0.02
-    return quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=double_quant)
+    return quantize(w, QuantConfig(blocksize=64, quant_type=quant_type, double_quant=double_quant))
 
 
 def exactness(spec: dict) -> dict:
@@ -39,7 +39,7 @@ def exactness(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxlora.kernels import nf4_matmul, nf4_matmul_t
+    from jaxlora.kernels import matmul_4bit, matmul_4bit_t
     from jaxlora.qmatmul import dequantize
 
     rows_out = []
@@ -51,8 +51,8 @@ def exactness(spec: dict) -> dict:
         # (bitsandbytes' two orders, jaxlora.qmatmul).
         dense = np.asarray(dequantize(qt, jnp.float32))
         dense_t = np.asarray(dequantize(qt, qt.dtype).astype(jnp.float32))
-        y = jax.jit(lambda x, q: nf4_matmul(x, q, compute_dtype=jnp.float32))(jnp.eye(n_in, dtype=jnp.float32), qt)
-        dx = jax.jit(lambda d, q: nf4_matmul_t(d, q, compute_dtype=jnp.float32))(jnp.eye(n_out, dtype=jnp.float32), qt)
+        y = jax.jit(lambda x, q: matmul_4bit(x, q, compute_dtype=jnp.float32))(jnp.eye(n_in, dtype=jnp.float32), qt)
+        dx = jax.jit(lambda d, q: matmul_4bit_t(d, q, compute_dtype=jnp.float32))(jnp.eye(n_out, dtype=jnp.float32), qt)
         rows_out.append(dict(case=f"identity {quant_type}{' +DQ' if dq else ''} {n_out}x{n_in} fp32",
                              forward_exact=bool(np.array_equal(np.asarray(y), dense.T)),
                              input_grad_exact=bool(np.array_equal(np.asarray(dx), dense_t)),
@@ -70,8 +70,8 @@ def exactness(spec: dict) -> dict:
                 w_t = dequantize(qt, qt.dtype).astype(cd)
                 ref_y = jnp.matmul(x, w.T, preferred_element_type=jnp.float32)
                 ref_dx = jnp.matmul(dy, w_t, preferred_element_type=jnp.float32).astype(cd)
-                y = jax.jit(lambda a, q, c=cd: nf4_matmul(a, q, compute_dtype=c, out_dtype=jnp.float32))(x, qt)
-                dx = jax.jit(lambda a, q, c=cd: nf4_matmul_t(a, q, compute_dtype=c))(dy, qt)
+                y = jax.jit(lambda a, q, c=cd: matmul_4bit(a, q, compute_dtype=c, out_dtype=jnp.float32))(x, qt)
+                dx = jax.jit(lambda a, q, c=cd: matmul_4bit_t(a, q, compute_dtype=c))(dy, qt)
                 row = dict(case=f"random {n_out}x{n_in} rows {rows} {jnp.dtype(cd).name}")
                 for name, got, want, a, b in (("forward", y, ref_y, x, w), ("input_grad", dx, ref_dx, dy, w_t.T)):
                     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -104,7 +104,7 @@ def bandwidth(spec: dict) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxlora.kernels import nf4_matmul
+    from jaxlora.kernels import matmul_4bit
     from jaxlora.qmatmul import dequantize
 
     k, repeats = spec["unroll"], spec["repeats"]
@@ -125,7 +125,7 @@ def bandwidth(spec: dict) -> dict:
             for label, tiles in [("kernel", {})] + [(f"kernel bn{bn} bk{bk}", dict(block_n=bn, block_k=bk))
                                                    for bn, bk in spec["tile_sweep"] if sweep]:
                 try:
-                    fn = jax.jit(lambda xs, q, t=tiles: jnp.stack([nf4_matmul(xs[i], q, **t) for i in range(k)]))
+                    fn = jax.jit(lambda xs, q, t=tiles: jnp.stack([matmul_4bit(xs[i], q, **t) for i in range(k)]))
                     s = median_time(lambda: fn(xs, qt).block_until_ready(), repeats) / k
                     rows.append(dict(shape=f"{n_out}x{n_in}", batch=batch, path=label, us=s * 1e6,
                                      gb_s=(weight_bytes + io) / s / 1e9))
@@ -156,7 +156,7 @@ def bnb_quant(spec: dict) -> dict:
     import jax.numpy as jnp
 
     from jaxlora import platform
-    from jaxlora.quant.blockwise import quantize_4bit
+    from jaxlora.quant import quantize_4bit  # bitsandbytes' functional API, mirrored, against itself
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     backend = platform.defaults().bnb_backend

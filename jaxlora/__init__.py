@@ -35,9 +35,11 @@ from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
 from jaxlora.qmatmul import qmatmul
 from jaxlora.quant import (
     QuantizedTensor,
+    dequantize,
     dequantize_4bit,
     dequantize_blockwise,
     from_bnb_state_dict,
+    quantize,
     quantize_4bit,
     quantize_blockwise,
     to_bnb_state_dict,
@@ -63,6 +65,7 @@ __all__ = [
     "add_adapter",
     "add_weighted_adapter",
     "delete_adapter",
+    "dequantize",
     "dequantize_4bit",
     "dequantize_blockwise",
     "from_bnb_state_dict",
@@ -76,6 +79,7 @@ __all__ = [
     "print_trainable_parameters",
     "qmatmul",
     "qlora_linear",
+    "quantize",
     "quantize_4bit",
     "quantize_blockwise",
     "quantize_model",

@@ -9,6 +9,8 @@ Train with ``wrt=nnx.LoRAParam``.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,7 @@ from jaxlora.adapter import LoRAAdapter
 from jaxlora.base import DenseBase, LinearBase, as_base
 from jaxlora.mixed import Active, AdapterRows, Selection, where_rows
 from jaxlora.qlinear import QuantizedLinear
+from jaxlora.quant.config import QuantConfig
 
 
 def wide_add(y: jax.Array, extra: jax.Array) -> jax.Array:
@@ -278,39 +281,34 @@ class LoRALinear(nnx.Module):
         self._adapter(name or self._only()).load_peft(tensors)
 
 
-def qlora_linear(base: nnx.Linear | QuantizedLinear, *, quant_type: str | None = None, blocksize: int | None = None,
-                 double_quant: bool | None = None, compute_dtype=None, init_lora_weights: lora.InitLoraWeights = True,
-                 loftq_iter: int = 1, **lora_kwargs) -> LoRALinear:
-    """QLoRA: a `LoRALinear` over a `QuantizedLinear`.
+def qlora_linear(base: nnx.Linear | QuantizedLinear, quantization: QuantConfig | None = None, *,
+                 init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1, **lora_kwargs) -> LoRALinear:
+    """QLoRA: a `LoRALinear` over a `QuantizedLinear`, quantized as `quantization` says.
 
-    Given an ``nnx.Linear`` it quantizes explicitly (unset: NF4, blocksize 64, double quantization, bfloat16
-    compute -- QLoRA's recipe); PiSSA runs on the dense weight and the base stores the quantized residual;
-    LoftQ quantizes with these settings and keeps its own last quantization (no second rounding). Given a
-    `QuantizedLinear` it adapts that layer as it is: a setting that disagrees with it is a ValueError (it is
-    never re-quantized nor edited). DoRA's magnitude is taken from the quantized weight, as PEFT does.
-    The caller's layer is never modified.
+    Given an ``nnx.Linear`` it quantizes explicitly (None: ``QuantConfig()``, NF4 + double quantization,
+    blocksize 64, bfloat16 compute -- QLoRA's recipe); PiSSA runs on the dense weight and the base stores the
+    quantized residual; LoftQ quantizes with this config and keeps its own last quantization (no second
+    rounding). Given a `QuantizedLinear` it adapts that layer as it is: a `quantization` other than the one
+    its weight records is a ValueError naming the fields (it is never re-quantized nor edited). DoRA's
+    magnitude is taken from the quantized weight, as PEFT does. The caller's layer is never modified.
     """
-    asked = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant,
-             "compute_dtype": None if compute_dtype is None else jnp.dtype(compute_dtype)}
+    if quantization is not None and not isinstance(quantization, QuantConfig):
+        raise TypeError(f"quantization must be a jaxlora QuantConfig, got {quantization!r}")
     if isinstance(base, QuantizedLinear):
-        qt = base.weight.get_value()
-        have = {"quant_type": qt.quant_type, "blocksize": qt.blocksize, "double_quant": qt.double_quant,
-                "compute_dtype": base.compute_dtype}
-        wrong = {k: v for k, v in asked.items() if v is not None and v != have[k]}
+        have = base.config
+        wrong = {} if quantization is None else {
+            f.name: (getattr(have, f.name), getattr(quantization, f.name)) for f in dataclasses.fields(QuantConfig)
+            if f.name != "skip_modules" and getattr(have, f.name) != getattr(quantization, f.name)}
         if wrong:
-            def show(settings):
-                return ", ".join(f"{k}={getattr(v, 'name', v)!r}" for k, v in settings.items())
-
-            raise ValueError(f"qlora_linear: the base is already quantized with {show(have)}; the requested "
-                             f"{show(wrong)} disagrees (pass a dense nnx.Linear to quantize it, or leave it unset)")
+            shown = ", ".join(f"{k}={getattr(v, 'name', v)!r} (asked {getattr(a, 'name', a)!r})"
+                              for k, (v, a) in wrong.items())
+            raise ValueError(f"qlora_linear: the base is already quantized with {shown}; pass a dense nnx.Linear to "
+                             "quantize it, or quantization=None to take the base as it is")
         return LoRALinear(base, init_lora_weights=init_lora_weights, loftq_iter=loftq_iter, **lora_kwargs)
-    quantize = inits.quantizer(quant_type="nf4" if quant_type is None else quant_type,
-                               blocksize=64 if blocksize is None else blocksize,
-                               double_quant=True if double_quant is None else double_quant)
-    compute_dtype = jnp.bfloat16 if compute_dtype is None else compute_dtype
-    init = inits.resolve(init_lora_weights, loftq_iter=loftq_iter, quantize=quantize, compute_dtype=compute_dtype)
+    quantization = QuantConfig() if quantization is None else quantization
+    init = inits.resolve(init_lora_weights, loftq_iter=loftq_iter, quantization=quantization)
     if init is None:  # A and B are drawn: the base is quantized now
-        qbase = inits.quantized(DenseBase.of(base), quantize, compute_dtype)
+        qbase = QuantizedLinear.from_linear(base, quantization)
         return LoRALinear(qbase, init_lora_weights=init_lora_weights, **lora_kwargs)
     return LoRALinear(base, init_lora_weights=init, **lora_kwargs)  # the init returns the quantized base
 

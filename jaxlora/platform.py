@@ -7,10 +7,10 @@ False
 
 Library code that needs one of these reads ``defaults()`` (resolved for ``jax.default_backend()``)
 when its own argument is left as ``None``; an explicit argument always wins. Readers today:
-`QuantConfig` (``use_kernel``, ``bnb_backend``) and `QuantizedLinear` / `quantize_weight`
-(``use_kernel``, ``bnb_backend``); ``compute_dtype`` and ``attention_impl`` are for the model and
-the CLI to read. "gpu" means an NVIDIA GPU: the kernels are Triton with one PTX instruction
-(`jaxlora.kernels.nf4_matmul`), so ROCm would run them interpreted; jaxlora is not tested there.
+`QuantConfig` (``use_kernel``, ``bnb_backend``, resolved once when the config is built; quantized
+tensors and layers then read their config); ``compute_dtype`` and ``attention_impl`` are for the
+model and the CLI to read. "gpu" means an NVIDIA GPU: the kernels are Triton with one PTX instruction
+(`jaxlora.kernels.matmul_4bit`), so ROCm would run them interpreted; jaxlora is not tested there.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class PlatformDefaults:
     # segments) goes in as a dense bias, so the attention code chooses "xla" there. cuDNN needs
     # fp16 / bf16 inputs. "xla" elsewhere.
     attention_impl: Literal["xla", "cudnn"]
-    # Which bitsandbytes backend's bytes `quantize_4bit` reproduces where CPU and CUDA kernels differ:
+    # Which bitsandbytes backend's bytes `jaxlora.quant.quantize` reproduces where CPU and CUDA kernels differ:
     # the one of the device that quantizes, so a model quantized on a GPU matches bitsandbytes there.
     bnb_backend: Literal["cpu", "cuda"]
 

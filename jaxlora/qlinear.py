@@ -1,19 +1,27 @@
 """`QuantizedLinear`: a frozen 4-bit (or 8-bit blockwise) linear layer, bitsandbytes' Linear4bit in NNX.
 
 Trainability is a type: the quantized weight lives in `QuantizedWeight` and the bias in `FrozenBias`,
-neither an ``nnx.Param``, so no optimizer selects them.
+neither an ``nnx.Param``, so no optimizer selects them. The layer keeps no settings of its own: quant
+type, blocksize, compute dtype, kernel choice and bitsandbytes backend are its weight's `QuantConfig`
+(``weight.config``), the one owner of each.
+
+>>> from jaxlora.quant import QuantConfig, quantize
+>>> config = QuantConfig(quant_type="fp4", blocksize=128, double_quant=False, compute_dtype=jnp.float32)
+>>> layer = QuantizedLinear(quantize(jnp.ones((8, 128)), config))           # (out, in) = (8, 128)
+>>> layer(jnp.ones((2, 128))).shape, layer.compute_dtype, layer.config.quant_type
+((2, 8), dtype('float32'), 'fp4')
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxlora import platform
-from jaxlora.qmatmul import dequantize, qmatmul
+from jaxlora.qmatmul import qmatmul
+from jaxlora.quant.blockwise import dequantize, quantize
+from jaxlora.quant.config import QuantConfig
 from jaxlora.quant.tensor import QuantizedTensor
 
 
@@ -25,55 +33,45 @@ class FrozenBias(nnx.Variable):
     """A quantized layer's bias: frozen, as bitsandbytes' Linear4bit under QLoRA."""
 
 
-def quantize_weight(w: jax.Array, *, quant_type: str, blocksize: int, double_quant: bool,
-                    bnb_backend: str | None = None) -> QuantizedTensor:
-    """Quantize a dense weight to 4 bits ("nf4", "fp4") or bitsandbytes' 8-bit map ("dynamic8").
-    ``bnb_backend=None``: the bytes of this platform's bitsandbytes (`jaxlora.platform`)."""
-    from jaxlora.quant.blockwise import quantize_4bit, quantize_blockwise
-
-    bnb_backend = bnb_backend or platform.defaults().bnb_backend
-
-    if quant_type == "dynamic8":
-        if double_quant:  # bitsandbytes nests absmax of 4-bit weights only
-            raise ValueError("double_quant=True is 4-bit only; pass double_quant=False with quant_type='dynamic8'")
-        return quantize_blockwise(w, blocksize=blocksize, bnb_backend=bnb_backend)
-    return quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant,
-                         bnb_backend=bnb_backend)
-
-
 class QuantizedLinear(nnx.Module):
     """``y = x @ dequantize(W).T + bias`` in ``compute_dtype``, cast back to x's dtype (bnb Linear4bit).
 
-    W is a QuantizedTensor in PyTorch's ``(out, in)`` layout, byte-identical to ``bnb.nn.Linear4bit``.
-    ``use_kernel`` (None: this platform's default, on for a GPU; `jaxlora.platform`) runs the matmul
-    in the fused Pallas kernels where they support the case.
+    W is a QuantizedTensor in PyTorch's ``(out, in)`` layout, byte-identical to ``bnb.nn.Linear4bit``;
+    build it with ``jaxlora.quant.quantize(w, config)``, or quantize an ``nnx.Linear`` with
+    `from_linear`. ``config.use_kernel`` runs the matmul in the fused Pallas kernels where they support
+    the case.
     """
 
-    def __init__(self, weight: QuantizedTensor, bias: jax.Array | None = None, *, compute_dtype=jnp.bfloat16,
-                 use_kernel: bool | None = None):
+    def __init__(self, weight: QuantizedTensor, bias: jax.Array | None = None):
+        if not isinstance(weight, QuantizedTensor):
+            raise TypeError(f"weight must be a QuantizedTensor (jaxlora.quant.quantize(w, config)), got "
+                            f"{type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"a linear weight must be 2-D (out, in), got shape {weight.shape}")
         if bias is not None and tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
         self.weight = QuantizedWeight(weight)
         self.bias = nnx.data(None if bias is None else FrozenBias(jnp.asarray(bias)))
-        self.compute_dtype = jnp.dtype(compute_dtype)
-        self.use_kernel = platform.defaults().use_kernel if use_kernel is None else bool(use_kernel)
 
     @classmethod
-    def from_weight(cls, weight: jax.Array, bias: jax.Array | None = None, *, quant_type: str = "nf4",
-                    blocksize: int = 64, double_quant: bool = True, compute_dtype=jnp.bfloat16):
-        """Quantize a dense ``(out, in)`` weight (a checkpoint tensor) -- explicitly, here, once."""
-        qt = quantize_weight(weight, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
-        return cls(qt, bias, compute_dtype=compute_dtype)
-
-    @classmethod
-    def from_linear(cls, linear: nnx.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype=jnp.bfloat16):
-        """Quantize an ``nnx.Linear``; its kernel ``(in, out)`` is transposed to ``(out, in)`` first."""
+    def from_linear(cls, linear: nnx.Linear, config: QuantConfig) -> QuantizedLinear:
+        """Quantize an ``nnx.Linear`` as `config` says -- explicitly, here, once. Its kernel ``(in, out)``
+        is transposed to bitsandbytes' ``(out, in)`` and quantized in its own dtype; the bias is kept."""
         bias = None if linear.bias is None else linear.bias.get_value()
-        return cls.from_weight(linear.kernel.get_value().T, bias, quant_type=quant_type, blocksize=blocksize,
-                               double_quant=double_quant, compute_dtype=compute_dtype)
+        return cls(quantize(jnp.asarray(linear.kernel.get_value()).T, config), bias)
+
+    @property
+    def config(self) -> QuantConfig:
+        """How the weight is quantized and run (its QuantizedTensor's config)."""
+        return self.weight.get_value().config
+
+    @property
+    def compute_dtype(self) -> np.dtype:
+        return self.config.compute_dtype
+
+    @property
+    def use_kernel(self) -> bool:
+        return self.config.use_kernel
 
     @property
     def in_features(self) -> int:
@@ -87,21 +85,18 @@ class QuantizedLinear(nnx.Module):
         """The dense ``(out, in)`` weight."""
         return dequantize(self.weight.get_value(), dtype)
 
-    def requantize(self, weight: jax.Array, *, bnb_backend: str | None = None) -> None:
-        """Store a new dense ``(out, in)`` weight with the stored tensor's settings: 4- or 8-bit quant
-        type, blocksize, double quantization, dtype and quant_storage. A QuantizedTensor does not record
-        which bitsandbytes backend's bytes it reproduces, so `bnb_backend` says (default: this platform's,
-        "cuda" on a GPU and "cpu" elsewhere; `jaxlora.platform`)."""
+    def requantize(self, weight: jax.Array) -> None:
+        """Store a new dense ``(out, in)`` weight, quantized in the stored tensor's dtype with its config:
+        quant type, blocksize, double quantization, quant_storage and bitsandbytes backend, as first asked."""
         qt = self.weight.get_value()
-        new = quantize_weight(weight.astype(qt.dtype), quant_type=qt.quant_type, blocksize=qt.blocksize,
-                              double_quant=qt.double_quant, bnb_backend=bnb_backend)
-        self.weight.set_value(dataclasses.replace(new, quant_storage=qt.quant_storage))
+        self.weight.set_value(quantize(weight.astype(qt.dtype), qt.config))
 
     def __call__(self, x: jax.Array) -> jax.Array:  # (..., in) -> (..., out)
-        y = qmatmul(x, self.weight.get_value(), compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)
+        cd = self.compute_dtype
+        y = qmatmul(x, self.weight.get_value(), compute_dtype=cd, use_kernel=self.use_kernel)
         if self.bias is not None:  # bias in the compute dtype, added before the one rounding (addmm)
-            y = y + jnp.broadcast_to(self.bias.get_value().astype(self.compute_dtype).astype(jnp.float32), y.shape)
-        return y.astype(self.compute_dtype).astype(x.dtype)
+            y = y + jnp.broadcast_to(self.bias.get_value().astype(cd).astype(jnp.float32), y.shape)
+        return y.astype(cd).astype(x.dtype)
 
     # --- jaxlora.base.LinearBase: what a LoRA layer reads of its base -------------------------------------
 

@@ -23,16 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlora.quant.blockwise import dequantize
 from jaxlora.quant.tensor import QuantizedTensor
-
-
-def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
-    """Dequantize a 4-bit or 8-bit QuantizedTensor (default dtype: the original tensor's)."""
-    from jaxlora.quant import blockwise  # the quantization core; imported late so lora math loads without it
-
-    if qt.bits == 8:
-        return blockwise.dequantize_blockwise(qt, dtype=dtype)
-    return blockwise.dequantize_4bit(qt, dtype=dtype)
 
 
 def _weight(qt: QuantizedTensor, dtype) -> jax.Array:
@@ -91,10 +83,11 @@ def _split_rows(qt: QuantizedTensor, n: int) -> QuantizedTensor:
                                offset=offset, shape=(qt.shape[0] // n, qt.shape[1]))
 
 
-def _reference(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
+def _forward(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
+    # The forward, dispatched: the fused kernel where asked for and able, else the (row-tiled) jnp path.
     fused = _fused(qt, x, use_kernel)
     if fused is not None:
-        return fused.nf4_matmul(x, qt, compute_dtype=compute_dtype, out_dtype=jnp.float32)
+        return fused.matmul_4bit(x, qt, compute_dtype=compute_dtype, out_dtype=jnp.float32)
     # float32 accumulator out, as torch's addmm: the caller adds the bias before the one rounding to cd
     n = row_tiles(qt)
     if n == 1:
@@ -126,11 +119,11 @@ def _input_grad(dy: jax.Array, qt: QuantizedTensor, compute_dtype) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _qmatmul(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool) -> jax.Array:
-    return _reference(x, qt, compute_dtype, use_kernel)
+    return _forward(x, qt, compute_dtype, use_kernel)
 
 
 def _fwd(x, qt, compute_dtype, use_kernel):
-    return _reference(x, qt, compute_dtype, use_kernel), qt
+    return _forward(x, qt, compute_dtype, use_kernel), qt
 
 
 def _bwd(compute_dtype, use_kernel, qt, dy):
@@ -140,7 +133,7 @@ def _bwd(compute_dtype, use_kernel, qt, dy):
     # bitsandbytes: grad_x = grad_out @ W, both in the compute dtype (dy holds compute-dtype values here)
     fused = _fused(qt, dy, use_kernel, transpose=True)
     if fused is not None:
-        dx = fused.nf4_matmul_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype)
+        dx = fused.matmul_4bit_t(dy.astype(compute_dtype), qt, compute_dtype=compute_dtype)
     else:
         dx = _input_grad(dy.astype(compute_dtype), qt, compute_dtype).astype(compute_dtype)
     # The base is frozen: integer leaves get float0 cotangents, float leaves (scales) zeros.
@@ -162,15 +155,9 @@ def qmatmul(x: jax.Array, qt: QuantizedTensor, *, compute_dtype=jnp.bfloat16, us
     """``x.astype(cd) @ dequantize(qt).astype(cd).T`` -> ``(..., out)`` float32 accumulator (round it to
     ``cd`` after adding any bias, as torch's addmm does); x ``(..., in)``, qt ``(out, in)``. Gradient
     flows to x only. ``use_kernel`` runs the forward and the input gradient in the fused Pallas kernels
-    (jaxlora/kernels/nf4_matmul.py) where they support the case (4-bit, tile-divisible shapes), and the
+    (jaxlora/kernels/matmul_4bit.py) where they support the case (4-bit, tile-divisible shapes), and the
     jnp path otherwise; the jnp path is their reference. The kernels are compiled (Triton) when the
-    program is lowered for CUDA and interpreted for any other platform (see jaxlora.kernels.nf4_matmul)."""
+    program is lowered for CUDA and interpreted for any other platform (see jaxlora.kernels.matmul_4bit)."""
     if len(qt.shape) != 2 or x.shape[-1] != qt.shape[1]:
         raise ValueError(f"x {x.shape} does not match a quantized weight of shape (out, in) = {qt.shape}")
     return _qmatmul(x.astype(compute_dtype), qt, jnp.dtype(compute_dtype), use_kernel)
-
-
-def qmatmul_autodiff(x: jax.Array, qt: QuantizedTensor, *, compute_dtype=jnp.bfloat16) -> jax.Array:
-    """The same product under plain autodiff: the baseline the memory test compares against."""
-    w = jax.lax.stop_gradient(_weight(qt, compute_dtype))
-    return jnp.matmul(x.astype(compute_dtype), w.T, preferred_element_type=jnp.float32)

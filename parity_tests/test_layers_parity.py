@@ -25,7 +25,7 @@ from flax import nnx  # noqa: E402
 
 from jaxlora.layers import LoRALinear, qlora_linear  # noqa: E402
 from jaxlora.qlinear import QuantizedLinear  # noqa: E402
-from jaxlora.quant.blockwise import quantize_4bit  # noqa: E402
+from jaxlora.quant import QuantConfig, quantize  # noqa: E402
 from jaxlora.quant.bnb_format import from_bnb_state_dict  # noqa: E402
 from torch_ref import lora_ref  # noqa: E402
 
@@ -235,12 +235,12 @@ def test_qlora_vs_peft_bnb_linear4bit(compute_dtype, tol):
     state = {k: v for k, v in bnb_layer.state_dict().items()}
     qt = from_bnb_state_dict(state)
     # jaxlora's own quantizer gives the same bytes from the same weight
-    mine = quantize_4bit(jnp.asarray(w), compress_statistics=True)
+    mine = quantize(jnp.asarray(w), QuantConfig(bnb_backend="cpu"))  # NF4 + double quant, Linear4bit's
     np.testing.assert_array_equal(mine.codes, qt.codes)
     np.testing.assert_array_equal(mine.absmax, qt.absmax)
     jdtype = jnp.float32 if compute_dtype == torch.float32 else jnp.bfloat16
-    layer = qlora_linear(QuantizedLinear(qt, jnp.asarray(b), compute_dtype=jdtype), r=R, lora_alpha=ALPHA,
-                        rngs=nnx.Rngs(1))
+    layer = qlora_linear(QuantizedLinear(qt.with_config(compute_dtype=jdtype), jnp.asarray(b)), r=R,
+                         lora_alpha=ALPHA, rngs=nnx.Rngs(1))
     _, peft_layer = lora_ref.peft_model(bnb_layer, loaded_in_4bit=True, r=R, lora_alpha=ALPHA)
     assert type(peft_layer).__module__.endswith("lora.bnb")
     sd = {"lora_A.weight": _rand(5, R, IN), "lora_B.weight": _rand(6, OUT, R, scale=0.1)}

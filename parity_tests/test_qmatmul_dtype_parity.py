@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
 from jaxlora.qlinear import QuantizedLinear  # noqa: E402
-from jaxlora.quant import quantize_4bit, to_bnb_state_dict  # noqa: E402
+from jaxlora.quant import QuantConfig, quantize, to_bnb_state_dict  # noqa: E402
 from torch_ref import bnb_ref  # noqa: E402
 
 DTYPES = {"float32": (jnp.float32, torch.float32), "float16": (jnp.float16, torch.float16),
@@ -30,8 +30,8 @@ IN, OUT = 128, 64  # in a multiple of the blocksize: bnb's AVX512 dequantize is 
 
 def _layers(weight_dtype, compute_dtype, seed=0):
     w = np.random.default_rng(seed).standard_normal((OUT, IN)).astype(np.float32)
-    qt = quantize_4bit(jnp.asarray(w, DTYPES[weight_dtype][0]), compress_statistics=True)
-    ours = QuantizedLinear(qt, compute_dtype=DTYPES[compute_dtype][0])
+    qt = quantize(jnp.asarray(w, DTYPES[weight_dtype][0]), QuantConfig(compute_dtype=DTYPES[compute_dtype][0]))
+    ours = QuantizedLinear(qt)
     ref = bnb_ref.linear4bit(to_bnb_state_dict(qt), IN, OUT, compute_dtype=DTYPES[compute_dtype][1]).train()
     return ours, ref
 

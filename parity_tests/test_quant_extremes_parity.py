@@ -13,7 +13,7 @@ import torch
 import bitsandbytes.functional as F
 
 from jaxlora.quant import dequantize_blockwise
-from jaxlora.quant.tensor import QuantizedTensor
+from jaxlora.quant import QuantConfig, QuantizedTensor
 from torch_ref import bnb_ref
 
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
@@ -37,7 +37,7 @@ def test_dequantize_blockwise_negative_absmax(n, blocksize, dtype):
     q = rng.integers(0, 256, n, dtype=np.uint8)
     absmax = rng.standard_normal(-(-n // blocksize)).astype(np.float32)
     qt = QuantizedTensor(jnp.asarray(q), jnp.asarray(absmax), None, None, (n,), np.dtype(DTYPES[dtype][0]),
-                         blocksize, "dynamic8")  # fmt: skip
+                         QuantConfig(quant_type="dynamic8", double_quant=False, blocksize=blocksize))
     qs = F.QuantState(absmax=torch.from_numpy(absmax), code=F.create_dynamic_map(), blocksize=blocksize,
                       dtype=DTYPES[dtype][1])  # fmt: skip
     ref = bnb_ref.to_numpy(F.dequantize_blockwise(torch.from_numpy(q), qs))

@@ -21,9 +21,9 @@ from flax import nnx
 
 import jaxlora
 from jaxlora import platform
-from jaxlora.kernels import nf4_matmul, nf4_matmul_t, tiling
+from jaxlora.kernels import matmul_4bit, matmul_4bit_t, tiling
 from jaxlora.models.stack import unstacked
-from jaxlora.quant.blockwise import quantize_4bit
+from jaxlora.quant import QuantConfig, quantize
 from jaxlora.train.step import train_step
 
 GPU = platform.defaults_for("gpu")
@@ -50,9 +50,8 @@ def _lower_cuda(fn, *args) -> str:
 
 
 def _abstract_weight(shape, *, quant_type="nf4", double_quant=True, dtype=jnp.bfloat16):
-    return jax.eval_shape(lambda w: quantize_4bit(w, blocksize=64, quant_type=quant_type,
-                                                  compress_statistics=double_quant),
-                          jax.ShapeDtypeStruct(shape, dtype))
+    config = QuantConfig(blocksize=64, quant_type=quant_type, double_quant=double_quant)
+    return jax.eval_shape(lambda w: quantize(w, config), jax.ShapeDtypeStruct(shape, dtype))
 
 
 # --- the kernels, at the tiles the library picks ----------------------------------------------------
@@ -78,7 +77,7 @@ def test_kernel_lowers_to_triton_with_the_chosen_tiles(shape, rows, fmt, transpo
     qt = _abstract_weight(shape, quant_type=quant_type, double_quant=double_quant)
     n_out, n_in = shape
     operand = jax.ShapeDtypeStruct((rows, n_out if transpose else n_in), cd)
-    fn = nf4_matmul_t if transpose else nf4_matmul
+    fn = matmul_4bit_t if transpose else matmul_4bit
     calls = _triton_calls(_lower_cuda(lambda a, q: fn(a, q, compute_dtype=cd), operand, qt))
 
     assert len(calls) == 1, calls
@@ -96,7 +95,7 @@ def test_interpret_is_chosen_per_lowering_platform() -> None:
     # The same traced function: Triton when lowered for CUDA, the interpreter (no custom call) for CPU.
     qt = _abstract_weight((256, 512))
     x = jax.ShapeDtypeStruct((4, 512), jnp.bfloat16)
-    traced = jax.jit(lambda a, q: nf4_matmul(a, q)).trace(x, qt)
+    traced = jax.jit(lambda a, q: matmul_4bit(a, q)).trace(x, qt)
     assert TRITON in traced.lower(lowering_platforms=("cuda",)).as_text()
     cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
     assert "custom_call" not in cpu and "while" in cpu  # the interpreter's loop over the grid

@@ -1,11 +1,13 @@
 """The fused 4-bit dequantize-matmul kernels, run in Pallas interpret mode on CPU.
 
-Reference: the jnp path, ``x @ dequantize_4bit(qt, qt.dtype).astype(cd).T`` (what jaxlora.qmatmul
+Reference: the jnp path, ``x @ dequantize(qt, qt.dtype).astype(cd).T`` (what jaxlora.qmatmul
 computes). Shapes are small because the interpreter executes the grid one program at a time; tiles
 are chosen so that tile counts are odd and double-quantization blocks start mid-row.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -13,10 +15,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from jaxlora.kernels import nf4_matmul, nf4_matmul_t, supports
+from jaxlora.kernels import matmul_4bit, matmul_4bit_t, supports
 from jaxlora.quant import codes
-from jaxlora.quant.blockwise import dequantize_4bit, quantize_4bit
-from jaxlora.quant.tensor import QuantizedTensor
+from jaxlora.quant import QuantConfig, QuantizedTensor, dequantize, quantize
 
 # (48, 384), blocksize 64: 6 blocks per row, 288 blocks, so the nested block boundary (block 256) falls
 # in the middle of row 42; block_n = 16 and block_k = 128 give 3 × 3 tiles (odd counts both ways).
@@ -30,18 +31,18 @@ def _weight(seed: int, dtype=jnp.float32, shape=(OUT, IN)) -> jax.Array:
 
 def _quantized(double_quant: bool, quant_type: str = "nf4", dtype=jnp.float32, seed: int = 0,
                shape=(OUT, IN), blocksize: int = BLOCKSIZE) -> QuantizedTensor:
-    return quantize_4bit(_weight(seed, dtype, shape), blocksize=blocksize, quant_type=quant_type,
-                         compress_statistics=double_quant)
+    return quantize(_weight(seed, dtype, shape),
+                    QuantConfig(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant))
 
 
 def _dense(qt: QuantizedTensor, compute_dtype) -> np.ndarray:  # (out, in)
     """The input gradient's weight: rounded to the stored dtype, then cast (bitsandbytes' backward)."""
-    return np.asarray(dequantize_4bit(qt, qt.dtype).astype(compute_dtype))
+    return np.asarray(dequantize(qt, qt.dtype).astype(compute_dtype))
 
 
 def _dense_forward(qt: QuantizedTensor, compute_dtype) -> np.ndarray:  # (out, in)
     """The forward's weight: dequantized straight to the compute dtype (bitsandbytes' gemm_4bit)."""
-    return np.asarray(dequantize_4bit(qt, compute_dtype))
+    return np.asarray(dequantize(qt, compute_dtype))
 
 
 def _matmul_tolerance(x: np.ndarray, w: np.ndarray, compute_dtype) -> np.ndarray:
@@ -75,9 +76,9 @@ def test_identity_exposes_exact_dequantization(double_quant: bool, quant_type: s
     # is the dequantization's (codes, nibble order, scale indexing, the nested two-rounding rule).
     qt = _quantized(double_quant, quant_type)
     dense = _dense(qt, jnp.float32)
-    y = nf4_matmul(jnp.eye(IN, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True, **TILES)
+    y = matmul_4bit(jnp.eye(IN, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True, **TILES)
     np.testing.assert_array_equal(np.asarray(y), dense.T)
-    dx = nf4_matmul_t(jnp.eye(OUT, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True,
+    dx = matmul_4bit_t(jnp.eye(OUT, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True,
                       **TILES)
     np.testing.assert_array_equal(np.asarray(dx), dense)
 
@@ -91,7 +92,7 @@ def test_double_quant_rounds_twice() -> None:
     offset = np.asarray(qt.offset, np.float32)
     two = (code8 * nested).astype(np.float32) + offset  # numpy float32: two roundings, no FMA
     fused = (code8.astype(np.float64) * nested + offset).astype(np.float32)  # one rounding
-    y = nf4_matmul(jnp.eye(IN, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True, **TILES)
+    y = matmul_4bit(jnp.eye(IN, dtype=jnp.float32), qt, compute_dtype=jnp.float32, interpret=True, **TILES)
     seen = np.asarray(y).T.reshape(qt.nblocks, qt.blocksize)
     np.testing.assert_array_equal(seen, _dense_from_scales(qt, two))
     assert np.any(seen != _dense_from_scales(qt, fused))
@@ -117,7 +118,7 @@ def test_forward_matches_jnp_path(lead, compute_dtype, double_quant: bool) -> No
     w = _dense_forward(qt, compute_dtype)
     xc = x.astype(compute_dtype)
     want = np.asarray(xc @ jnp.asarray(w).T, np.float64)
-    got = nf4_matmul(x, qt, compute_dtype=compute_dtype, interpret=True, **TILES)
+    got = matmul_4bit(x, qt, compute_dtype=compute_dtype, interpret=True, **TILES)
     assert got.shape == (*lead, OUT) and got.dtype == compute_dtype
     xn = np.asarray(xc.astype(jnp.float32)).reshape(-1, IN)
     wn = w.astype(np.float32)
@@ -133,7 +134,7 @@ def test_input_gradient_matches_jnp_path(lead, compute_dtype, double_quant: bool
     w = _dense(qt, compute_dtype)
     dyc = dy.astype(compute_dtype)
     want = np.asarray(dyc @ jnp.asarray(w), np.float64)
-    got = nf4_matmul_t(dy, qt, compute_dtype=compute_dtype, interpret=True, **TILES)
+    got = matmul_4bit_t(dy, qt, compute_dtype=compute_dtype, interpret=True, **TILES)
     assert got.shape == (*lead, IN) and got.dtype == compute_dtype
     dyn = np.asarray(dyc.astype(jnp.float32)).reshape(-1, OUT)
     tol = _matmul_tolerance(dyn, w.astype(np.float32).T, compute_dtype)
@@ -145,10 +146,10 @@ def test_default_tiles_and_blocks_wider_than_a_tile() -> None:
     qt = _quantized(double_quant=True, shape=(32, 512), blocksize=256)
     x = jax.random.normal(jax.random.key(5), (4, 512), jnp.float32)
     for tiles in ({}, {"block_k": 64}):
-        got = nf4_matmul(x, qt, compute_dtype=jnp.float32, interpret=True, **tiles)
+        got = matmul_4bit(x, qt, compute_dtype=jnp.float32, interpret=True, **tiles)
         w = _dense(qt, jnp.float32)
         _assert_close(got, np.asarray(x) @ w.T, _matmul_tolerance(np.asarray(x), w, jnp.float32))
-        dx = nf4_matmul_t(got, qt, compute_dtype=jnp.float32, interpret=True, **tiles)
+        dx = matmul_4bit_t(got, qt, compute_dtype=jnp.float32, interpret=True, **tiles)
         _assert_close(dx, np.asarray(got) @ w, _matmul_tolerance(np.asarray(got), w.T, jnp.float32))
 
 
@@ -160,10 +161,9 @@ def test_corrupted_code_byte_changes_only_its_output() -> None:
     x = jax.random.normal(jax.random.key(7), (2, IN), jnp.float32)
     row, byte = 37, 101  # weight row 37: output feature 37
     flat = row * IN // 2 + byte
-    bad = QuantizedTensor(qt.codes.at[flat].set(qt.codes[flat] ^ 0x88), qt.absmax, qt.nested_absmax,
-                          qt.offset, qt.shape, qt.dtype, qt.blocksize, qt.quant_type)
-    y = np.asarray(nf4_matmul(x, qt, compute_dtype=jnp.float32, interpret=True, **TILES))
-    y_bad = np.asarray(nf4_matmul(x, bad, compute_dtype=jnp.float32, interpret=True, **TILES))
+    bad = dataclasses.replace(qt, codes=qt.codes.at[flat].set(qt.codes[flat] ^ 0x88))
+    y = np.asarray(matmul_4bit(x, qt, compute_dtype=jnp.float32, interpret=True, **TILES))
+    y_bad = np.asarray(matmul_4bit(x, bad, compute_dtype=jnp.float32, interpret=True, **TILES))
     changed = np.any(y != y_bad, axis=0)
     assert changed[row] and changed.sum() == 1
 
@@ -177,8 +177,8 @@ def test_supports_rejects_and_kernels_raise() -> None:
     assert supports(qt, x, **TILES) and supports(qt, x)
     narrow = _quantized(double_quant=False, shape=(24, 128))  # out 24: no power-of-two tile >= 16
     spanning = _quantized(double_quant=False, shape=(16, 96))  # 96 % 64: blocks span rows
-    eight_bit = QuantizedTensor(qt.codes, qt.absmax, None, None, qt.shape, qt.dtype, qt.blocksize,
-                                "dynamic8")
+    eight_bit = dataclasses.replace(qt, config=QuantConfig(quant_type="dynamic8", double_quant=False,
+                                                           blocksize=qt.blocksize))
     cases = [
         (narrow, jnp.ones((1, 128)), {}),
         (spanning, jnp.ones((1, 96)), {}),
@@ -191,7 +191,7 @@ def test_supports_rejects_and_kernels_raise() -> None:
     for q, xx, tiles in cases:
         assert not supports(q, xx, **tiles)
         with pytest.raises(ValueError, match="does not support"):
-            nf4_matmul(xx, q, interpret=True, **tiles)
+            matmul_4bit(xx, q, interpret=True, **tiles)
 
 
 # Lowering for CUDA (the Triton kernels, their tiles, the train step and generate): tests/test_cuda_lowering.py.
@@ -204,7 +204,7 @@ def test_qmatmul_with_kernel_equals_jnp_path_forward_and_backward(compute_dtype)
     from jaxlora.qmatmul import qmatmul
 
     w = jax.random.normal(jax.random.key(3), (64, 128), jnp.float32)
-    qt = quantize_4bit(w, compress_statistics=True)
+    qt = quantize(w, QuantConfig())
     x = jax.random.normal(jax.random.key(4), (2, 3, 128), jnp.float32)
 
     def loss(x, use_kernel):
@@ -223,7 +223,7 @@ def test_qmatmul_with_kernel_equals_jnp_path_forward_and_backward(compute_dtype)
     np.testing.assert_allclose(float(y_ker), float(y_ref), rtol=rtol, atol=atol)
     np.testing.assert_allclose(np.asarray(g_ker, np.float32), np.asarray(g_ref, np.float32), rtol=rtol, atol=atol)
     # A shape the kernel rejects (out_features 24) takes the jnp path instead of failing.
-    qt_odd = quantize_4bit(w[:24], compress_statistics=True)
+    qt_odd = quantize(w[:24], QuantConfig())
     np.testing.assert_allclose(
         qmatmul(x, qt_odd, compute_dtype=jnp.float32, use_kernel=True),
         qmatmul(x, qt_odd, compute_dtype=jnp.float32),

@@ -1,6 +1,8 @@
 """NNX layers (jaxlora/layers.py, adapter.py, base.py, inits.py): forward, trainability, modes, adapters,
 merging, errors."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,9 @@ from jaxlora.base import DenseBase
 from jaxlora.layers import LoRALinear, qlora_linear
 from jaxlora.mixed import Active
 from jaxlora.qlinear import FrozenBias, QuantizedLinear, QuantizedWeight
+from jaxlora.quant import QuantConfig, quantize
+
+F32 = QuantConfig(compute_dtype=jnp.float32)  # NF4 + double quantization, float32 compute
 
 IN, OUT, R = 64, 48, 4
 
@@ -169,7 +174,7 @@ def test_rank_above_the_smaller_dimension_trains_and_merges():
 
 
 def test_quantized_linear_is_frozen_storage():
-    q = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+    q = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), QuantConfig(compute_dtype=jnp.float32))
     assert isinstance(q.weight, QuantizedWeight) and isinstance(q.bias, FrozenBias)
     assert not jax.tree.leaves(nnx.state(q, nnx.Param))
     assert q.weight.get_value().shape == (OUT, IN) and q.weight.get_value().double_quant
@@ -178,7 +183,7 @@ def test_quantized_linear_is_frozen_storage():
 @pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
 def test_qlora_forward_and_grads(compute_dtype):
     dense = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
-    layer = qlora_linear(dense, r=R, lora_alpha=8, compute_dtype=compute_dtype,
+    layer = qlora_linear(dense, r=R, lora_alpha=8, quantization=QuantConfig(compute_dtype=compute_dtype),
                                     rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     x = _x()
@@ -196,7 +201,7 @@ def test_qlora_merge_error_is_a_requantization():
     # Merging into a 4-bit base re-quantizes W + dW (as PEFT). The added error is of the order of
     # quantizing W itself; measured, not zero. The dense merge_and_unload adds no quantization.
     dense = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
-    layer = qlora_linear(dense, r=8, lora_alpha=16, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
+    layer = qlora_linear(dense, F32, r=8, lora_alpha=16, rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     ad.lora_b.set_value(ad.lora_b.get_value() * 0.1)
     x = _x(shape=(16, 256))
@@ -215,8 +220,8 @@ def test_qlora_merge_error_is_a_requantization():
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_qlora_merge_and_unload_is_the_same_after_merge(use_dora):
     # After merge() the quantized base already holds W + delta: merge_and_unload must not add it again.
-    layer = qlora_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), r=R, lora_alpha=8,
-                                    compute_dtype=jnp.float32, use_dora=use_dora, rngs=nnx.Rngs(1))
+    layer = qlora_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), F32, r=R, lora_alpha=8, use_dora=use_dora,
+                         rngs=nnx.Rngs(1))
     _nonzero_b(layer)
     x = _x()
     y = layer(x)
@@ -235,24 +240,16 @@ def test_qlora_merge_and_unload_is_the_same_after_merge(use_dora):
 
 @pytest.mark.parametrize(("quant_type", "blocksize"), [("dynamic8", 256), ("fp4", 128)])
 def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize):
-    from jaxlora.quant import quantize_4bit, quantize_blockwise
-
+    config = QuantConfig(quant_type=quant_type, blocksize=blocksize, double_quant=False, compute_dtype=jnp.float32)
     w = jax.random.normal(jax.random.key(3), (OUT, IN), jnp.bfloat16)
-    if quant_type == "dynamic8":  # bitsandbytes' 8-bit blockwise format, as quantize_model makes it
-        def quantize(a):
-            return quantize_blockwise(a, blocksize=blocksize)
-    else:
-        def quantize(a):
-            return quantize_4bit(a, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)
-    layer = qlora_linear(QuantizedLinear(quantize(w), compute_dtype=jnp.float32), r=R, lora_alpha=8,
-                        rngs=nnx.Rngs(1))
+    layer = qlora_linear(QuantizedLinear(quantize(w, config)), r=R, lora_alpha=8, rngs=nnx.Rngs(1))
     ad = _nonzero_b(layer)
     x = _x()
     y = layer(x)
     # merge's arithmetic: W dequantized to its stored dtype, + delta in float32, rounded back (out, in)
     exact = (layer.base.dequantize().astype(jnp.float32).T + ad.delta_weight()).T.astype(jnp.bfloat16)
     layer.merge()
-    qt, expected = layer.base.weight.get_value(), quantize(exact)
+    qt, expected = layer.base.weight.get_value(), quantize(exact, config)
     assert (qt.quant_type, qt.blocksize, qt.dtype, qt.double_quant) == (quant_type, blocksize, jnp.bfloat16, False)
     np.testing.assert_array_equal(qt.codes, expected.codes)  # the same quantizer, byte for byte
     np.testing.assert_array_equal(qt.absmax, expected.absmax)
@@ -260,35 +257,24 @@ def test_qlora_merge_requantizes_with_the_stored_settings(quant_type, blocksize)
     assert 0 < _rel(layer(x), y) < (0.02 if quant_type == "dynamic8" else 0.15)
 
 
-def test_requantize_takes_the_bnb_backend():
-    # A QuantizedTensor does not record the backend; requantize defaults to "cpu" and can be told.
-    from jaxlora.quant import quantize_4bit
-
-    w = jax.random.normal(jax.random.key(4), (OUT, IN), jnp.float32)
-    q = QuantizedLinear.from_weight(w, compute_dtype=jnp.float32)
-    q.requantize(w, bnb_backend="cuda")
-    expected = quantize_4bit(w, blocksize=64, compress_statistics=True, bnb_backend="cuda")
-    np.testing.assert_array_equal(q.weight.get_value().codes, expected.codes)
-    np.testing.assert_array_equal(q.weight.get_value().absmax, expected.absmax)
-
-
 def test_qlora_over_a_quantized_base_takes_it_as_it_is():
     # Unset settings keep the base's; agreeing ones are accepted; a disagreeing one is refused, naming both
     # (the base is never re-quantized nor edited: asked fp4/128/no-DQ of an nf4/64/DQ base, it used to be ignored).
     def qbase():
-        return QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+        return QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)),
+                                           QuantConfig(compute_dtype=jnp.float32))
 
     assert qlora_linear(qbase(), r=R, rngs=nnx.Rngs(1)).base.compute_dtype == jnp.float32
-    layer = qlora_linear(qbase(), r=R, quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=jnp.float32,
-                         rngs=nnx.Rngs(1))
+    same = QuantConfig(quant_type="nf4", blocksize=64, double_quant=True, compute_dtype=jnp.float32)
+    layer = qlora_linear(qbase(), same, r=R, rngs=nnx.Rngs(1))
     assert isinstance(layer, LoRALinear) and isinstance(layer.base, QuantizedLinear)
     base = qbase()
-    for kw, match in [(dict(quant_type="fp4"), "quant_type='fp4'"), (dict(blocksize=128), "blocksize=128"),
-                      (dict(double_quant=False), "double_quant=False"),
-                      (dict(compute_dtype=jnp.bfloat16), "compute_dtype='bfloat16'")]:
-        have = r"already quantized with quant_type='nf4', blocksize=64, double_quant=True, compute_dtype='float32'"
-        with pytest.raises(ValueError, match=have + "; the requested " + match):
-            qlora_linear(base, r=R, rngs=nnx.Rngs(1), **kw)
+    for kw, match in [(dict(quant_type="fp4"), "quant_type='nf4' \\(asked 'fp4'\\)"),
+                      (dict(blocksize=128), "blocksize=64 \\(asked 128\\)"),
+                      (dict(double_quant=False), "double_quant=True \\(asked False\\)"),
+                      (dict(compute_dtype=jnp.bfloat16), "compute_dtype='float32' \\(asked 'bfloat16'\\)")]:
+        with pytest.raises(ValueError, match="already quantized with " + match):
+            qlora_linear(base, dataclasses.replace(same, **kw), r=R, rngs=nnx.Rngs(1))
     assert base.compute_dtype == jnp.float32  # the caller's layer untouched
     with pytest.raises(ValueError, match="init_lora_weights='pissa' needs the dense weight"):
         qlora_linear(qbase(), r=R, init_lora_weights="pissa", rngs=nnx.Rngs(1))
@@ -335,9 +321,8 @@ def test_qlora_inits_from_the_dense_weight(init):
         return nnx.Linear(128, 64, rngs=nnx.Rngs(0))
 
     w = dense().kernel.get_value()
-    plain = qlora_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, rngs=nnx.Rngs(1))
-    layer = qlora_linear(dense(), r=8, lora_alpha=8, compute_dtype=jnp.float32, init_lora_weights=init,
-                                    use_dora=True, rngs=nnx.Rngs(1))
+    plain = qlora_linear(dense(), F32, r=8, lora_alpha=8, rngs=nnx.Rngs(1))
+    layer = qlora_linear(dense(), F32, r=8, lora_alpha=8, init_lora_weights=init, use_dora=True, rngs=nnx.Rngs(1))
     ad = layer.adapters["default"]
     effective = layer.base.dequantize(jnp.float32).T + ad.delta_weight()
     def frob(a):
@@ -355,7 +340,7 @@ def test_bases_implement_the_protocol():
 
     x = _x()
     dense = as_base(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)))
-    quant = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), compute_dtype=jnp.float32)
+    quant = QuantizedLinear.from_linear(nnx.Linear(IN, OUT, rngs=nnx.Rngs(0)), F32)
     for base in (dense, quant):
         assert isinstance(base, LinearBase)
         bias = base.bias.get_value()[None, :]

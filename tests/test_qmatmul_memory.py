@@ -14,10 +14,16 @@ import numpy as np
 import pytest
 
 from jaxlora import lora
-from jaxlora.qmatmul import qmatmul, qmatmul_autodiff
-from jaxlora.quant.blockwise import quantize_4bit
+from jaxlora.qmatmul import qmatmul
+from jaxlora.quant import QuantConfig, dequantize, quantize
 
 D, LAYERS, TOKENS, R = 4096, 4, 16, 16
+
+
+def qmatmul_autodiff(x: jax.Array, qt, *, compute_dtype=jnp.bfloat16) -> jax.Array:
+    """qmatmul's forward under plain autodiff: the baseline its custom backward is measured against."""
+    w = jax.lax.stop_gradient(dequantize(qt, compute_dtype))
+    return jnp.matmul(x.astype(compute_dtype), w.T, preferred_element_type=jnp.float32)
 
 
 def _temp_bytes(matmul) -> int:
@@ -33,7 +39,7 @@ def _temp_bytes(matmul) -> int:
     def stacked(s):
         return jax.ShapeDtypeStruct((LAYERS, *s.shape), s.dtype)
 
-    qt = jax.eval_shape(lambda w: quantize_4bit(w, compress_statistics=True),
+    qt = jax.eval_shape(lambda w: quantize(w, QuantConfig()),
                         jax.ShapeDtypeStruct((D, D), jnp.bfloat16))
     adapters = (stacked(jax.ShapeDtypeStruct((D, R), jnp.float32)), stacked(jax.ShapeDtypeStruct((R, D), jnp.float32)))
     x = jax.ShapeDtypeStruct((TOKENS, D), jnp.bfloat16)
@@ -58,7 +64,7 @@ def test_custom_backward_keeps_only_packed_codes():
 @pytest.mark.parametrize("compute_dtype", [jnp.float32, jnp.bfloat16])
 def test_custom_backward_matches_autodiff(compute_dtype):
     w = jax.random.normal(jax.random.key(0), (48, 64), jnp.float32)
-    qt = quantize_4bit(w, compress_statistics=True)
+    qt = quantize(w, QuantConfig())
     x = jax.random.normal(jax.random.key(1), (5, 64), jnp.float32)
     # the cotangent a layer feeds back holds compute-dtype values (it comes through the cast to cd)
     dy = jax.random.normal(jax.random.key(2), (5, 48), jnp.float32).astype(compute_dtype).astype(jnp.float32)
@@ -73,14 +79,15 @@ def test_custom_backward_matches_autodiff(compute_dtype):
 
 
 def test_no_gradient_for_the_quantized_weight():
-    qt = quantize_4bit(jax.random.normal(jax.random.key(0), (48, 64), jnp.float32))  # float32 absmax leaf
+    w = jax.random.normal(jax.random.key(0), (48, 64), jnp.float32)
+    qt = quantize(w, QuantConfig(double_quant=False))  # a float32 absmax leaf
     x = jax.random.normal(jax.random.key(1), (5, 64), jnp.float32)
     g = jax.grad(lambda qt: jnp.sum(qmatmul(x, qt, compute_dtype=jnp.float32)), allow_int=True)(qt)
     assert not np.any(np.asarray(g.absmax))
 
 
 def test_shape_mismatch_is_a_value_error():
-    qt = quantize_4bit(jnp.ones((48, 64), jnp.float32))
+    qt = quantize(jnp.ones((48, 64), jnp.float32), QuantConfig())
     with pytest.raises(ValueError, match=r"\(5, 48\)"):
         qmatmul(jnp.ones((5, 48), jnp.float32), qt)
 
@@ -93,11 +100,11 @@ def test_row_tiles_compute_the_untiled_product(shape, double_quant, tiles):
     whole-weight product and the input gradient equals it up to float32 summation order. A 4099x1056 weight
     (4.3M elements) has no aligned split (4099 is prime, and one row is not a whole number of blocks) and
     stays whole."""
-    from jaxlora.qmatmul import TILE_ELEMENTS, dequantize, row_tiles
+    from jaxlora.qmatmul import TILE_ELEMENTS, row_tiles
 
     key = jax.random.PRNGKey(1)
     w = jax.random.normal(key, shape, jnp.float32) * 0.02
-    qt = quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    qt = quantize(w, QuantConfig(blocksize=64, quant_type="nf4", double_quant=double_quant))
     assert row_tiles(qt) == tiles and (tiles == 1 or shape[0] * shape[1] // tiles <= TILE_ELEMENTS)
     x = jax.random.normal(jax.random.PRNGKey(2), (3, 5, shape[1]), jnp.float32)
     dense = dequantize(qt, jnp.float32)

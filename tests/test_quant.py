@@ -136,7 +136,7 @@ def test_bad_state_dicts():
     with pytest.raises(ValueError, match="offset must be float32"):
         good = from_bnb_state_dict(sd)
         QuantizedTensor(good.codes, good.absmax, good.nested_absmax, jnp.zeros((1,)), good.shape, good.dtype,
-                        good.blocksize, good.quant_type).validate()  # fmt: skip
+                        good.config).validate()  # fmt: skip
 
 
 def test_non_finite_allowed_follows_backend():

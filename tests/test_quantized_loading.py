@@ -26,7 +26,7 @@ from jaxlora.models.loading import from_pretrained, save_pretrained, state_dict
 from jaxlora.models.quantize import QuantConfig, quantize_model
 from jaxlora.models.stack import unstacked
 from jaxlora.qlinear import QuantizedLinear
-from jaxlora.quant import quantize_4bit
+from jaxlora.quant import quantize
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, initializer_range=0.3)  # O(1) activations: wrong weights show in logits
@@ -110,7 +110,7 @@ def test_quantize_model_replaces_targeted_linears_in_place():
     assert linears(model, nnx.Linear) == {"lm_head"} | mlp0
     assert len(linears(model, QuantizedLinear)) == 4 * 2 + 3
     layer = model.model.layers[1].self_attn.q_proj
-    expected = quantize_4bit(kernel.T, blocksize=64, quant_type="nf4", compress_statistics=True)
+    expected = quantize(kernel.T, QuantConfig(blocksize=64, quant_type="nf4", double_quant=True))
     for a, b in zip(jax.tree.leaves(layer.weight.get_value()), jax.tree.leaves(expected)):
         assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
     assert np.array_equal(layer.bias.get_value(), bias) and layer.compute_dtype == jnp.bfloat16
@@ -154,7 +154,7 @@ def test_quantize_on_load_casts_to_dtype_round_to_nearest_even(tmp_path):
     path = checkpoint(tmp_path)
     ours = from_pretrained(path, dtype=jnp.bfloat16, quantization=FP32)
     w = load_file(path / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
-    expected = quantize_4bit(jnp.asarray(w.astype(ml_dtypes.bfloat16)), compress_statistics=True)
+    expected = quantize(jnp.asarray(w.astype(ml_dtypes.bfloat16)), QuantConfig())
     got = ours.model.layers[1].mlp.down_proj.weight.get_value()
     assert got.dtype == jnp.bfloat16
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
@@ -248,6 +248,10 @@ def test_quantized_save_writes_bnb_format_and_loads_as_stored(tmp_path):
     assert np.array_equal(loaded(tokens()), ours(tokens()))
     # A runtime setting may be changed on load; the stored format may not.
     assert from_pretrained(saved, quantization=QuantConfig()).model.layers[0].mlp.up_proj.compute_dtype == jnp.bfloat16
+    runtime = QuantConfig(compute_dtype=jnp.float16, bnb_backend="cuda", use_kernel=True)
+    layer = from_pretrained(saved, quantization=runtime).model.layers[0].mlp.up_proj  # the file's format, ...
+    assert (layer.config.quant_type, layer.config.double_quant) == ("nf4", True)  # ... the asked runtime
+    assert (layer.compute_dtype, layer.use_kernel, layer.config.bnb_backend) == (np.dtype(np.float16), True, "cuda")
     with pytest.raises(ValueError, match="already quantized.*'nf4'.*'fp4'"):
         from_pretrained(saved, quantization=QuantConfig(quant_type="fp4"))
 

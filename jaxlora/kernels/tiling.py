@@ -45,7 +45,7 @@ def _largest_pow2_divisor(n: int, cap: int) -> int:
 
 def _defaults(rows: int, n_out: int, n_in: int) -> tuple[int, int, int]:
     """Decode (≤ 16 rows) is memory-bound: narrow out tiles for many programs, long in tiles for
-    long streaming loads. Prefill is compute-bound: square-ish tiles. (See nf4_matmul's docstring.)"""
+    long streaming loads. Prefill is compute-bound: square-ish tiles. (See matmul_4bit's docstring.)"""
     decode = rows <= MIN_TILE
     block_m = MIN_TILE if decode else min(64, 1 << (rows - 1).bit_length())
     block_n = _largest_pow2_divisor(n_out, 32 if decode else 64)

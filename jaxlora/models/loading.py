@@ -22,6 +22,7 @@ Quantization, two ways in and one way out:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -42,11 +43,15 @@ from jaxlora.models.hf_files import (INDEX_FILE, SINGLE_FILE, TensorReader, load
 from jaxlora.models.llama import LlamaForCausalLM, RMSNorm
 from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
 from jaxlora.models.stack import device_arrays, host_buffers, unstacked
-from jaxlora.quant import from_bnb_state_dict, to_bnb_state_dict
+from jaxlora.quant import from_bnb_state_dict, quantize, to_bnb_state_dict
+from jaxlora.quant.config import FORMAT_FIELDS
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype tags a float parameter may come in
 # safetensors tags a bitsandbytes packed weight may be stored as (its quant_storage), and their byte sizes.
 _STORAGE_SIZES = {"U8": 1, "F16": 2, "BF16": 2, "F32": 4}
+# The QuantConfig fields a `quantization` passed with a bnb checkpoint may set: how its layers run, and
+# re-quantize (bnb_backend). The format and skip_modules are the checkpoint's.
+_RUNTIME_FIELDS = ("compute_dtype", "use_kernel", "bnb_backend")
 # Keys some checkpoints carry that hold no parameter: old llama checkpoints saved RoPE's inv_freq.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -102,7 +107,7 @@ def _load_tensor(slot: _Slot, array: np.ndarray) -> None:
     dtype = slot.variable.get_value().dtype
     if slot.quant is not None:
         # Wait for the quantization, so that this dense tensor is freed before the next one is read.
-        _store(slot.variable, jax.block_until_ready(slot.quant.quantize(jnp.asarray(array, dtype=dtype))))
+        _store(slot.variable, jax.block_until_ready(quantize(jnp.asarray(array, dtype=dtype), slot.quant)))
         return
     value = array.T if slot.transpose else array
     _store(slot.variable, jnp.asarray(value, dtype=dtype))
@@ -120,8 +125,12 @@ def _store(variable: nnx.Variable, value) -> None:
 
 
 def _load_bnb_group(slot: _Slot, key: str, group: dict[str, np.ndarray]) -> None:
-    """Stores a bitsandbytes group (``<p>.weight``, ``<p>.weight.absmax``, ...) as stored: no dequantizing."""
+    """Stores a bitsandbytes group (``<p>.weight``, ``<p>.weight.absmax``, ...) as stored: no dequantizing.
+    The file gives the format; how the layer runs (compute dtype, kernels, backend) is the model's config."""
     qt = from_bnb_state_dict(group, prefix=key[: -len("weight")])
+    model_config = slot.variable.get_value().config
+    qt = qt.with_config(**{f.name: getattr(model_config, f.name) for f in dataclasses.fields(model_config)
+                           if f.name not in FORMAT_FIELDS})
     expected = _hf_shape(slot)
     if qt.shape != expected:
         state_key = next(k for k in group if ".quant_state." in k)
@@ -155,7 +164,7 @@ def _quantization(directory: Path, quantization: QuantConfig | None) -> tuple[Qu
     """The settings to build the model with, and whether the checkpoint is already (bnb 4-bit) quantized.
 
     A checkpoint's own ``quantization_config`` decides its layout; a `quantization` passed with it may
-    only change the runtime settings (compute_dtype, bnb_backend), not the stored format.
+    only change the runtime settings (compute_dtype, use_kernel, bnb_backend), not the stored format.
     """
     if quantization is not None and not isinstance(quantization, QuantConfig):
         raise TypeError(f"quantization must be a jaxlora QuantConfig (e.g. QuantConfig(quant_type='nf4')), "
@@ -163,8 +172,7 @@ def _quantization(directory: Path, quantization: QuantConfig | None) -> tuple[Qu
     hf = json.loads((directory / "config.json").read_text()).get("quantization_config")
     if hf is None:
         return quantization, False
-    runtime = {} if quantization is None else dict(compute_dtype=quantization.compute_dtype,
-                                                   bnb_backend=quantization.bnb_backend)
+    runtime = {} if quantization is None else {f: getattr(quantization, f) for f in _RUNTIME_FIELDS}
     try:
         stored = QuantConfig.from_hf_dict(hf, **runtime)
     except ValueError as e:
@@ -238,7 +246,7 @@ def from_pretrained(
     activations' dtype, default `dtype`. remat, attention: see `LlamaForCausalLM`.
     quantization: a `QuantConfig` to quantize targeted linear layers tensor by tensor while loading.
     A bitsandbytes 4-bit checkpoint (``quantization_config`` in config.json) loads as stored, without
-    `quantization`, or with one that only sets compute_dtype / bnb_backend.
+    `quantization`, or with one that only sets compute_dtype / use_kernel / bnb_backend.
     path_or_id: a local directory, or a hub id fetched with huggingface_hub when a network exists.
     """
     directory = resolve(path_or_id, revision)

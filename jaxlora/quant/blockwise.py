@@ -1,4 +1,5 @@
-"""Blockwise 4-bit (NF4 / FP4) and 8-bit (dynamic map) quantization, byte-identical to bitsandbytes.
+"""Blockwise 4-bit (NF4 / FP4) and 8-bit (dynamic map) quantization, byte-identical to bitsandbytes:
+``quantize(w, config) -> QuantizedTensor`` and ``dequantize(qt, dtype)``.
 
 ``bnb_backend`` picks which bitsandbytes backend's bytes to reproduce where they differ:
 
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,9 @@ import numpy as np
 
 from jaxlora.quant import codes as C
 from jaxlora.quant import double_quant as DQ
+from jaxlora.quant.config import QuantConfig
 from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor, check_quant_storage
-from jaxlora.quant.validate import check_finite, check_options, check_weight
 
-Backend = Literal["cpu", "cuda"]
 _F32 = jnp.float32
 _TINY = np.float32(1e-38)  # bitsandbytes' absmax clamp; a subnormal float32 (bits 0x006ce3ee)
 _INV_TINY = np.float32(1) / _TINY  # f32(1 / 1e-38), computed here because XLA would flush 1e-38 to 0
@@ -109,22 +108,13 @@ def _quantize_4bit(w, *, blocksize, quant_type, compress, backend):
     return codes, q, nested, offset
 
 
-def quantize_4bit(
-    w: jax.Array,
-    *,
-    blocksize: int = 64,
-    quant_type: Literal["nf4", "fp4"] = "nf4",
-    compress_statistics: bool = False,
-    bnb_backend: Backend = "cpu",
-    allow_non_finite: bool = False,
-    quant_storage: str = "uint8",
-) -> QuantizedTensor:
-    """Quantize `w` (any shape, float32/float16/bfloat16) to 4 bits in blocks, as
-    ``bitsandbytes.functional.quantize_4bit`` does on `bnb_backend` (see the module docstring).
-    `quant_storage` ("uint8", "float16", "bfloat16", "float32") is the dtype bitsandbytes views the
-    packed bytes as in a state dict; the codes themselves stay uint8.
+def quantize(w: jax.Array, config: QuantConfig, *, allow_non_finite: bool = False) -> QuantizedTensor:
+    """Quantize `w` (any shape, float32/float16/bfloat16) as `config` says: to 4 bits ("nf4", "fp4") or
+    bitsandbytes' 8-bit map ("dynamic8") in blocks, with the bytes of bitsandbytes' ``quantize_4bit`` /
+    ``quantize_blockwise`` on ``config.bnb_backend`` (see the module docstring). The one way jaxlora
+    quantizes; the result records `config`, so ``quantize(w2, qt.config)`` re-quantizes alike.
 
-    With `compress_statistics`, absmax is double-quantized: its offset is torch's float32 mean,
+    With ``config.double_quant``, absmax is double-quantized: its offset is torch's float32 mean,
     reproduced in torch's single-threaded CPU summation order (``torch.set_num_threads(1)``; with more
     threads torch splits inputs of >= 32,768 blocks and its offset can differ by an ulp).
 
@@ -132,22 +122,24 @@ def quantize_4bit(
     unless `allow_non_finite`; under tracing nothing is checked and the backend's arithmetic decides
     (CPU: a NaN block codes as 15 (NF4), an Inf absmax scales finite values to 0).
 
-    >>> qt = quantize_4bit(jnp.ones((4, 32), jnp.bfloat16))
+    >>> qt = quantize(jnp.ones((4, 32), jnp.bfloat16), QuantConfig(double_quant=False))
     >>> qt.codes.shape, qt.absmax.shape, qt.dtype
     ((64,), (2,), dtype(bfloat16))
     """
-    check_options(blocksize=blocksize, quant_type=quant_type, bnb_backend=bnb_backend, four_bit=True)
-    check_weight(w)
-    check_quant_storage(quant_storage, (math.prod(w.shape) + 1) // 2)
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig, got {config!r}")
+    _check_weight(w)
+    if config.bits == 4:
+        check_quant_storage(config.quant_storage, (math.prod(w.shape) + 1) // 2)
     if not allow_non_finite:
-        check_finite(w)
-    codes, absmax, nested, offset = _quantize_4bit(
-        w, blocksize=blocksize, quant_type=quant_type, compress=compress_statistics, backend=bnb_backend
-    )
-    return QuantizedTensor(
-        codes, absmax, nested, offset, tuple(w.shape), np.dtype(w.dtype), blocksize, quant_type,
-        quant_storage=quant_storage,
-    )
+        _check_finite(w)
+    if config.bits == 8:
+        codes, absmax = _quantize_blockwise(w, blocksize=config.blocksize, backend=config.bnb_backend)
+        nested = offset = None
+    else:
+        codes, absmax, nested, offset = _quantize_4bit(w, blocksize=config.blocksize, quant_type=config.quant_type,
+                                                       compress=config.double_quant, backend=config.bnb_backend)
+    return QuantizedTensor(codes, absmax, nested, offset, tuple(w.shape), np.dtype(w.dtype), config)
 
 
 @functools.partial(jax.jit, static_argnames=("numel", "blocksize", "quant_type", "dtype"))
@@ -166,44 +158,9 @@ def _dequantize_4bit(codes, absmax, nested, offset, *, numel, blocksize, quant_t
     return (vals * absmax[:, None]).reshape(-1)[:numel].astype(dtype)
 
 
-def dequantize_4bit(qt: QuantizedTensor, dtype=None) -> jax.Array:
-    """`qt` back to an array of ``qt.shape``: cast(dtype, f32(code_value * absmax)), one rounding.
-
-    `dtype` defaults to the dtype `qt` was quantized from. The result equals bitsandbytes'
-    dequantize_4bit of the same bytes (its AVX512 kernel, which indexes absmax per row for some shapes,
-    excepted: this uses the flat block index, which is what the format means).
-    """
-    qt.validate()
-    if qt.bits != 4:
-        raise ValueError(f"dequantize_4bit needs a 4-bit QuantizedTensor, got quant_type={qt.quant_type!r}")
-    dtype = np.dtype(qt.dtype if dtype is None else dtype)
-    check_weight(jax.ShapeDtypeStruct((1,), dtype), what="dtype")
-    out = _dequantize_4bit(
-        qt.codes, qt.absmax, qt.nested_absmax, qt.offset,
-        numel=qt.numel, blocksize=qt.blocksize, quant_type=qt.quant_type, dtype=dtype,
-    )  # fmt: skip
-    return out.reshape(qt.shape)
-
-
 @functools.partial(jax.jit, static_argnames=("blocksize", "backend"))
 def _quantize_blockwise(x, *, blocksize, backend):
     return DQ.quantize_dynamic8(x.reshape(-1).astype(_F32), blocksize, backend)
-
-
-def quantize_blockwise(
-    x: jax.Array, *, blocksize: int = 4096, bnb_backend: Backend = "cpu", allow_non_finite: bool = False
-) -> QuantizedTensor:
-    """8-bit blockwise quantization with bitsandbytes' signed dynamic map
-    (``bitsandbytes.functional.quantize_blockwise`` with its default code, no nesting):
-    ``quant_type="dynamic8"``, one code byte per element, float32 absmax per block.
-    Non-finite inputs are handled as in `quantize_4bit`.
-    """
-    check_options(blocksize=blocksize, quant_type="dynamic8", bnb_backend=bnb_backend, four_bit=False)
-    check_weight(x)
-    if not allow_non_finite:
-        check_finite(x)
-    q, absmax = _quantize_blockwise(x, blocksize=blocksize, backend=bnb_backend)
-    return QuantizedTensor(q, absmax, None, None, tuple(x.shape), np.dtype(x.dtype), blocksize, "dynamic8")
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize", "dtype"))
@@ -211,11 +168,47 @@ def _dequantize_blockwise(q, absmax, *, blocksize, dtype):
     return DQ.dequantize_dynamic8(q, absmax, blocksize).astype(dtype)
 
 
-def dequantize_blockwise(qt: QuantizedTensor, dtype=None) -> jax.Array:
-    """A ``quant_type="dynamic8"`` tensor back to ``qt.shape``: cast(dtype, f32(map[code] * absmax))."""
+def dequantize(qt: QuantizedTensor, dtype=None) -> jax.Array:
+    """`qt` back to an array of ``qt.shape``: cast(dtype, f32(code_value * absmax)), one rounding (with
+    double quantization, absmax is first rebuilt as bitsandbytes does). `dtype` defaults to the dtype
+    `qt` was quantized from.
+
+    The result equals bitsandbytes' dequantize_4bit / dequantize_blockwise of the same bytes (its AVX512
+    4-bit kernel, which indexes absmax per row for some shapes, excepted: this uses the flat block
+    index, which is what the format means)."""
     qt.validate()
-    if qt.quant_type != "dynamic8":
-        raise ValueError(f"dequantize_blockwise needs quant_type='dynamic8', got {qt.quant_type!r}")
     dtype = np.dtype(qt.dtype if dtype is None else dtype)
-    check_weight(jax.ShapeDtypeStruct((1,), dtype), what="dtype")
-    return _dequantize_blockwise(qt.codes, qt.absmax, blocksize=qt.blocksize, dtype=dtype).reshape(qt.shape)
+    _check_weight(jax.ShapeDtypeStruct((1,), dtype), what="dtype")
+    if qt.bits == 8:
+        out = _dequantize_blockwise(qt.codes, qt.absmax, blocksize=qt.blocksize, dtype=dtype)
+    else:
+        out = _dequantize_4bit(
+            qt.codes, qt.absmax, qt.nested_absmax, qt.offset,
+            numel=qt.numel, blocksize=qt.blocksize, quant_type=qt.quant_type, dtype=dtype,
+        )  # fmt: skip
+    return out.reshape(qt.shape)
+
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(jnp.bfloat16))
+
+
+def _check_weight(w, what: str = "weight") -> None:
+    """A float32/float16/bfloat16 array with at least one element."""
+    dtype = getattr(w, "dtype", None)
+    if dtype is None or np.dtype(dtype) not in FLOAT_DTYPES:
+        names = ", ".join(d.name for d in FLOAT_DTYPES)
+        raise ValueError(f"{what} dtype must be one of {names}, got {dtype}")
+    if int(np.prod(w.shape)) == 0:
+        raise ValueError(f"{what} must have at least one element, got shape {tuple(w.shape)}")
+
+
+def _check_finite(w, what: str = "weight") -> None:
+    """When `w` is concrete, raise if it holds NaN or Inf; a traced `w` cannot be checked."""
+    if isinstance(w, jax.core.Tracer):
+        return
+    bad = ~np.isfinite(np.asarray(w, dtype=np.float32).reshape(-1))
+    if bad.any():
+        raise ValueError(
+            f"{what} has {int(bad.sum())} non-finite values (first at flat index {int(np.argmax(bad))}); "
+            "pass allow_non_finite=True to quantize them as bitsandbytes would"
+        )

@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlora.quant import codes as C
-from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QUANT_STORAGES, QuantizedTensor
+from jaxlora.quant.config import QUANT_STORAGES, QuantConfig
+from jaxlora.quant.tensor import NESTED_BLOCKSIZE, QuantizedTensor
 
 # torch dtype names as QuantState writes them (str(torch.bfloat16).strip("torch.")).
 _DTYPE_NAMES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16", np.dtype(jnp.bfloat16): "bfloat16"}
@@ -136,6 +137,12 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
             f"quant_storage of {', '.join(QUANT_STORAGES[1:])}), got {codes.dtype}{list(codes.shape)}"
         )
     codes = np.ascontiguousarray(codes).view(np.uint8)
+    # The file does not say which bitsandbytes backend wrote it: a re-quantization takes this platform's
+    # (QuantConfig's default), and `QuantizedTensor.with_config(bnb_backend=...)` says otherwise.
+    try:
+        config = QuantConfig(quant_type=quant_type, blocksize=blocksize, double_quant=nested, quant_storage=storage)
+    except ValueError as e:
+        raise ValueError(f"{qs_keys[0]}: {e}") from None
     qt = QuantizedTensor(
         codes=codes.reshape(-1),
         absmax=arr[p + ".absmax"],
@@ -143,8 +150,6 @@ def from_bnb_state_dict(d: dict, prefix: str = "") -> QuantizedTensor:
         offset=np.asarray(np.float32(offset)) if nested else None,
         shape=shape,
         dtype=_DTYPES[meta["dtype"]],
-        blocksize=blocksize,
-        quant_type=quant_type,
-        quant_storage=storage,
+        config=config,
     ).validate()  # on the numpy arrays, before jnp.asarray could silently cast a wrong dtype
     return jax.tree.map(jnp.asarray, qt)

@@ -11,9 +11,13 @@ signed dynamic 8-bit map) times each block's absmax. The layout is bitsandbytes'
 * 8-bit codes (``quant_type="dynamic8"``) are one byte per element;
 * ``codes`` are always uint8 here; ``quant_storage`` only says which dtype bitsandbytes views those
   bytes as in a state dict (`to_bnb_state_dict`): the bytes are the same;
-* ``absmax`` holds one float32 scale per block, or, when double-quantized (``compress_statistics``),
+* ``absmax`` holds one float32 scale per block, or, when double-quantized (``config.double_quant``),
   the uint8 codes of ``absmax - offset`` in bitsandbytes' signed dynamic map, blocks of
   ``nested_blocksize`` (256) scaled by ``nested_absmax``.
+
+``config`` is the `QuantConfig` the tensor was quantized with (static metadata): quant type, blocksize,
+double quantization, quant_storage and bitsandbytes backend, so re-quantizing reproduces them, plus the
+compute dtype and kernel choice a `QuantizedLinear` runs it with.
 
 A linear layer's weight is stored in PyTorch's ``(out_features, in_features)`` layout, as bitsandbytes
 stores it, so quantized bytes are identical to a `bnb.nn.Linear4bit`'s.
@@ -23,21 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-QuantType = Literal["nf4", "fp4", "dynamic8"]
-QUANT_TYPES: tuple[str, ...] = ("nf4", "fp4", "dynamic8")
-# bitsandbytes' blocksize set for 4-bit and 8-bit blockwise quantization (functional.py asserts it).
-BLOCKSIZES: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+from jaxlora.quant.config import FORMAT_FIELDS, QuantConfig
+
 # bitsandbytes double-quantizes absmax in blocks of 256 (functional.quantize_4bit).
 NESTED_BLOCKSIZE = 256
-# bitsandbytes' quant_storage: the dtype its packed 4-bit bytes are *viewed* as (``packed.view(dtype)``;
-# FSDP-QLoRA stores them as the model's float dtype so that they shard like the other parameters).
-QUANT_STORAGES: tuple[str, ...] = ("uint8", "float16", "bfloat16", "float32")
 
 
 @jax.tree_util.register_dataclass
@@ -51,10 +49,15 @@ class QuantizedTensor:
     offset: jax.Array | None  # () float32 mean of absmax when double-quantized, else None
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))  # dtype of the original tensor
-    blocksize: int = dataclasses.field(metadata=dict(static=True))
-    quant_type: str = dataclasses.field(metadata=dict(static=True))  # one of QUANT_TYPES
+    config: QuantConfig = dataclasses.field(metadata=dict(static=True))  # how it was quantized (and is used)
     nested_blocksize: int = dataclasses.field(default=NESTED_BLOCKSIZE, metadata=dict(static=True))
-    quant_storage: str = dataclasses.field(default="uint8", metadata=dict(static=True))  # one of QUANT_STORAGES
+
+    # The config's format fields, read-only, for readers of the stored layout.
+    quant_type = property(lambda self: self.config.quant_type)
+    blocksize = property(lambda self: self.config.blocksize)
+    double_quant = property(lambda self: self.config.double_quant)
+    quant_storage = property(lambda self: self.config.quant_storage)
+    bits = property(lambda self: self.config.bits)
 
     @property
     def numel(self) -> int:
@@ -65,26 +68,27 @@ class QuantizedTensor:
         return -(-self.numel // self.blocksize)
 
     @property
-    def double_quant(self) -> bool:
-        return self.nested_absmax is not None
-
-    @property
-    def bits(self) -> int:
-        return 8 if self.quant_type == "dynamic8" else 4
-
-    @property
     def nbytes(self) -> int:
         """Bytes of storage: codes, scales and nested scales (what the frozen base costs in memory)."""
         leaves = (self.codes, self.absmax, self.nested_absmax, self.offset)
         return sum(int(np.prod(a.shape)) * jnp.dtype(a.dtype).itemsize for a in leaves if a is not None)
 
+    def with_config(self, **changes) -> QuantizedTensor:
+        """The same bytes under a config with `changes` to the fields that do not decide them (compute_dtype,
+        use_kernel, skip_modules, bnb_backend: whose bytes a re-quantization reproduces). A change to a
+        format field (quant_type, blocksize, double_quant, quant_storage) raises: quantize again."""
+        changed = sorted(f for f in FORMAT_FIELDS if f in changes and changes[f] != getattr(self.config, f))
+        if changed:
+            raise ValueError(f"with_config cannot change {changed} of a quantized tensor (the bytes are "
+                             f"{self.quant_type}/{self.blocksize}/double_quant={self.double_quant}/"
+                             f"{self.quant_storage}); quantize the dense weight with the new QuantConfig instead")
+        return dataclasses.replace(self, config=self.config.replace(**changes))
+
     def validate(self) -> QuantizedTensor:
         """Check that the leaves agree with the metadata (shapes and dtypes only, so it works on traced
         values); raise ValueError naming the disagreement. Returns self."""
-        if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
-        if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if not isinstance(self.config, QuantConfig):
+            raise ValueError(f"config must be a QuantConfig, got {self.config!r}")
         if self.numel == 0:
             raise ValueError(f"shape {self.shape} has no elements")
         ncodes = (self.numel + 1) // 2 if self.bits == 4 else self.numel
@@ -92,6 +96,9 @@ class QuantizedTensor:
         check_quant_storage(self.quant_storage, ncodes if self.bits == 4 else None)
         if (self.nested_absmax is None) != (self.offset is None):
             raise ValueError("nested_absmax and offset must both be set (double quantization) or both None")
+        if self.double_quant != (self.nested_absmax is not None):
+            raise ValueError(f"config.double_quant={self.double_quant} but nested_absmax is "
+                             f"{'None' if self.nested_absmax is None else 'set'}")
         if self.double_quant:
             nnested = -(-self.nblocks // self.nested_blocksize)
             _expect("absmax", self.absmax, (self.nblocks,), np.uint8, self.shape)
@@ -103,13 +110,9 @@ class QuantizedTensor:
 
 
 def check_quant_storage(quant_storage: str, nbytes: int | None) -> None:
-    """`quant_storage` is one of QUANT_STORAGES and, for `nbytes` packed 4-bit bytes, divides them (bitsandbytes
-    views the bytes as that dtype); 8-bit tensors (`nbytes` None) have no bitsandbytes format and stay uint8."""
-    if quant_storage not in QUANT_STORAGES:
-        raise ValueError(f"quant_storage must be one of {QUANT_STORAGES}, got {quant_storage!r}")
+    """For `nbytes` packed 4-bit bytes, `quant_storage` (already a valid name: QuantConfig checks it) must
+    divide them, as bitsandbytes views the bytes as that dtype; 8-bit tensors (`nbytes` None) stay uint8."""
     if nbytes is None:
-        if quant_storage != "uint8":
-            raise ValueError(f"quant_storage={quant_storage!r} applies to 4-bit tensors only; 8-bit codes are uint8")
         return
     size = np.dtype(jnp.dtype(quant_storage)).itemsize
     if nbytes % size:

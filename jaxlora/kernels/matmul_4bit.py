@@ -1,4 +1,4 @@
-"""Fused 4-bit dequantize-matmul: ``x @ dequantize_4bit(qt).T`` without materializing the weight.
+"""Fused 4-bit (NF4 and FP4) dequantize-matmul: ``x @ dequantize(qt).T`` without materializing the weight.
 
 Each program dequantizes one ``(block_n, block_k)`` tile of the weight at a time from its packed bytes
 and scales (registers / shared memory), feeds it to the tile's dot and drops it. The full weight is
@@ -7,7 +7,7 @@ blocksize 64 and double quantization) instead of 2.5 B (codes + a bf16 copy of t
 
 Exactness: a dequantized tile element is ``compute_dtype(f32(table[code] * absmax))``, and a
 double-quantized absmax is ``f32(f32(dynamic_map[code8] * nested_absmax) + offset)`` with two roundings,
-exactly as `jaxlora.quant.blockwise.dequantize_4bit` (and bitsandbytes) compute them; see
+exactly as `jaxlora.quant.dequantize` (and bitsandbytes) compute them; see
 ``_two_rounding_mul_add`` for how the multiply-add is kept from fusing into an FMA. Only the dot's
 accumulation order differs from the jnp path (float32 accumulation in both).
 
@@ -50,7 +50,7 @@ from jaxlora.kernels import tiling
 from jaxlora.quant import codes
 from jaxlora.quant.tensor import QuantizedTensor
 
-__all__ = ["nf4_matmul", "nf4_matmul_t", "supports"]
+__all__ = ["matmul_4bit", "matmul_4bit_t", "supports", "supports_t"]
 
 
 def _tables(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array | None]:
@@ -61,20 +61,20 @@ def _tables(qt: QuantizedTensor) -> tuple[jax.Array, jax.Array | None]:
 
 
 def supports(qt: QuantizedTensor, x: jax.Array, **tiles: int | None) -> bool:
-    """Whether `nf4_matmul(x, qt)` (and `nf4_matmul_t` for a matching ``dy``) can run this case."""
+    """Whether `matmul_4bit(x, qt)` (and `matmul_4bit_t` for a matching ``dy``) can run this case."""
     if x.ndim == 0:
         return False
     return tiling.why_unsupported(qt, x.shape[-1], rows=_rows(x), **tiles) is None
 
 
 def supports_t(qt: QuantizedTensor, dy: jax.Array, **tiles: int | None) -> bool:
-    """Whether `nf4_matmul_t(dy, qt)` can run this case (``dy`` ends in out_features)."""
+    """Whether `matmul_4bit_t(dy, qt)` can run this case (``dy`` ends in out_features)."""
     if dy.ndim == 0 or len(qt.shape) != 2 or dy.shape[-1] != qt.shape[0]:
         return False
     return tiling.why_unsupported(qt, qt.shape[1], rows=_rows(dy), **tiles) is None
 
 
-def nf4_matmul(
+def matmul_4bit(
     x: jax.Array,  # (..., in_features)
     qt: QuantizedTensor,  # (out_features, in_features), PyTorch layout
     *,
@@ -87,7 +87,7 @@ def nf4_matmul(
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> jax.Array:  # (..., out_features) in out_dtype (default: compute_dtype)
-    """``x.astype(compute_dtype) @ dequantize_4bit(qt, compute_dtype).T``, fused; float32 accumulation.
+    """``x.astype(compute_dtype) @ dequantize(qt, compute_dtype).T``, fused; float32 accumulation.
 
     ``block_n`` tiles ``out_features`` (one program each), ``block_k`` tiles ``in_features`` (the
     loop inside a program); ``None`` picks a default (see the module docstring). ``out_dtype=float32``
@@ -101,7 +101,7 @@ def nf4_matmul(
                  num_stages=num_stages)
 
 
-def nf4_matmul_t(
+def matmul_4bit_t(
     dy: jax.Array,  # (..., out_features)
     qt: QuantizedTensor,  # (out_features, in_features), PyTorch layout
     *,
@@ -113,7 +113,7 @@ def nf4_matmul_t(
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> jax.Array:  # (..., in_features) in compute_dtype
-    """``dy.astype(compute_dtype) @ dequantize_4bit(qt, compute_dtype)``: the input gradient, fused.
+    """``dy.astype(compute_dtype) @ dequantize(qt, compute_dtype)``: the input gradient, fused.
 
     Here ``block_k`` tiles ``in_features`` (one program each) and ``block_n`` tiles ``out_features``
     (the loop inside a program).
