@@ -22,9 +22,9 @@ from jaxlora.mixed import Active
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.quantize import QuantConfig, quantize_model
-from jaxlora.peft_model import (PeftModel, add_adapter, add_weighted_adapter, delete_adapter, get_peft_model,
-                                load_adapter, merge_and_unload, print_trainable_parameters, save_adapter, set_adapter,
-                                unload)
+from jaxlora.peft_model import (PeftModel, adapter_rows, add_adapter, add_weighted_adapter, delete_adapter,
+                                get_peft_model, load_adapter, merge_and_unload, print_trainable_parameters,
+                                save_adapter, set_adapter, unload)
 from jaxlora.targets import lora_layers
 
 TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -388,7 +388,7 @@ def test_functional_forms_refuse_a_plain_model(tmp_path):
     calls = [lambda: add_adapter(model, "b", config, rngs=nnx.Rngs(0)), lambda: set_adapter(model, "default"),
              lambda: delete_adapter(model, "default"), lambda: merge_and_unload(model), lambda: unload(model),
              lambda: add_weighted_adapter(model, ["default"], [1.0], "c"), lambda: print_trainable_parameters(model),
-             lambda: save_adapter(model, tmp_path / "a")]
+             lambda: save_adapter(model, tmp_path / "a"), lambda: adapter_rows(model, ["default"])]
     for call in calls:
         with pytest.raises(TypeError, match="expected a jaxlora.PeftModel.*got LlamaForCausalLM"):
             call()
