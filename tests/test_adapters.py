@@ -524,6 +524,11 @@ def test_load_adapter_errors_name_the_problem(tmp_path, edit_tensors, edit_confi
     with pytest.raises(ValueError, match=match):
         load_adapter(model, directory, rngs=nnx.Rngs(0))
     assert not lora_layers(model)  # checked before touching the model
+    peft = get_peft_model(tiny(), LoraConfig(**RANDOM, target_modules=["q_proj"]), rngs=nnx.Rngs(0))
+    graphdef = nnx.graphdef(peft)
+    with pytest.raises(ValueError, match=match):  # a further adapter: the wrapper is left as it was
+        peft.load_adapter(directory, "bad")
+    assert list(peft.peft_config) == ["default"] and nnx.graphdef(peft) == graphdef
 
 
 def test_load_bf16_adapter(tmp_path):
@@ -553,6 +558,31 @@ def test_merge_and_unload(quantized):
     assert not lora_layers(model) and not peft.peft_config and peft.active_adapter is None  # the wrapper is empty
     assert all(isinstance(m, nnx.Linear) for m in (model.model.layers[1].mlp.down_proj, model.lm_head))
     assert diff(model(x), adapted) < 1e-5
+
+
+def test_merge_adapter_then_unmerge():
+    """PEFT's merge_adapter / unmerge_adapter on the wrapper: the merged model runs the merged weights with the
+    adapted output (float32 rounding, 1e-5 on O(1) logits); switching to an unmerged adapter is refused; disabling
+    unmerges first (PEFT), so the base runs; unmerge_adapter gives the adapted output back."""
+    model, x = tiny(), tokens()
+    base = model(x)
+    peft = get_peft_model(model, LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
+    peft.add_adapter("q_only", LoraConfig(**RANDOM, target_modules=["q_proj"]), rngs=nnx.Rngs(2))
+    assert peft.get_base_model() is model and peft.config is model.config
+    adapted = peft(x)
+    peft.merge_adapter()
+    assert diff(peft(x), adapted) < 1e-5 and diff(peft(x), base) > 1e-2
+    with pytest.raises(ValueError, match="merged"):
+        peft.set_adapter("q_only")
+    with pytest.raises(ValueError, match="merged"):
+        peft.adapter_rows(["default", "q_only"])
+    with peft.disable_adapter():
+        assert diff(peft(x), base) < 1e-5  # W + s A B - s A B: float32 rounding
+    assert diff(peft(x), adapted) < 1e-5  # unmerged by disabling: the adapters run on top of the base again
+    peft.merge_adapter()
+    peft.unmerge_adapter()
+    peft.set_adapter("q_only")
+    assert diff(peft(x), adapted) > 1e-2
 
 
 def test_unload_restores_base():
