@@ -340,6 +340,7 @@ class PeftModel(nnx.Module):
 
     # --- counting ------------------------------------------------------------------------------------------
 
+    @per_layer  # a stacked QuantizedLinear's packed weight has no per-layer (out * in) shape to count
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all). Trainable = ``nnx.LoRAParam`` elements (A, B, DoRA magnitude, trained biases and
         copies). All = every ``nnx.Param`` plus each quantized layer's bias and its weight counted as out * in

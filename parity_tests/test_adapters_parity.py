@@ -14,12 +14,12 @@ import pytest
 import torch
 from flax import nnx
 
-from jaxlora.adapters import adapter_rows, disable_adapters, get_peft_model, merge_and_unload
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.loading import from_pretrained, save_pretrained
 from jaxlora.models.quantize import QuantConfig, quantize_model
-from jaxlora.peft_io import load_adapter, save_adapter
+from jaxlora.peft_model import adapter_rows, get_peft_model, load_adapter, merge_and_unload, save_adapter
+from jaxlora.targets import lora_layers
 from torch_ref import hf_ref, peft_ref
 
 FAMILIES = ("llama", "mistral", "qwen2")  # qwen2: q/k/v biases under the adapters
@@ -160,7 +160,7 @@ def test_modules_to_save_round_trip(llama, tmp_path, saved):
     model, _, _, a = round_trip(peft, llama, tmp_path, tokens)
     assert {"lm_head": "base_model.model.lm_head.weight",
             "embed_tokens": "base_model.model.model.embed_tokens.weight"}[saved[0]] in a
-    with peft.disable_adapter(), disable_adapters(model):
+    with peft.disable_adapter(), model.disable_adapter():
         assert rel_err(model(jnp.asarray(tokens)), torch_logits(peft, tokens)) < TOL
     # The copy alone matters: with LoRA's B zeroed on both sides the logits still differ from the base's.
     with torch.no_grad():
@@ -239,6 +239,31 @@ def test_greedy_generation_with_adapter(llama, tmp_path):
     assert not np.array_equal(base.numpy(), theirs.numpy())  # the adapter changes what is generated
 
 
+def test_save_pretrained_layout_loads_in_peft(llama, tmp_path):
+    """PeftModel.save_pretrained with two adapters -> PEFT's PeftModel.from_pretrained(dir) + load_adapter(dir/b):
+    PEFT finds both where it looks ("default" in dir, "b" in dir/b) with our logits for each; our LoRA layers sit
+    at PEFT's module paths (base_model.model....)."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    model = jax_adapted(llama)
+    model.add_adapter("b", LoraConfig(r=2, lora_alpha=6, init_lora_weights=False, target_modules=["q_proj", "v_proj"],
+                                      modules_to_save=["lm_head"]), rngs=nnx.Rngs(4))
+    model.save_pretrained(tmp_path / "both")
+    peft = PeftModel.from_pretrained(hf_ref.load_model(llama), str(tmp_path / "both"))
+    peft.load_adapter(str(tmp_path / "both" / "b"), adapter_name="b")
+    peft.eval()
+    theirs_paths = {n for n, m in peft.named_modules() if isinstance(m, LoraLayer)}
+    assert set(lora_layers(model)) == theirs_paths and len(theirs_paths) == 14
+    tokens, base = ids(9), torch_logits(hf_ref.load_model(llama), tokens=ids(9))
+    for name in ("default", "b"):
+        model.set_adapter(name)
+        peft.set_adapter(name)
+        ours = model(jnp.asarray(tokens))
+        assert rel_err(ours, torch_logits(peft, tokens)) < TOL, name
+        assert_adapted(ours, base)
+
+
 MIXED = ["a", "__base__", "b"]
 
 
@@ -256,8 +281,8 @@ def two_adapters(llama, tmp_path_factory):
     peft = PeftModel.from_pretrained(hf_ref.load_model(llama), str(tmp / "a"), adapter_name="a")
     peft.load_adapter(str(tmp / "b"), adapter_name="b")
     model = from_pretrained(llama)
-    for name in settings:
-        load_adapter(model, tmp / name, adapter_name=name)
+    for name in settings:  # the first wraps the plain model in a PeftModel, the next adds to it
+        model = load_adapter(model, tmp / name, adapter_name=name)
     return peft.eval(), model
 
 

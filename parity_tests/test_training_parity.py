@@ -29,10 +29,9 @@ from flax import nnx
 from peft import get_peft_model_state_dict
 from safetensors.numpy import load_file
 
-from jaxlora.adapters import unload
 from jaxlora.models.loading import from_pretrained, state_dict
 from jaxlora.models.quantize import QuantConfig
-from jaxlora.peft_io import load_adapter, save_adapter
+from jaxlora.peft_model import load_adapter, save_adapter, unload
 from jaxlora.qlinear import QuantizedWeight
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxlora.train.step import train_step
@@ -115,7 +114,7 @@ def runs(tmp_path_factory):
     model = from_pretrained(path, quantization=QuantConfig(quant_type="nf4", double_quant=True,
                                                            compute_dtype=jnp.float32))
     jax_bytes = jax_entries(model)
-    load_adapter(model, tmp / "adapter", rngs=nnx.Rngs(0))
+    model = load_adapter(model, tmp / "adapter", rngs=nnx.Rngs(0))
     base_before = quantized_leaves(model)
     save_adapter(model, tmp / "loaded")
     jax_initial = load_file(tmp / "loaded" / "adapter_model.safetensors")

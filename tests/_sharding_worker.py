@@ -31,7 +31,8 @@ def batch(seed):
 def curve(mesh):
     model = jaxlora.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
     jaxlora.quantize_model(model, jaxlora.QuantConfig(compute_dtype=jnp.float32))
-    jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
+    model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"),
+                                   rngs=nnx.Rngs(1))
     if mesh is not None:
         shard_model(model, mesh)
     opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=6)), wrt=nnx.LoRAParam)

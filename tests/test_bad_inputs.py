@@ -18,14 +18,14 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxlora import LoraConfig, QuantConfig, dequantize_4bit, from_bnb_state_dict, quantize_4bit, to_bnb_state_dict
-from jaxlora.adapters import get_peft_model
 from jaxlora.cli import ModelConfig, main
 from jaxlora.generate import generate
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.hf_files import INDEX_FILE, load_config, weight_files
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.loading import from_pretrained, save_pretrained
-from jaxlora.peft_io import read_adapter_config, save_adapter
+from jaxlora.peft_io import read_adapter_config
+from jaxlora.peft_model import get_peft_model, save_adapter
 from jaxlora.tokenizer import ByteTokenizer, load_tokenizer
 from jaxlora.train.data import DataConfig
 from jaxlora.train.loop import TrainConfig
@@ -183,8 +183,7 @@ def test_float_blocksize_is_refused_before_jax():
 
 
 def test_save_adapter_under_a_file_names_the_file(tmp_path, base_dir):
-    model = from_pretrained(base_dir)
-    get_peft_model(model, LoraConfig(r=2), rngs=nnx.Rngs(0))
+    model = get_peft_model(from_pretrained(base_dir), LoraConfig(r=2), rngs=nnx.Rngs(0))
     (tmp_path / "file").write_text("x")
     with pytest.raises(NotADirectoryError) as e:
         save_adapter(model, tmp_path / "file" / "sub")

@@ -1,4 +1,4 @@
-"""Mixed-adapter batches (`jaxlora.mixed`, `jaxlora.adapters.adapter_rows`): each row runs its own adapter.
+"""Mixed-adapter batches (`jaxlora.mixed`, `jaxlora.PeftModel.adapter_rows`): each row runs its own adapter.
 
 fp32 throughout: a row of a mixed batch computes the same sums as the single-adapter run (base output plus
 that adapter's delta), so rows match to 1e-6 relative (summation order of the batched matmuls only).
@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxlora.adapters import add_adapter, adapter_rows, disable_adapters, get_peft_model, lora_layers, set_adapter
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import AdapterRows
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.peft_model import add_adapter, adapter_rows, get_peft_model, set_adapter
+from jaxlora.targets import lora_layers
 
 CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2)
@@ -23,9 +24,8 @@ NAMES = ["a", "__base__", "b"]
 
 def two_adapters():
     """Adapter "a" (r 4, every linear layer) and "b" (r 2, some layers and the embedding), B nonzero."""
-    model = LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(1),
-                   adapter_name="a")
+    model = get_peft_model(LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(1), adapter_name="a")
     add_adapter(model, "b", LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
                 rngs=nnx.Rngs(2))
@@ -42,7 +42,7 @@ def rel(x, y):
 
 def single(model, name, ids):
     if name == "__base__":
-        with disable_adapters(model):
+        with model.disable_adapter():
             return model(ids)
     set_adapter(model, name)
     return model(ids)
@@ -82,7 +82,7 @@ def test_generate_with_adapter_names():
     mixed = generate(model, ids, max_new_tokens=4, adapter_names=NAMES)
     for i, name in enumerate(NAMES):
         if name == "__base__":
-            with disable_adapters(model):
+            with model.disable_adapter():
                 alone = generate(model, ids[i:i + 1], max_new_tokens=4)
         else:
             set_adapter(model, name)
@@ -98,24 +98,24 @@ def test_refusals():
         model(ids[:2], adapter_rows=adapter_rows(model, NAMES))
     with pytest.raises(ValueError, match="list of names"):
         adapter_rows(model, "a")
-    layer = lora_layers(model)["model.layers.0.self_attn.q_proj"]  # a per-layer view, "a" active
+    layer = lora_layers(model.base_model.model)["model.layers.0.self_attn.q_proj"]  # a per-layer view
     rows = AdapterRows.from_names(NAMES, ("a", "b"))
-    layer.merge()
+    layer.merge("a")
     with pytest.raises(ValueError, match="merged"):
         layer(jnp.ones((3, layer.in_features)), rows)
 
 
 def test_dora_refused():
-    model = LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
-    get_peft_model(model, LoraConfig(r=4, use_dora=True, init_lora_weights=False), rngs=nnx.Rngs(1), adapter_name="d")
+    model = get_peft_model(LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)),
+                           LoraConfig(r=4, use_dora=True, init_lora_weights=False), rngs=nnx.Rngs(1), adapter_name="d")
     with pytest.raises(ValueError, match="DoRA"):
         adapter_rows(model, ["d", "__base__", "d"])
     assert adapter_rows(model, ["__base__"] * 3).names == ()  # the base alone is allowed
 
 
 def test_train_mode_refused():
-    model = LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))
-    get_peft_model(model, LoraConfig(r=4, lora_dropout=0.1), rngs=nnx.Rngs(1))
+    model = get_peft_model(LlamaForCausalLM(CFG, rngs=nnx.Rngs(0)), LoraConfig(r=4, lora_dropout=0.1),
+                           rngs=nnx.Rngs(1))
     model.train()
     with pytest.raises(ValueError, match="train mode"):
         adapter_rows(model, ["default"] * 3)

@@ -19,11 +19,10 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxlora.adapters import get_peft_model
 from jaxlora.cli import ModelConfig, load_model, main
 from jaxlora.lora_config import LoraConfig
-from jaxlora.peft_io import save_adapter
 from jaxlora.models.quantize import QuantConfig
+from jaxlora.peft_model import get_peft_model, save_adapter
 from jaxlora.tokenizer import ByteTokenizer
 from jaxlora.train.checkpoint import load_checkpoint
 from jaxlora.train.lock import LOCK_NAME
@@ -118,7 +117,7 @@ def test_two_processes_train_resume_and_match_one(tmp_path, base_dir, data_file,
     # Written by 2 processes x 2 devices, restored here on 1 device: the same adapter.
     model = load_model(base_dir, ModelConfig(name_or_path=base_dir, tokenizer="byte"),
                        QuantConfig(compute_dtype=jnp.float32))
-    get_peft_model(model, LoraConfig(lora_dropout=0.1), rngs=nnx.Rngs(params=0, dropout=1))
+    model = get_peft_model(model, LoraConfig(lora_dropout=0.1), rngs=nnx.Rngs(params=0, dropout=1))
     opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=STEPS, warmup_steps=2)),
                         wrt=nnx.LoRAParam)
     assert load_checkpoint(ckpt, model=model, optimizer=opt)["step"] == STEPS

@@ -5,11 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxlora.adapters import get_peft_model, lora_layers
 from jaxlora.lora_config import LoraConfig
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.stack import LayerStack, unstacked
+from jaxlora.peft_model import get_peft_model
+from jaxlora.targets import lora_layers
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
@@ -36,7 +37,7 @@ def test_rank_pattern_splits_runs_and_keeps_per_layer_names():
     base = model(ids)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj",), init_lora_weights="gaussian",
                         rank_pattern={"model.layers.2.self_attn.q_proj": 2})
-    get_peft_model(model, config, rngs=nnx.Rngs(2))
+    peft = get_peft_model(model, config, rngs=nnx.Rngs(2))
     assert model.model.layers.sizes == (2, 1, 1)
     layers = lora_layers(model)
     assert sorted(layers) == [f"model.layers.{i}.self_attn.q_proj" for i in range(4)]
@@ -46,7 +47,7 @@ def test_rank_pattern_splits_runs_and_keeps_per_layer_names():
         for layer in lora_layers(model).values():
             adapter = layer.adapters["default"]
             adapter.lora_b.set_value(jnp.ones_like(adapter.lora_b.get_value()))
-    assert np.abs(np.asarray(model(ids) - base)).max() > 1e-3
+    assert np.abs(np.asarray(peft(ids) - base)).max() > 1e-3
 
 
 def test_an_untouched_edit_reuses_every_array():
@@ -70,8 +71,8 @@ def test_chunked_mlp_equals_one_call(monkeypatch):
     """Long sequences run the MLP in rematerialized chunks of positions: the same logits and gradients."""
     from jaxlora.models import llama
 
-    model = LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
+    model = get_peft_model(LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)),
+                           LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
     ids = jax.random.randint(jax.random.key(2), (2, 8), 0, 64, dtype=jnp.int32)
 
     def loss(m):
