@@ -36,7 +36,7 @@ from jaxlora.lora_config import LoraConfig
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.train.data import DataConfig
 from jaxlora.train.lock import RunLockedError
-from jaxlora.train.loop import NonFiniteLossError, TrainConfig
+from jaxlora.train.loop import TrainConfig
 from jaxlora.train.optim import OptimizerConfig
 
 

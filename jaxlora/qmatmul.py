@@ -92,7 +92,6 @@ def _forward(x: jax.Array, qt: QuantizedTensor, compute_dtype, use_kernel: bool)
     n = row_tiles(qt)
     if n == 1:
         return jnp.matmul(x, _weight(qt, compute_dtype).T, preferred_element_type=jnp.float32)
-    rows = qt.shape[0] // n
 
     def tile(_, t):  # output columns of one row tile: the same products as untiled
         return None, jnp.matmul(x, _weight(t, compute_dtype).T, preferred_element_type=jnp.float32)

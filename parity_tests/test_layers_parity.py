@@ -12,7 +12,6 @@ Tolerances (relative to the largest reference magnitude):
   residual); A and B themselves up to one sign per singular pair, which LAPACK builds choose freely.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

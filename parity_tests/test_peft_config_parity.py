@@ -9,7 +9,6 @@ every case compares the two answers and upstream's expected one exactly.
 import json
 import warnings
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 mid-way that resumes to the identical loss curve."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -5,7 +5,6 @@ Also a script: ``python tests/test_quantized_loading.py probe <dir> dense|quant`
 a fresh process and prints its RSS figures (used by `test_peak_memory_of_quantize_on_load`).
 """
 
-import dataclasses
 import json
 import os
 import subprocess

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 
 from jaxlora.quant.blockwise import dequantize, quantize
 from jaxlora.quant.config import QuantConfig
