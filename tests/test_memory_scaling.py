@@ -18,7 +18,7 @@ LAYER_DENSE_BYTES = (4 * 512 * 512 + 3 * 512 * 1536) * 2  # one layer's linear w
 
 
 @functools.cache
-def _plan(layers: int, seq: int, remat: str = "full") -> StepPlan:
+def _plan(layers: int, seq: int, remat: str) -> StepPlan:
     """CONFIG at `layers` layers, compiled once per module: the tests below share these compiles (the 4-layer
     seq-512 step without remat is both policies' baseline, the 2-layer seq-16 one both the depth test's and
     the argument test's step)."""
@@ -50,7 +50,7 @@ def test_remat_reduces_temp_at_long_sequences(policy):
 def test_argument_is_the_quantized_model_plus_trained_state():
     """The step's arguments are the NF4+DQ weights, bf16 embeddings, head and norms, adapters, AdamW state
     and the batch: the analytic floor without activations, to a rounding of the batch."""
-    plan = _plan(CONFIG.num_hidden_layers, 16)  # plan_step(CONFIG, seq=16): "full" is its default remat
+    plan = _plan(CONFIG.num_hidden_layers, 16, "full")  # plan_step(CONFIG, seq=16) at its default remat
     assert abs(plan.argument - (plan.frozen + plan.trained)) < 4096
     assert plan.frozen < 0.5 * (2 * LAYER_DENSE_BYTES + 2 * 1024 * 512 * 2)  # 4-bit, not bf16 layers
 
