@@ -1,8 +1,9 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see test_sharding.py):
 QLoRA-trains the same tiny Llama (NF4 + double quant base, LoRA on all linear layers) unsharded ("one"), on a
 2x2 (data, fsdp) mesh ("four") and on a 1x4 one ("fsdp4", the CLI's default on 4 devices), those named in
-argv, and prints the loss curves and (with "four") where each kind of array was placed, as JSON. test_sharding.py also reads its stderr: XLA warns there
-("Involuntary full rematerialization") when a sharding forces an array to be gathered whole."""
+argv, and prints the loss curves and (with "four") where each kind of array was placed, as JSON.
+test_sharding.py also reads its stderr: XLA warns there ("Involuntary full rematerialization") when a
+sharding forces an array to be gathered whole."""
 
 import json
 import sys
@@ -13,13 +14,12 @@ import numpy as np
 from flax import nnx
 
 import jaxlora
-from jaxlora.models.config import LlamaConfig
 from jaxlora.train.optim import OptimizerConfig, make_optimizer
 from jaxlora.train.sharding import make_mesh, shard_batch, shard_model
 from jaxlora.train.step import train_step
+from tests._models import byte_llama_config
 
-CONFIG = LlamaConfig(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = byte_llama_config()
 
 
 def batch(seed):

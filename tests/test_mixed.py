@@ -13,11 +13,10 @@ from jaxlora.adapters import add_adapter, adapter_rows, disable_adapters, get_pe
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import AdapterRows
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from tests._models import tiny_llama_config
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+CFG = tiny_llama_config()
 NAMES = ["a", "__base__", "b"]
 
 

@@ -10,9 +10,9 @@ from jaxlora.lora_config import LoraConfig
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.stack import LayerStack, unstacked
+from tests._models import tiny_llama_config
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+CONFIG = tiny_llama_config(num_hidden_layers=4, initializer_range=0.3)
 
 
 def test_one_structure_is_one_run():
