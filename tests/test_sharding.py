@@ -33,11 +33,16 @@ def test_four_simulated_devices_match_one_device():
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for curves in (["one", "four"], ["fsdp4"])]
     res, stderr = {}, ""
-    for worker in workers:
-        out, err = worker.communicate(timeout=300)
-        assert worker.returncode == 0, err[-3000:]
-        res |= json.loads(out)
-        stderr += err
+    try:
+        for worker in workers:
+            out, err = worker.communicate(timeout=300)
+            assert worker.returncode == 0, err[-3000:]
+            res |= json.loads(out)
+            stderr += err
+    finally:  # a failed or timed-out worker leaves no other one running
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
     # Float tolerance: the sharded run sums partial matmuls and gradients in another order.
     np.testing.assert_allclose(res["four"], res["one"], rtol=2e-5)
     np.testing.assert_allclose(res["fsdp4"], res["one"], rtol=2e-5)
