@@ -2,7 +2,6 @@
 mid-way that resumes to the identical loss curve."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -69,27 +68,23 @@ def test_config_file_errors_name_the_key(tmp_path, base_dir, data_file, capsys):
 
 
 def test_killed_run_resumes_to_the_identical_curve(tmp_path, base_dir, data_file):
-    def cli(out, *extra, cache="off"):
+    def cli(out, *extra):
         cmd = [sys.executable, "-m", "jaxlora.cli", *_train_args(base_dir, data_file, out, "--max-steps", "12",
                                                                   "--save-every", "4", "--lora.lora_dropout", "0.1",
                                                                   *extra)]
-        env = dict(os.environ, JAXLORA_COMPILATION_CACHE=cache)
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     straight = cli(tmp_path / "straight")
     assert straight.wait(timeout=300) == 0, straight.stderr.read()[-2000:]
 
-    # As a user's resume does by default, the resumed run loads the steps the killed one compiled (the
-    # killed run compiles them itself, so it is as slow as before and cannot finish before it is killed).
-    cache = str(tmp_path / "xla-cache")
-    victim = cli(tmp_path / "killed", cache=cache)
+    victim = cli(tmp_path / "killed")
     deadline = time.time() + 300
     while not (tmp_path / "killed" / "checkpoint-000008").is_dir():  # killed after its 2nd checkpoint
         assert victim.poll() is None and time.time() < deadline, "run ended before it could be killed"
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    resumed = cli(tmp_path / "killed", "--resume", cache=cache)
+    resumed = cli(tmp_path / "killed", "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     key = lambda rows: [(r["step"], r.get("loss")) for r in rows]  # noqa: E731
     assert key(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == key(read_metrics(tmp_path / "straight" / "metrics.jsonl"))

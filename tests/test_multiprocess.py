@@ -42,15 +42,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(base_dir, data_file, out, *, processes, resume=False, cache="off"):
-    """`jaxlora train` in `processes` processes of 2 simulated devices each (1 process: 1 device), with the
-    compilation cache in `cache` (or off)."""
+def _launch(base_dir, data_file, out, *, processes, resume=False):
+    """`jaxlora train` in `processes` processes of 2 simulated devices each (1 process: 1 device)."""
     args = ["train", "--model", base_dir, "--data", data_file, "--output-dir", str(out), "--model.tokenizer", "byte",
             "--data.max_seq_len", "16", "--data.batch_size", "8", "--optim.learning_rate", "1e-2",
             "--optim.warmup_steps", "2", "--quantization.compute_dtype", "float32", "--train.progress", "false",
             "--max-steps", str(STEPS), "--save-every", "5", "--lora.lora_dropout", "0.1",
             "--train.mesh_data", "2" if processes > 1 else "1", *(["--resume"] if resume else [])]
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAXLORA_COMPILATION_CACHE=cache)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     procs, port = [], _free_port()
     for i in range(processes):
@@ -78,10 +77,7 @@ def _losses(out):
 def test_two_processes_train_resume_and_match_one(tmp_path, base_dir, data_file, capsys):
     t0 = time.time()
     one = _launch(base_dir, data_file, tmp_path / "one", processes=1)
-    # As a user's resume does by default, the resumed processes load the steps the killed ones compiled
-    # (which compile them themselves, so they are as slow as before and cannot finish before the kill).
-    cache = str(tmp_path / "xla-cache")
-    victims = _launch(base_dir, data_file, tmp_path / "two", processes=2, cache=cache)
+    victims = _launch(base_dir, data_file, tmp_path / "two", processes=2)
     deadline = time.time() + 240
     while not (tmp_path / "two" / f"checkpoint-{KILL_AFTER:06d}").is_dir():
         assert all(p.poll() is None for p in victims) and time.time() < deadline, [
@@ -94,7 +90,7 @@ def test_two_processes_train_resume_and_match_one(tmp_path, base_dir, data_file,
         p.wait()
     assert (tmp_path / "two" / LOCK_NAME).exists()  # left behind by the kill: stale, to be taken over
     t_killed = time.time()
-    resumed = _launch(base_dir, data_file, tmp_path / "two", processes=2, resume=True, cache=cache)
+    resumed = _launch(base_dir, data_file, tmp_path / "two", processes=2, resume=True)
     _finish(one)
     stdout = _finish(resumed)
     summary = json.loads(stdout[stdout.index("\n{\n") :])  # gloo itself prints "[Gloo] Rank 1 is connected" lines
