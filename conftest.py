@@ -12,6 +12,9 @@ import jax
 # (nor share executables between runs): off for this process and the CLI subprocesses it starts.
 # tests/test_compile_cache.py turns it on in a temporary directory.
 os.environ["JAXLORA_COMPILATION_CACHE"] = "off"
+# Every test builds its models locally (tiny configs saved to tmp dirs), so a hub call is a bug: offline for
+# this process and its subprocesses. Set before anything imports huggingface_hub, which reads it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")

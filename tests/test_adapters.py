@@ -19,7 +19,6 @@ from jaxlora.generate import generate
 from jaxlora.layers import LoRALinear
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import Active
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.quantize import QuantConfig, quantize_model
 from jaxlora.qlinear import QuantizedLinear
@@ -27,9 +26,9 @@ from jaxlora.peft_model import (PeftModel, adapter_rows, add_adapter, add_weight
                                 get_peft_model, load_adapter, merge_and_unload, print_trainable_parameters,
                                 save_adapter, set_adapter, unload)
 from jaxlora.targets import lora_layers
+from tests._models import tiny_llama_config
 
-TINY = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2)
+TINY = tiny_llama_config()
 ALL_14 = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head excluded
 # init_lora_weights=False: B is random, so every adapter changes the output (PEFT's default B = 0 would not).
 RANDOM = dict(r=4, lora_alpha=8, init_lora_weights=False)
@@ -613,8 +612,7 @@ def test_save_pretrained_refuses_a_model_with_adapters(tmp_path):
     """A base checkpoint has no place for adapters: saving must fail before writing, pointing to the fix."""
     from jaxlora.models.loading import save_pretrained
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=1), rngs=nnx.Rngs(0))
     peft = get_peft_model(model, LoraConfig(r=2), rngs=nnx.Rngs(1))
     with pytest.raises(ValueError, match="still holds LoRA adapters.*merge_and_unload"):
         save_pretrained(model, tmp_path / "out")

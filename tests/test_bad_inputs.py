@@ -30,10 +30,10 @@ from jaxlora.tokenizer import ByteTokenizer, load_tokenizer
 from jaxlora.train.data import DataConfig
 from jaxlora.train.loop import TrainConfig
 from jaxlora.train.optim import OptimizerConfig
+from tests._models import BYTE_LLAMA
 
 TOK = ByteTokenizer()
-TINY = dict(model_type="llama", vocab_size=TOK.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = BYTE_LLAMA | dict(model_type="llama", num_hidden_layers=1)  # the config.json fields of base_dir below
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Blockwise attention (jaxlora/models/blockwise.py) against the eager reference, forward and backward, and
 the model's attention choice."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -11,8 +10,8 @@ from flax import nnx
 
 from jaxlora.models import attention as attn
 from jaxlora.models.blockwise import blockwise_attention
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
+from tests._models import tiny_llama_config
 
 B, T, H, KVH, D = 2, 37, 4, 2, 8  # T not a multiple of the blocks: the padded tail must stay masked
 
@@ -84,9 +83,7 @@ def test_auto_picks_blockwise_only_past_one_block(monkeypatch):
 
 def test_model_blockwise_equals_eager():
     """The whole model with each attention path: the same logits and adapter-free gradients."""
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
-                         model_type="mistral", sliding_window=7)
+    config = tiny_llama_config(initializer_range=0.3, model_type="mistral", sliding_window=7)
     eager = LlamaForCausalLM(config, attention="eager", rngs=nnx.Rngs(0))
     block = LlamaForCausalLM(config, attention="blockwise", rngs=nnx.Rngs(0))
     ids = jax.random.randint(jax.random.key(3), (2, 40), 0, 64, dtype=jnp.int32)
@@ -98,6 +95,4 @@ def test_model_blockwise_equals_eager():
 
 def test_unknown_attention_is_refused():
     with pytest.raises(ValueError, match="attention='flash'.*expected one of"):
-        LlamaForCausalLM(dataclasses.replace(LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8,
-                                                         num_hidden_layers=1, num_attention_heads=1)),
-                         attention="flash", rngs=nnx.Rngs(0))
+        LlamaForCausalLM(tiny_llama_config(), attention="flash", rngs=nnx.Rngs(0))

@@ -18,7 +18,8 @@ from jaxlora.train.checkpoint import (
 )
 from jaxlora.train.optim import OptimizerConfig, make_optimizer
 from jaxlora.train.step import train_step
-from tests.test_train_step import ToyLM, _batch
+from tests._models import ToyLM
+from tests._models import toy_batch as _batch
 
 
 class DropoutLM(ToyLM):

@@ -14,14 +14,13 @@ from flax import nnx
 
 import jaxlora
 from jaxlora.evaluate import completion_accuracy, eval_loss
-from jaxlora.models.config import LlamaConfig
 from jaxlora.tokenizer import ByteTokenizer
 from jaxlora.train.data import DataConfig, load_data
 from jaxlora.train.step import lm_loss
+from tests._models import tiny_llama_config
 
 TOK = ByteTokenizer()
-CFG = LlamaConfig(vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+CFG = tiny_llama_config(vocab_size=TOK.vocab_size, max_position_embeddings=64)
 ROWS = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a in range(3) for b in range(11, 14)]  # 9 examples
 NAMES = ["a", "__base__", "b"] * 3
 DATA = DataConfig(path="", max_seq_len=16, batch_size=4)  # 9 examples: the last batch is topped up

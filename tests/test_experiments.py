@@ -16,6 +16,9 @@ from examples.exp_lab import Lab, Settings
 from examples.exp_memory import memory
 from examples.exp_training import alpha, rank, targets
 
+# Each experiment's result is a table and a plot: without matplotlib (the "train" extra) there is no result.
+pytest.importorskip("matplotlib")
+
 # One decoder layer whose in_features are multiples of 64 (NF4 blocks); 30 pretraining steps because
 # pretrain_base warms up for 30.
 TINY = common.BaseRecipe(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,

@@ -3,11 +3,12 @@ config, the real `train_step`, XLA's memory_analysis) -- the checks that would h
 decoder keeping every layer's dequantized weights alive."""
 
 import dataclasses
+import functools
 
 import pytest
 
 from jaxlora.models.config import LlamaConfig
-from jaxlora.plan import plan_step
+from jaxlora.plan import StepPlan, plan_step
 
 # Small enough to compile in seconds, wide enough that a dequantized layer (6.8 MiB in bf16) dwarfs the
 # per-layer adapter state (~0.7 MiB of fp32 gradients), so a leak of one layer's weights per layer shows.
@@ -16,8 +17,16 @@ CONFIG = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, n
 LAYER_DENSE_BYTES = (4 * 512 * 512 + 3 * 512 * 1536) * 2  # one layer's linear weights in bf16
 
 
+@functools.cache
+def _plan(layers: int, seq: int, remat: str) -> StepPlan:
+    """CONFIG at `layers` layers, compiled once per module: the tests below share these compiles (the 4-layer
+    seq-512 step without remat is both policies' baseline, the 2-layer seq-16 one both the depth test's and
+    the argument test's step)."""
+    return plan_step(dataclasses.replace(CONFIG, num_hidden_layers=layers), seq=seq, remat=remat)
+
+
 def _temp(layers: int, seq: int, remat: str = "full") -> int:
-    return plan_step(dataclasses.replace(CONFIG, num_hidden_layers=layers), seq=seq, remat=remat).temp
+    return _plan(layers, seq, remat).temp
 
 
 def test_temp_does_not_grow_with_depth():
@@ -41,7 +50,7 @@ def test_remat_reduces_temp_at_long_sequences(policy):
 def test_argument_is_the_quantized_model_plus_trained_state():
     """The step's arguments are the NF4+DQ weights, bf16 embeddings, head and norms, adapters, AdamW state
     and the batch: the analytic floor without activations, to a rounding of the batch."""
-    plan = plan_step(CONFIG, seq=16)
+    plan = _plan(CONFIG.num_hidden_layers, 16, "full")  # plan_step(CONFIG, seq=16) at its default remat
     assert abs(plan.argument - (plan.frozen + plan.trained)) < 4096
     assert plan.frozen < 0.5 * (2 * LAYER_DENSE_BYTES + 2 * 1024 * 512 * 2)  # 4-bit, not bf16 layers
 

@@ -12,13 +12,12 @@ from flax import nnx
 from jaxlora.generate import generate
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import AdapterRows
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.peft_model import add_adapter, adapter_rows, get_peft_model, set_adapter
 from jaxlora.targets import lora_layers
+from tests._models import tiny_llama_config
 
-CFG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2)
+CFG = tiny_llama_config()
 NAMES = ["a", "__base__", "b"]
 
 

@@ -1,7 +1,6 @@
 """The llama family, its checkpoint I/O and generation, in JAX alone (parity with transformers is in
 parity_tests/test_model_parity.py)."""
 
-import dataclasses
 import json
 
 import jax
@@ -12,29 +11,9 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from jaxlora.generate import generate
-from jaxlora.models.config import LlamaConfig, RopeScaling
-from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.config import LlamaConfig
 from jaxlora.models.loading import from_pretrained, save_pretrained
-
-TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2)
-CONFIGS = {
-    "llama": LlamaConfig(**TINY),
-    "llama3_tied": LlamaConfig(**TINY, tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=RopeScaling(
-        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16)),
-    "mistral_window": LlamaConfig(**TINY, model_type="mistral", sliding_window=3),
-    "qwen2": LlamaConfig(**TINY, model_type="qwen2"),
-}
-
-
-def make(config, seed=0, **kw):
-    # initializer_range 0.3: O(1) activations, so that wrong indexing shows in the logits.
-    return LlamaForCausalLM(dataclasses.replace(config, initializer_range=0.3), rngs=nnx.Rngs(seed), **kw)
-
-
-def tokens(shape, seed=0):
-    return jax.random.randint(jax.random.key(seed), shape, 3, TINY["vocab_size"], dtype=jnp.int32)
+from tests._models import FAMILY_CONFIGS, FAMILY_VOCAB, TINY_LLAMA, family_tokens, make_model
 
 
 def rel_err(a, b):
@@ -42,22 +21,22 @@ def rel_err(a, b):
     return np.abs(a - b).max() / np.abs(b).max()
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_shapes_and_tree_names(name):
-    model = make(CONFIGS[name])
-    assert model(tokens((2, 5))).shape == (2, 5, 128)
+    model = make_model(FAMILY_CONFIGS[name])
+    assert model(family_tokens((2, 5))).shape == (2, 5, 128)
     assert model.model.layers[1].self_attn.q_proj.kernel.shape == (32, 32)  # (in, out)
     assert model.model.layers[1].self_attn.k_proj.kernel.shape == (32, 16)  # 2 kv heads of 8
-    assert (model.lm_head is None) == CONFIGS[name].tie_word_embeddings
+    assert (model.lm_head is None) == FAMILY_CONFIGS[name].tie_word_embeddings
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (name == "qwen2")
     assert model.model.layers[0].self_attn.o_proj.bias is None
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_kv_cache_decoding_equals_full_forward(name):
     """Prefill 5 left-padded tokens, decode 4 one at a time: the same logits as one padded forward."""
-    model = make(CONFIGS[name])
-    ids = tokens((2, 9))
+    model = make_model(FAMILY_CONFIGS[name])
+    ids = family_tokens((2, 9))
     mask = jnp.ones((2, 9), jnp.int32).at[0, :2].set(0)  # row 0 has two pads on the left
     full = model(ids, mask)
     logits, cache = model(ids[:, :5], mask[:, :5], cache=model.init_cache(2, 12))
@@ -71,8 +50,8 @@ def test_kv_cache_decoding_equals_full_forward(name):
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])  # not a window: transformers counts pads in it
 def test_left_padding_does_not_change_logits(name):
-    model = make(CONFIGS[name])
-    ids = tokens((1, 6))
+    model = make_model(FAMILY_CONFIGS[name])
+    ids = family_tokens((1, 6))
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), ids], axis=1)
     mask = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), jnp.ones((1, 6), jnp.int32)], axis=1)
     assert rel_err(model(padded, mask)[:, 3:], model(ids)) < 1e-5
@@ -80,19 +59,19 @@ def test_left_padding_does_not_change_logits(name):
 
 def test_sliding_window_limits_attention():
     """With window 3 the first token cannot influence position 3 onward; without a window it does."""
-    ids = tokens((1, 6))
+    ids = family_tokens((1, 6))
     changed = ids.at[0, 0].set(ids[0, 0] + 1)
-    windowed = make(CONFIGS["mistral_window"])
+    windowed = make_model(FAMILY_CONFIGS["mistral_window"])
     delta = np.abs(np.asarray(windowed(ids) - windowed(changed))).max(axis=-1)[0]
     # 2 layers of window 3 reach back 4 positions; position 5 is out of reach of position 0.
     assert delta[0] > 0 and delta[5] == 0
-    full = make(CONFIGS["llama"])
+    full = make_model(FAMILY_CONFIGS["llama"])
     assert np.abs(np.asarray(full(ids) - full(changed)))[0, 5].max() > 0
 
 
 def test_remat_gives_same_output_and_grads():
-    ids = tokens((2, 6))
-    plain, remat = make(CONFIGS["qwen2"]), make(CONFIGS["qwen2"], remat=True)
+    ids = family_tokens((2, 6))
+    plain, remat = make_model(FAMILY_CONFIGS["qwen2"]), make_model(FAMILY_CONFIGS["qwen2"], remat=True)
 
     def loss(m):
         return jnp.mean(m(ids) ** 2)
@@ -107,25 +86,25 @@ def test_remat_gives_same_output_and_grads():
 
 def test_dtype_policy():
     """float32 storage with bfloat16 compute: bfloat16 logits, float32 params, within bf16 rounding."""
-    ids = tokens((2, 6))
-    fp32 = make(CONFIGS["llama"])
-    mixed = make(CONFIGS["llama"], dtype=jnp.bfloat16)
+    ids = family_tokens((2, 6))
+    fp32 = make_model(FAMILY_CONFIGS["llama"])
+    mixed = make_model(FAMILY_CONFIGS["llama"], dtype=jnp.bfloat16)
     assert mixed.model.layers[0].mlp.up_proj.kernel.dtype == jnp.float32
     assert mixed(ids).dtype == jnp.bfloat16
     # bf16 keeps 8 bits of mantissa (2^-8 ~ 0.4%); through 2 layers the logits drift a few of those.
     assert rel_err(mixed(ids), fp32(ids)) < 5e-2
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
 def test_save_load_round_trip(tmp_path, name):
-    model = make(CONFIGS[name])
+    model = make_model(FAMILY_CONFIGS[name])
     save_pretrained(model, tmp_path / "ckpt")
     loaded = from_pretrained(tmp_path / "ckpt")
     assert loaded.config == model.config
-    ids = tokens((2, 5))
+    ids = family_tokens((2, 5))
     assert np.array_equal(loaded(ids), model(ids))
     keys = set(load_file(tmp_path / "ckpt" / "model.safetensors"))
-    assert ("lm_head.weight" in keys) != CONFIGS[name].tie_word_embeddings
+    assert ("lm_head.weight" in keys) != FAMILY_CONFIGS[name].tie_word_embeddings
     assert "model.layers.1.self_attn.q_proj.weight" in keys
     # Saving again into the existing directory replaces the files (no stale index is left to shadow them).
     save_pretrained(model, tmp_path / "ckpt", dtype=jnp.bfloat16)
@@ -135,7 +114,7 @@ def test_save_load_round_trip(tmp_path, name):
 
 
 def test_sharded_checkpoint(tmp_path):
-    model = make(CONFIGS["llama"])
+    model = make_model(FAMILY_CONFIGS["llama"])
     save_pretrained(model, tmp_path / "one")
     tensors = load_file(tmp_path / "one" / "model.safetensors")
     shard = tmp_path / "sharded"
@@ -147,13 +126,13 @@ def test_sharded_checkpoint(tmp_path):
         save_file({k: tensors[k] for k in keys}, shard / file)
     weight_map = {k: f for f, keys in parts.items() for k in keys}
     (shard / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    ids = tokens((1, 4))
+    ids = family_tokens((1, 4))
     assert np.array_equal(from_pretrained(shard)(ids), model(ids))
 
 
 @pytest.fixture
 def saved(tmp_path):
-    save_pretrained(make(CONFIGS["llama"]), tmp_path / "ckpt")
+    save_pretrained(make_model(FAMILY_CONFIGS["llama"]), tmp_path / "ckpt")
     return tmp_path / "ckpt"
 
 
@@ -219,7 +198,7 @@ def test_error_corrupt_file(saved, damage):
 
 
 def test_config_reads_both_rope_formats():
-    base = dict(model_type="llama", **TINY)
+    base = {"model_type": "llama", **TINY_LLAMA, "vocab_size": FAMILY_VOCAB}
     v4 = LlamaConfig.from_hf_dict(base | {"rope_theta": 5e5, "rope_scaling": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}})
@@ -232,8 +211,8 @@ def test_config_reads_both_rope_formats():
 
 
 def test_generate_greedy_matches_argmax_loop():
-    model = make(CONFIGS["mistral_window"])
-    ids = tokens((2, 4))
+    model = make_model(FAMILY_CONFIGS["mistral_window"])
+    ids = family_tokens((2, 4))
     mask = jnp.ones((2, 4), jnp.int32).at[1, 0].set(0)
     out = generate(model, ids, attention_mask=mask, max_new_tokens=5)
     seq, m = ids, mask
@@ -244,8 +223,8 @@ def test_generate_greedy_matches_argmax_loop():
 
 
 def test_generate_eos_and_sampling():
-    model = make(CONFIGS["llama"])
-    ids = tokens((2, 4))
+    model = make_model(FAMILY_CONFIGS["llama"])
+    ids = family_tokens((2, 4))
     greedy = generate(model, ids, max_new_tokens=6)
     eos = int(greedy[0, 5])  # row 0's second new token
     assert eos != int(greedy[0, 4])

@@ -4,13 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_model import CONFIGS, make, tokens
+from tests._models import FAMILY_CONFIGS, family_tokens, make_model
 
 
 @pytest.mark.parametrize("name", ["llama", "mistral_window"])
 def test_packed_row_equals_separate_examples(name):
-    model = make(CONFIGS[name])
-    a, b = tokens((1, 5), seed=1), tokens((1, 4), seed=2)
+    model = make_model(FAMILY_CONFIGS[name])
+    a, b = family_tokens((1, 5), seed=1), family_tokens((1, 4), seed=2)
     packed = jnp.concatenate([a, b, jnp.zeros((1, 1), jnp.int32)], axis=1)
     segments = jnp.array([[1] * 5 + [2] * 4 + [0]], jnp.int32)
     positions = jnp.array([list(range(5)) + list(range(4)) + [0]], jnp.int32)

@@ -19,21 +19,21 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from jaxlora.models.config import LlamaConfig
 from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.loading import from_pretrained, save_pretrained, state_dict
 from jaxlora.models.quantize import QuantConfig, quantize_model
 from jaxlora.models.stack import unstacked
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant import quantize
+from tests._models import tiny_llama_config
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, initializer_range=0.3)  # O(1) activations: wrong weights show in logits
+# in_features 64 and 128: whole NF4 blocks. initializer_range 0.3: O(1) activations, so wrong weights show in logits.
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, initializer_range=0.3)  # tiny_llama_config overrides
 FP32 = QuantConfig(compute_dtype=jnp.float32)
 
 
 def checkpoint(tmp_path, name="llama", **kw) -> Path:
-    config = LlamaConfig(**TINY, model_type="qwen2" if name == "qwen2" else "llama", **kw)
+    config = tiny_llama_config(**TINY, model_type="qwen2" if name == "qwen2" else "llama", **kw)
     return save_pretrained(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), tmp_path / name)
 
 
@@ -100,7 +100,7 @@ def test_skip_modules_match_as_transformers():
 
 
 def test_quantize_model_replaces_targeted_linears_in_place():
-    model = LlamaForCausalLM(LlamaConfig(**TINY, model_type="qwen2"), rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(tiny_llama_config(**TINY, model_type="qwen2"), rngs=nnx.Rngs(0))
     q_proj = model.model.layers[1].self_attn.q_proj
     kernel, bias, embedding = q_proj.kernel.get_value(), q_proj.bias.get_value(), model.model.embed_tokens.embedding
     out = quantize_model(model, QuantConfig(skip_modules=("lm_head", "model.layers.0.mlp")))
@@ -121,7 +121,7 @@ def test_quantize_model_replaces_targeted_linears_in_place():
 def test_dynamic8_model_runs_and_cannot_be_saved(tmp_path):
     """8-bit blockwise weights: relative RMS error under 2% (measured 0.95%; NF4's is ~9%); the model runs
     on them (logits finite, not the dense ones); saving refuses, as transformers has no such format."""
-    model = LlamaForCausalLM(LlamaConfig(**TINY), rngs=nnx.Rngs(0))
+    model = LlamaForCausalLM(tiny_llama_config(**TINY), rngs=nnx.Rngs(0))
     dense, w = model(tokens()), model.model.layers[0].mlp.up_proj.kernel.get_value().T
     quantize_model(model, QuantConfig(quant_type="dynamic8", double_quant=False, compute_dtype=jnp.float32))
     wq = model.model.layers[0].mlp.up_proj.dequantize(jnp.float32)

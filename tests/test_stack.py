@@ -11,9 +11,9 @@ from jaxlora.models.llama import LlamaForCausalLM
 from jaxlora.models.stack import LayerStack, unstacked
 from jaxlora.peft_model import get_peft_model
 from jaxlora.targets import lora_layers
+from tests._models import tiny_llama_config
 
-CONFIG = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                     num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+CONFIG = tiny_llama_config(num_hidden_layers=4, initializer_range=0.3)
 
 
 def test_one_structure_is_one_run():

@@ -11,28 +11,11 @@ from flax import nnx
 
 from jaxlora.train.optim import OptimizerConfig, make_optimizer, make_schedule
 from jaxlora.train.step import causal_lm_loss, eval_step, train_step
+from tests._models import ToyLM, tiny_llama_config
+from tests._models import toy_batch as _batch
 
-VOCAB, D = 17, 8
 # LoRAParam subclasses Param: the frozen weights are the Params that are not LoRAParams.
 FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-
-
-class ToyLM(nnx.Module):
-    """Embedding → flax LoRA-adapted dense → logits: enough to exercise the step without the model."""
-
-    def __init__(self, rngs):
-        self.embed = nnx.Embed(VOCAB, D, rngs=rngs)
-        self.proj = nnx.LoRALinear(D, VOCAB, lora_rank=2, rngs=rngs)
-
-    def __call__(self, ids, attention_mask=None):
-        return self.proj(self.embed(ids))
-
-
-def _batch(seed, b=4, s=6):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, VOCAB, (b, s)).astype(np.int32)
-    mask = rng.random((b, s)) < 0.7
-    return {"input_ids": ids, "attention_mask": np.ones((b, s), np.int32), "loss_mask": mask}
 
 
 def test_loss_matches_hand_computation():
@@ -159,10 +142,8 @@ def test_offloaded_optimizer_state_stays_on_host_and_trains_identically():
 def test_bf16_compute_keeps_fp32_adapters_and_trains():
     """QLoRA's dtype policy: bf16 activations and dequantized weights, fp32 adapter params and updates."""
     import jaxlora
-    from jaxlora.models.config import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = tiny_llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=1)  # whole NF4 blocks
     model = jaxlora.LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     jaxlora.quantize_model(model, jaxlora.QuantConfig(compute_dtype=jnp.bfloat16))
     jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))

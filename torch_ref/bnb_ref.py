@@ -1,7 +1,8 @@
 """bitsandbytes (CPU backend) wrappers that produce reference values for the quantization parity tests.
 
-Importing this module pins torch to one thread: the double-quantization offset is torch's float32 mean,
-whose summation order (so its last bit) depends on the thread count once absmax has >= 32,768 entries.
+Its values are the single-thread ones only under ``torch.set_num_threads(1)`` (parity_tests/conftest.py sets
+it for the session; importing this module changes nothing): the double-quantization offset is torch's float32
+mean, whose summation order (so its last bit) depends on the thread count once absmax has >= 32,768 entries.
 """
 
 from __future__ import annotations
@@ -12,8 +13,6 @@ import torch
 import bitsandbytes as bnb
 import bitsandbytes.functional as F
 from bitsandbytes.backends.cpu import ops as _cpu_ops
-
-torch.set_num_threads(1)
 
 # csrc/cpu_ops.cpp dequantizeBlockwise4bitCpu, AVX512 path: absmax is indexed per row, which is wrong
 # when rows do not align with blocks. bnb only takes that path for an even last dim and blocksize < 2048.

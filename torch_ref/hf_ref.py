@@ -14,10 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests build models locally; a hub call is a bug
-
-import torch  # noqa: E402
-import transformers  # noqa: E402
+import torch
+import transformers
 
 FAMILIES = ("llama", "mistral", "qwen2")
 _CONFIGS = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,

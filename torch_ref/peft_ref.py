@@ -13,8 +13,6 @@ from pathlib import Path
 import torch
 import transformers
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 
 def load_adapter(model: transformers.PreTrainedModel, directory: str | os.PathLike):
     """``peft.PeftModel.from_pretrained`` in eval mode."""

@@ -7,6 +7,7 @@ so weight decay, clipping and moments touch adapters alone, as in PEFT training.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import optax
@@ -70,6 +71,10 @@ def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
     return optax.join_schedules([warmup, main], [warm])
 
 
+# One transformation per config: nnx.Optimizer keeps it in its graph definition, where its functions compare
+# by identity, so a fresh one per call made every new optimizer retrace and recompile the train step (a
+# resumed run, a second `train` in one process). optax transformations hold no state, so sharing is safe.
+@functools.cache
 def make_optimizer(cfg: OptimizerConfig) -> optax.GradientTransformation:
     """clip → optimizer with schedule, wrapped in `optax.MultiSteps` for gradient accumulation."""
     schedule = make_schedule(cfg)
