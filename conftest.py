@@ -10,7 +10,7 @@ import jax
 
 # The training loop turns on a persistent compilation cache under ~/.cache; tests must not write there
 # (nor share executables between runs): off for this process and the CLI subprocesses it starts.
-# tests/test_compile_cache.py turns it on in a temporary directory.
+# tests/train/test_compile_cache.py turns it on in a temporary directory.
 os.environ["JAXLORA_COMPILATION_CACHE"] = "off"
 # Every test builds its models locally (tiny configs saved to tmp dirs), so a hub call is a bug: offline for
 # this process and its subprocesses. Set before anything imports huggingface_hub, which reads it at import.

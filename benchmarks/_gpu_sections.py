@@ -35,7 +35,7 @@ def _weight(shape, seed: int, double_quant: bool = True, quant_type: str = "nf4"
 
 def exactness(spec: dict) -> dict:
     """Kernel vs the jnp path, forward and input gradient: the identity (bit-exact dequantization) and
-    random inputs (max error against the float32 reordering bound of tests/test_kernels.py)."""
+    random inputs (max error against the float32 reordering bound of tests/kernels/test_matmul_4bit.py)."""
     import jax
     import jax.numpy as jnp
 
@@ -87,7 +87,7 @@ def exactness(spec: dict) -> dict:
 
 def _bound(a: np.ndarray, b: np.ndarray, cd, *, rounded: bool) -> np.ndarray:
     """|kernel - jnp| bound for a @ b.T: float32 sums of K terms in another order (2K·2⁻²³·Σ|ab|), plus
-    one ulp of the compute dtype when both results are rounded to it (tests/test_kernels.py)."""
+    one ulp of the compute dtype when both results are rounded to it (tests/kernels/test_matmul_4bit.py)."""
     import jax.numpy as jnp
 
     mag = np.abs(a) @ np.abs(b).T

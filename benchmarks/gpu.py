@@ -17,7 +17,7 @@ timeout loses that section only; the report records its error):
 
 The report (JSON + markdown, ``<date>_<hardware>_gpu``) is rewritten after every section, so a run
 killed by its timeout still leaves what it finished. ``--dry-run``: tiny shapes on CPU, a minute at
-most, to test this script without a GPU (tests/test_gpu_benchmark.py).
+most, to test this script without a GPU (tests/benchmarks/test_gpu.py).
 """
 
 from __future__ import annotations

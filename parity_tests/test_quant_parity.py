@@ -2,7 +2,7 @@
 
 Everything here checks ``bnb_backend="cpu"``. The ``"cuda"`` choices were implemented from a reading of
 csrc/kernels.cu (kQuantizeBlockwise, dQuantizeNF4/FP4, dQuantize<0>) with no GPU to run them; they are
-covered by tests/test_quant.py against that reading, not against bitsandbytes.
+covered by tests/quant/test_blockwise.py against that reading, not against bitsandbytes.
 
 Tolerances: none. Codes, absmax, nested state and offset are compared as bit patterns; dequantized
 values too (only the sign of zero is allowed to differ, where bnb's pure-torch fallback uses +0.0).

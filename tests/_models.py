@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxlora.models.config import LlamaConfig, RopeScaling
 from jaxlora.models.llama import LlamaForCausalLM
+from jaxlora.models.quantize import QuantConfig, quantize_model
 from jaxlora.tokenizer import ByteTokenizer
 
 # loss.png is written only where matplotlib is installed (the "train" extra); plot_metrics returns None
@@ -38,7 +39,7 @@ def byte_llama_config(**overrides) -> LlamaConfig:
     return LlamaConfig(**(BYTE_LLAMA | overrides))
 
 
-# --- one config per family at vocab 128 (test_model.py, test_packing.py) --------------------------------
+# --- one config per family at vocab 128 (models/test_llama.py, models/test_packing.py) --------------------------------
 
 FAMILY_VOCAB = 128
 FAMILY_CONFIGS = {
@@ -83,3 +84,28 @@ def toy_batch(seed: int, b: int = 4, s: int = 6, vocab: int = 17) -> dict:
     ids = rng.integers(0, vocab, (b, s)).astype(np.int32)
     mask = rng.random((b, s)) < 0.7
     return {"input_ids": ids, "attention_mask": np.ones((b, s), np.int32), "loss_mask": mask}
+
+
+# --- the adapter tests' tiny Llama (test_peft_model, test_peft_io, test_targets, test_lora_config) --------
+
+TINY = tiny_llama_config()  # the adapter tests' model
+ALL_14 = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head excluded
+# init_lora_weights=False: B is random, so every adapter changes the output (PEFT's default B = 0 would not).
+RANDOM = dict(r=4, lora_alpha=8, init_lora_weights=False)
+
+
+def tiny(seed=0, **overrides) -> LlamaForCausalLM:
+    return LlamaForCausalLM(dataclasses.replace(TINY, **overrides), rngs=nnx.Rngs(seed))
+
+
+def tokens(seed=0):
+    return jax.random.randint(jax.random.key(seed), (2, 8), 0, 64)
+
+
+def diff(a, b) -> float:
+    return float(jnp.abs(a - b).max())
+
+
+def quantize_linears(model):
+    """Every linear but lm_head -> QuantizedLinear (NF4 + double quantization), as transformers does."""
+    return quantize_model(model, QuantConfig(compute_dtype=jnp.float32))

@@ -14,7 +14,7 @@ Quantization, two ways in and one way out:
   holds abstract `QuantizedLinear` layers; each targeted weight is read, cast to `dtype` (round to
   nearest even, as transformers casts before bitsandbytes quantizes) and quantized alone, so the dense
   linear weights are never all resident (peak ≈ quantized model + one dense tensor; measured in
-  tests/test_quantized_loading.py);
+  tests/models/test_loading.py);
 * a bitsandbytes 4-bit checkpoint (config.json has ``quantization_config``): a quantized layer's
   ``weight`` and ``weight.*`` entries are read as one group and become its QuantizedTensor as stored;
 * `save_pretrained` writes quantized layers in that bitsandbytes format, which transformers loads.

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 
 from jaxlora.train.sharding import param_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_param_spec_shards_the_largest_divisible_axis():
@@ -29,7 +29,7 @@ def test_four_simulated_devices_match_one_device():
     their layer axis unsharded, a 1x4 CLI run logged 32 "Involuntary full rematerialization" warnings)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     # Two workers at once, each compiling its own steps (a compile is one core's work): about half the time.
-    workers = [subprocess.Popen([sys.executable, "-m", "tests._sharding_worker", *curves], cwd=ROOT, env=env,
+    workers = [subprocess.Popen([sys.executable, "-m", "tests.train._sharding_worker", *curves], cwd=ROOT, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for curves in (["one", "four"], ["fsdp4"])]
     res, stderr = {}, ""

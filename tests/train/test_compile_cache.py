@@ -31,7 +31,7 @@ def _child(env_value: str, home: Path) -> dict:
     env.pop("XDG_CACHE_HOME", None)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent)
+                         cwd=Path(__file__).resolve().parents[2])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -29,7 +29,7 @@ from jaxlora.train.loop import read_metrics
 from jaxlora.train.optim import OptimizerConfig, make_optimizer
 from tests._models import HAS_MATPLOTLIB
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
 STEPS, KILL_AFTER = 20, 10
 

@@ -208,32 +208,3 @@ def test_config_reads_both_rope_formats():
     assert v4 == v5 and v4.rope_theta == 5e5 and v4.rope_scaling.rope_type == "llama3"
     assert LlamaConfig.from_hf_dict(base | {"rope_scaling": None}).rope_scaling is None
     assert LlamaConfig.from_hf_dict(v4.to_hf_dict()) == v4
-
-
-def test_generate_greedy_matches_argmax_loop():
-    model = make_model(FAMILY_CONFIGS["mistral_window"])
-    ids = family_tokens((2, 4))
-    mask = jnp.ones((2, 4), jnp.int32).at[1, 0].set(0)
-    out = generate(model, ids, attention_mask=mask, max_new_tokens=5)
-    seq, m = ids, mask
-    for _ in range(5):  # no cache: the full forward on the growing sequence
-        nxt = jnp.argmax(model(seq, m)[:, -1], axis=-1).astype(jnp.int32)
-        seq, m = jnp.concatenate([seq, nxt[:, None]], 1), jnp.concatenate([m, jnp.ones((2, 1), jnp.int32)], 1)
-    assert np.array_equal(out, seq)
-
-
-def test_generate_eos_and_sampling():
-    model = make_model(FAMILY_CONFIGS["llama"])
-    ids = family_tokens((2, 4))
-    greedy = generate(model, ids, max_new_tokens=6)
-    eos = int(greedy[0, 5])  # row 0's second new token
-    assert eos != int(greedy[0, 4])
-    out = generate(model, ids, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
-    assert np.array_equal(out[0, :6], greedy[0, :6]) and np.all(out[0, 6:] == 0)
-    # top_p this small keeps only the most likely token: sampling becomes greedy.
-    nucleus = generate(model, ids, max_new_tokens=6, temperature=1.0, top_p=1e-6, rng=jax.random.key(0))
-    assert np.array_equal(nucleus, greedy)
-    a = generate(model, ids, max_new_tokens=6, temperature=1.0, rng=jax.random.key(1))
-    assert np.array_equal(a, generate(model, ids, max_new_tokens=6, temperature=1.0, rng=jax.random.key(1)))
-    with pytest.raises(ValueError, match="rng"):
-        generate(model, ids, max_new_tokens=2, temperature=1.0)

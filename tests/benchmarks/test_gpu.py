@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import gpu
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_arguments() -> None:

@@ -1,7 +1,7 @@
 """QuantConfig, quantize_model, quantize-on-load and bitsandbytes 4-bit checkpoints, in JAX alone
 (byte and logit parity with transformers + bitsandbytes: parity_tests/test_quantized_model_parity.py).
 
-Also a script: ``python tests/test_quantized_loading.py probe <dir> dense|quant`` loads a checkpoint in
+Also a script: ``python tests/models/test_loading.py probe <dir> dense|quant`` loads a checkpoint in
 a fresh process and prints its RSS figures (used by `test_peak_memory_of_quantize_on_load`).
 """
 
@@ -207,7 +207,7 @@ def test_peak_memory_of_quantize_on_load(tmp_path):
     glibc's malloc is told to map large blocks (MALLOC_MMAP_THRESHOLD_), so that a freed per-tensor
     buffer leaves RSS rather than staying in a fragmented heap: with glibc's adaptive threshold the
     quantized slope varies from run to run (0.2-0.35 measured), with it pinned 0.13-0.16."""
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), JAX_PLATFORMS="cpu",
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]), JAX_PLATFORMS="cpu",
                MALLOC_MMAP_THRESHOLD_="131072")
     peaks, dense = {}, {}
     for layers in (1, 5):

@@ -1,5 +1,5 @@
 """QuantConfig (jaxlora/quant/config.py) as the "how" of quantize: validated once, naming the bad value,
-recorded on the tensor. Its transformers round trip and skip_modules: tests/test_quantized_loading.py."""
+recorded on the tensor. Its transformers round trip and skip_modules: tests/models/test_loading.py."""
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ import pytest
 from jaxlora.cli import main
 from jaxlora.train.lock import LOCK_NAME, RunLock, RunLockedError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A second process that holds the lock until its stdin closes (lock.py imports nothing heavy).
 HOLDER = (
     "import sys; from jaxlora.train.lock import RunLock\n"
