@@ -118,7 +118,7 @@ def _abstract_qlora(defaults: platform.PlatformDefaults, **config):
         jaxlora.quantize_model(model, jaxlora.QuantConfig(compute_dtype=defaults.compute_dtype,
                                                           use_kernel=defaults.use_kernel,
                                                           bnb_backend=defaults.bnb_backend))
-        jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=16, lora_alpha=32), rngs=nnx.Rngs(1))
+        model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=16, lora_alpha=32), rngs=nnx.Rngs(1))
         return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
 
     return nnx.eval_shape(build)

@@ -146,7 +146,7 @@ def test_bf16_compute_keeps_fp32_adapters_and_trains():
     cfg = tiny_llama_config(hidden_size=64, intermediate_size=128, num_hidden_layers=1)  # whole NF4 blocks
     model = jaxlora.LlamaForCausalLM(cfg, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     jaxlora.quantize_model(model, jaxlora.QuantConfig(compute_dtype=jnp.bfloat16))
-    jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
+    model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, init_lora_weights="gaussian"), rngs=nnx.Rngs(1))
     opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2)), wrt=nnx.LoRAParam)
     ids = np.random.default_rng(0).integers(0, 64, (4, 12)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
