@@ -1,9 +1,8 @@
 """Run in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (see test_sharding.py):
-QLoRA-trains the same tiny Llama (NF4 + double quant base, LoRA on all linear layers) unsharded ("one"), on a
-2x2 (data, fsdp) mesh ("four") and on a 1x4 one ("fsdp4", the CLI's default on 4 devices), those named in
-argv, and prints the loss curves and (with "four") where each kind of array was placed, as JSON.
-test_sharding.py also reads its stderr: XLA warns there ("Involuntary full rematerialization") when a
-sharding forces an array to be gathered whole."""
+QLoRA-trains the same tiny Llama (NF4 + double quant base, LoRA on all linear layers) unsharded and on a
+2x2 (data, fsdp) mesh and on a 1x4 one (the CLI's default on 4 devices), and prints the loss curves and
+where each kind of array was placed, as JSON. test_sharding.py also reads its stderr: XLA warns there
+("Involuntary full rematerialization") when a sharding forces an array to be gathered whole."""
 
 import json
 import sys
@@ -48,18 +47,13 @@ def curve(mesh):
     return losses, {k: sorted(v) for k, v in placed.items()}
 
 
-# The curves to run are named on the command line, so that test_sharding.py can run them in two processes
-# at once (each compile is one core's work; two processes use two cores).
-MESHES = {"one": lambda: None, "four": lambda: make_mesh(data=2, fsdp=2), "fsdp4": lambda: make_mesh(data=1, fsdp=4)}
 assert jax.device_count() == 4, jax.devices()
-result = {}
-for name in sys.argv[1:]:
-    result[name], placed = curve(MESHES[name]())
-    if name == "four":
-        result["placed"] = placed
-        try:
-            shard_batch({"input_ids": np.zeros((6, 4), np.int32)}, make_mesh(data=2, fsdp=2))
-            result["error"] = None
-        except ValueError as e:
-            result["error"] = str(e)
-json.dump(result, sys.stdout)
+one, _ = curve(None)
+four, placed = curve(make_mesh(data=2, fsdp=2))
+fsdp4, _ = curve(make_mesh(data=1, fsdp=4))
+try:
+    shard_batch({"input_ids": np.zeros((6, 4), np.int32)}, make_mesh(data=2, fsdp=2))
+    err = None
+except ValueError as e:
+    err = str(e)
+json.dump({"one": one, "four": four, "fsdp4": fsdp4, "placed": placed, "error": err}, sys.stdout)

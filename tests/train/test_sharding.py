@@ -28,25 +28,15 @@ def test_four_simulated_devices_match_one_device():
     """2x2 and 1x4 meshes; XLA must not have to gather an activation whole (before the stacked layers kept
     their layer axis unsharded, a 1x4 CLI run logged 32 "Involuntary full rematerialization" warnings)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    # Two workers at once, each compiling its own steps (a compile is one core's work): about half the time.
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.train._sharding_worker", *curves], cwd=ROOT, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-               for curves in (["one", "four"], ["fsdp4"])]
-    res, stderr = {}, ""
-    try:
-        for worker in workers:
-            out, err = worker.communicate(timeout=300)
-            assert worker.returncode == 0, err[-3000:]
-            res |= json.loads(out)
-            stderr += err
-    finally:  # a failed or timed-out worker leaves no other one running
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.train._sharding_worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout)
     # Float tolerance: the sharded run sums partial matmuls and gradients in another order.
     np.testing.assert_allclose(res["four"], res["one"], rtol=2e-5)
     np.testing.assert_allclose(res["fsdp4"], res["one"], rtol=2e-5)
-    assert "Involuntary full rematerialization" not in stderr, stderr[-3000:]
+    assert "Involuntary full rematerialization" not in out.stderr, out.stderr[-3000:]
     assert res["one"][-1] < res["one"][0]
     # Packed 4-bit codes, dense params and adapters are all split over the fsdp axis somewhere.
     for kind in ("QuantizedWeight:uint8", "LoRAParam:float32", "Param:float32"):
