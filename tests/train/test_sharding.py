@@ -29,7 +29,8 @@ def test_four_simulated_devices_match_one_device():
     their layer axis unsharded, a 1x4 CLI run logged 32 "Involuntary full rematerialization" warnings)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        [sys.executable, "-m", "tests.train._sharding_worker"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tests.train._sharding_worker"], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout)
