@@ -217,9 +217,9 @@ class LoRALinear(nnx.Module):
         return lora.merge(kernel, a, b, adapter.scaling), None
 
     def merge(self, name: str | None = None) -> None:
-        """Fold adapter `name` (default: the only one) into the base (`set_kernel`). A quantized base is re-quantized with its own
-        settings (as PEFT does; bitsandbytes' "cpu" bytes, see `QuantizedLinear.requantize`): the merged
-        weight carries a fresh quantization error, measured in tests/test_layers.py."""
+        """Fold adapter `name` (default: the only one) into the base (`set_kernel`). A quantized base is
+        re-quantized with the config its weight records (as PEFT does; `QuantizedLinear.requantize`): the
+        merged weight carries a fresh quantization error, measured in tests/test_layers.py."""
         if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
         name = self._only() if name is None else name

@@ -359,7 +359,8 @@ class PeftModel(nnx.Module):
     def print_trainable_parameters(self) -> tuple[int, int]:
         """Prints PEFT's line and returns (trainable, all), see `get_nb_trainable_parameters`."""
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
         return trainable, total
 
 

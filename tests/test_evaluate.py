@@ -33,8 +33,8 @@ def base():
 def two_adapters():
     """Adapters "a" (r 4, every linear layer) and "b" (r 2, some layers) over `base()`, B nonzero."""
     model = base()
-    model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False), rngs=nnx.Rngs(1),
-                           adapter_name="a")
+    model = jaxlora.get_peft_model(model, jaxlora.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False),
+                                   rngs=nnx.Rngs(1), adapter_name="a")
     jaxlora.add_adapter(model, "b", jaxlora.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False,
                                                        target_modules=["q_proj", "v_proj", "down_proj"]),
                         rngs=nnx.Rngs(2))
