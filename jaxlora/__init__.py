@@ -6,7 +6,7 @@ from jaxlora.generate import generate
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear, QLoRALinear, qlora_linear
 from jaxlora.lora_config import LoraConfig
-from jaxlora.mixed import AdapterRows
+from jaxlora.mixed import Active, AdapterRows
 from jaxlora.models import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -46,6 +46,7 @@ from jaxlora.quant import (
 )
 
 __all__ = [
+    "Active",
     "AdapterRows",
     "FrozenBias",
     "LlamaConfig",

@@ -1,5 +1,5 @@
 """Small operations on an NNX module tree, shared by quantization (models/quantize.py) and adapter
-injection (adapters.py)."""
+injection (peft_model.py)."""
 
 from __future__ import annotations
 

@@ -42,7 +42,9 @@ def set_bias_trainable(base: nnx.Module, trainable: bool) -> None:
 
 
 class LoRALinear(nnx.Module):
-    """A frozen linear base plus named LoRA adapters; one active at a time.
+    """A frozen linear base plus named LoRA adapters. Which one runs is the caller's choice, passed with each
+    call (`jaxlora.mixed.Selection`: a `jaxlora.PeftModel` owns the active adapter); on its own a layer with
+    one adapter runs it. The layer owns only its adapters and which of them is merged into its base.
 
     ``y = base(x) + scale * (dropout(x) @ A) @ B`` (DoRA rescales per output feature). Knobs are named
     as PEFT's ``LoraConfig``. The sum is formed in the promoted dtype of the base output and the adapter

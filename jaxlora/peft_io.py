@@ -41,6 +41,7 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
     """Writes one adapter of a `jaxlora.PeftModel` (default: the active one) as a PEFT adapter directory,
     atomically: the files are written in a temporary directory beside `directory` and renamed into place.
     "all-linear" is written as the list of adapted module paths, as PEFT does."""
+    _check_unmerged(peft)
     configs = peft.peft_config
     name = adapter_name or peft.active_adapter
     if name not in configs:
@@ -89,16 +90,26 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 _TABLE = "base_layer.weight"
 
 
+def _check_unmerged(peft) -> None:
+    # A merged base holds the delta: saved, an embedding's table would carry it twice; loaded into, the table
+    # would lose the delta a later unmerge subtracts.
+    if peft.merged_adapters:
+        raise ValueError(f"adapters {peft.merged_adapters} are merged into the base weights; unmerge_adapter() "
+                         "before saving or loading adapters")
+
+
 def _bias_key(path: str, adapted: bool) -> str:
     """PEFT's name of a trained base bias at module `path` (from the wrapper down): under ``base_layer``
     where a LoRA layer wraps the linear layer."""
     return f"{path}.base_layer.bias" if adapted else f"{path}.bias"
 
 
-def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[int, ...]], dict]:
+def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[int, ...]], dict, dict[str, str]]:
     """File key -> shape, for the layers `config` selects in the user's `model` (call it inside `unstacked`):
-    the tensors a file must hold, and those it may hold (an adapted embedding's table)."""
-    shapes, optional = {}, {}
+    the tensors a file must hold, those it may hold (an adapted embedding's table), and the other name a file
+    may give each trained bias (``base_layer.bias`` or ``bias``: PEFT names it by which layers some adapter
+    wraps when it saves, so a file from a model with other adapters may use either)."""
+    shapes, optional, aliases = {}, {}, {}
     targets = find_targets(model, config)
     embeddings = embedding_modules(model)
     for t in targets:
@@ -119,10 +130,11 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
         bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
         if bias is not None and (config.bias == "all" or config.bias == "lora_only" and name in targeted):
             shapes[_bias_key(PREFIX + name, adapted)] = tuple(bias.get_value().shape)
+            aliases[_bias_key(PREFIX + name, adapted)] = _bias_key(PREFIX + name, not adapted)
     for name, (_, module) in find_saved_modules(model, config).items():
         original = module.original if isinstance(module, ModulesToSave) else module
         shapes.update({f"{PREFIX}{name}.{k}": tuple(v.shape) for k, v in module_tensors(original).items()})
-    return shapes, optional
+    return shapes, optional, aliases
 
 
 @per_layer
@@ -142,13 +154,17 @@ def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
         raise FileNotFoundError(f"{file} not found (jaxlora reads safetensors adapters only)")
     if adapter_name in peft.peft_config:
         raise ValueError(f"adapter {adapter_name!r} already exists; have {list(peft.peft_config)}")
+    _check_unmerged(peft)
     # PiSSA / LoftQ initialisation would rewrite the base weights; the file already holds the result.
     init = config.init_lora_weights if isinstance(config.init_lora_weights, bool) else True
     inject = dataclasses.replace(config, init_lora_weights=init)
-    expected, optional = _expected(peft.base_model.model, inject)
+    expected, optional, aliases = _expected(peft.base_model.model, inject)
     try:
         with safe_open(file, framework="np") as f:
-            keys = set(f.keys())
+            stored = set(f.keys())
+            renamed = {alt: k for k, alt in aliases.items() if k not in stored and alt in stored}  # file -> ours
+            keys = {renamed.get(k, k) for k in stored}
+            in_file = {k: alt for alt, k in renamed.items()}
             expected |= {k: shape for k, shape in optional.items() if k in keys}
             missing, extra = sorted(set(expected) - keys), sorted(keys - set(expected))
             if missing:
@@ -157,13 +173,13 @@ def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
                 raise ValueError(f"{file}: {len(extra)} tensors no targeted module takes, e.g. {extra[:3]} "
                                  f"(target_modules={config.target_modules!r})")
             for key, shape in expected.items():
-                info = f.get_slice(key)
+                info = f.get_slice(in_file.get(key, key))
                 if tuple(info.get_shape()) != shape:
                     raise ValueError(f"{file}: {key} has shape {tuple(info.get_shape())}, the model and "
                                      f"config imply {shape}")
                 if info.get_dtype() not in _FLOAT_DTYPES:
                     raise ValueError(f"{file}: {key} has dtype {info.get_dtype()}, expected one of {_FLOAT_DTYPES}")
-        tensors = _read(file)
+        tensors = {renamed.get(k, k): v for k, v in _read(file).items()}
     except SafetensorError as e:
         raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
     peft.add_adapter(adapter_name, inject, rngs=rngs)

@@ -58,6 +58,10 @@ class PeftModel(nnx.Module):
                  rngs: nnx.Rngs | None = None):
         if isinstance(model, PeftModel):
             raise TypeError("model is already a PeftModel; add more adapters with its add_adapter")
+        held = targets.adapter_layers(model)
+        if held:  # one owner: another PeftModel holds these adapters
+            raise ValueError(f"model already holds adapters (e.g. at {list(held)[:2]}): use the PeftModel that owns "
+                             "them, or its unload() first")
         self.base_model = LoraModel(model)
         self._configs: tuple[tuple[str, LoraConfig], ...] = ()  # in the order added
         self.active_adapter: str | None = None
@@ -144,10 +148,9 @@ class PeftModel(nnx.Module):
         if dora:
             raise ValueError(f"adapter_names names DoRA adapters {dora}: mixed-adapter batches do not support DoRA "
                              "(as PEFT)")
-        # The stacked layers are LoRA layers too (with stacked arrays): no need to unstack to read state.
-        merged = sorted({n for _, m in nnx.iter_graph(self) if isinstance(m, LoRALinear) for n in m.merged_adapters})
-        if merged:
-            raise ValueError(f"adapters {merged} are merged; unmerge them before passing adapter_names (as PEFT)")
+        if self.merged_adapters:
+            raise ValueError(f"adapters {self.merged_adapters} are merged; unmerge them before passing adapter_names "
+                             "(as PEFT)")
         if stochastic(self):
             raise ValueError("adapter_names is for inference, as in PEFT: the model's dropout is in train mode "
                              "(use model.eval() or jaxlora.generate.inference_view)")
@@ -158,23 +161,39 @@ class PeftModel(nnx.Module):
     @per_layer
     def add_adapter(self, adapter_name: str, config: LoraConfig, *, rngs: nnx.Rngs) -> None:
         """Adds adapter `adapter_name` to the layers `config` selects; the first adapter becomes active, a
-        further one does not (PEFT). All checks run before the model is touched."""
+        further one does not (PEFT). The model is changed only once every layer's adapter is built: an
+        error leaves it as it was."""
         if not isinstance(config, LoraConfig):
             raise TypeError(f"config must be a jaxlora LoraConfig, got {type(config).__name__}")
+        if not isinstance(adapter_name, str) or not adapter_name or adapter_name == BASE:
+            raise ValueError(f"adapter_name={adapter_name!r}: give a non-empty name other than {BASE!r} (the base "
+                             "model's name in adapter_names)")
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists; have {list(self.peft_config)}")
         model = self.base_model.model
         found = targets.find_targets(model, config)
         saved = targets.find_saved_modules(model, config)
-        for t in found:
-            kw = dict(r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout, use_rslora=config.use_rslora,
-                      use_dora=config.use_dora, init_lora_weights=config.init_lora_weights,
-                      loftq_iter=config.loftq_config.get("loftq_iter", 1), rngs=rngs)
-            if isinstance(t.module, LoRALinear):
-                t.module.add_adapter(adapter_name, **kw)
-            else:
-                layer = next(c for base, c in _LORA_LAYER.items() if isinstance(t.module, base))
-                replace_module(model, t.path, layer(t.module, adapter_name=adapter_name, **kw))
+        new_layers, grown = [], []
+        try:
+            for t in found:
+                kw = dict(r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
+                          use_rslora=config.use_rslora, use_dora=config.use_dora,
+                          init_lora_weights=config.init_lora_weights,
+                          loftq_iter=config.loftq_config.get("loftq_iter", 1), rngs=rngs)
+                if isinstance(t.module, LoRALinear):
+                    grown.append((t.module, t.module.base))  # PiSSA / LoftQ give the layer a new base
+                    t.module.add_adapter(adapter_name, **kw)
+                else:  # built beside the model (its own copy of the base), put in place below
+                    layer = next(c for base, c in _LORA_LAYER.items() if isinstance(t.module, base))
+                    new_layers.append((t.path, layer(t.module, adapter_name=adapter_name, **kw)))
+        except Exception:
+            for layer, base in grown:
+                if adapter_name in layer.adapters:
+                    layer.delete_adapter(adapter_name)
+                layer.base = base
+            raise
+        for path, layer in new_layers:
+            replace_module(model, path, layer)
         for path, module in saved.values():
             if isinstance(module, ModulesToSave):
                 module.add_adapter(adapter_name)
@@ -188,9 +207,9 @@ class PeftModel(nnx.Module):
     def set_adapter(self, adapter_name: str) -> None:
         """Makes `adapter_name` the adapter that runs (layers without it run their base)."""
         self._known(adapter_name)
-        merged = self._merged()
+        merged = self.merged_adapters
         if merged and adapter_name not in merged:
-            raise ValueError(f"adapters {sorted(merged)} are merged; unmerge_adapter() before switching")
+            raise ValueError(f"adapters {merged} are merged; unmerge_adapter() before switching")
         self.active_adapter = adapter_name
 
     @per_layer
@@ -243,7 +262,7 @@ class PeftModel(nnx.Module):
         config = dataclasses.replace(
             configs[adapters[0]], r=r, lora_alpha=r, target_modules=tuple(ranks), exclude_modules=None,
             rank_pattern=pattern, alpha_pattern=pattern, use_rslora=False, lora_dropout=0.0, init_lora_weights=True,
-            loftq_config={},
+            loftq_config={}, modules_to_save=None,  # a combined adapter has LoRA weights only (no trained copies)
         )
         self._configs = (*self._configs, (adapter_name, config))
 
@@ -251,7 +270,7 @@ class PeftModel(nnx.Module):
 
     def disable_adapter_layers(self) -> None:
         """The base model alone until `enable_adapter_layers`. Merged adapters are unmerged first, as PEFT does."""
-        if self._merged():
+        if self.merged_adapters:
             self.unmerge_adapter()
         self.disabled = True
 
@@ -269,15 +288,18 @@ class PeftModel(nnx.Module):
 
     # --- merging -------------------------------------------------------------------------------------------
 
-    def _merged(self) -> set[str]:
-        return {n for _, m in nnx.iter_graph(self) if isinstance(m, LoRALinear) for n in m.merged_adapters}
+    @property
+    def merged_adapters(self) -> list[str]:
+        """The adapters merged into base weights now (PEFT's ``merged_adapters``). The stacked layers are LoRA
+        layers too (with stacked arrays): their static state reads without unstacking."""
+        return sorted({n for _, m in nnx.iter_graph(self) if isinstance(m, LoRALinear) for n in m.merged_adapters})
 
     @per_layer
     def merge_adapter(self) -> None:
         """Folds the active adapter into each base weight it adapts (PEFT's ``merge_adapter``); the model then
         runs the merged weights. A quantized base is re-quantized (`LoRALinear.merge`)."""
-        if self.active_adapter is None or self._merged():
-            raise ValueError(f"nothing to merge: active adapter {self.active_adapter!r}, merged {self._merged()}")
+        if self.active_adapter is None or self.merged_adapters:
+            raise ValueError(f"nothing to merge: active adapter {self.active_adapter!r}, merged {self.merged_adapters}")
         for layer in targets.lora_layers(self.base_model.model).values():
             if self.active_adapter in layer.adapters:
                 layer.merge(self.active_adapter)

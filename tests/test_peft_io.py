@@ -135,3 +135,32 @@ def test_load_bf16_adapter(tmp_path):
     model = load_adapter(tiny(), directory, rngs=nnx.Rngs(0))
     a = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].lora_a.get_value()
     assert a.dtype == jnp.float32 and bool(jnp.all(a == a.astype(jnp.bfloat16).astype(jnp.float32)))
+
+
+def test_a_trained_bias_loads_under_either_peft_name(tmp_path):
+    # PEFT names a trained bias by which layers any adapter wraps: "k_proj.base_layer.bias" in a model where
+    # another adapter wraps k_proj, "k_proj.bias" in one where none does. Either file loads into either model.
+    config = LoraConfig(**RANDOM, target_modules=["q_proj"], bias="all")
+    src = get_peft_model(tiny(model_type="qwen2"), config, rngs=nnx.Rngs(1))
+    for module in lora_layers(src.base_model.model).values():
+        if module.base.bias is not None:
+            module.base.bias.set_value(module.base.bias.get_value() + 1.0)  # as if trained
+    save_adapter(src, tmp_path / "b")
+    assert "base_model.model.model.layers.0.self_attn.k_proj.bias" in load_file(tmp_path / "b" / "adapter_model.safetensors")
+    other = get_peft_model(tiny(model_type="qwen2"), LoraConfig(**RANDOM, target_modules=["k_proj"]),
+                           rngs=nnx.Rngs(2), adapter_name="a")
+    other.load_adapter(tmp_path / "b", "b")  # k_proj is wrapped here: the file says k_proj.bias
+    other.set_adapter("b")
+    assert diff(other(tokens()), src(tokens())) < 1e-6
+
+
+def test_no_save_or_load_while_merged(tmp_path):
+    peft = get_peft_model(tiny(), LoraConfig(**RANDOM, target_modules=["embed_tokens", "q_proj"]),
+                          rngs=nnx.Rngs(1))
+    save_adapter(peft, tmp_path / "a")
+    peft.merge_adapter()
+    with pytest.raises(ValueError, match=r"adapters \['default'\] are merged .* unmerge_adapter\(\)"):
+        save_adapter(peft, tmp_path / "b")
+    with pytest.raises(ValueError, match="are merged"):
+        peft.load_adapter(tmp_path / "a", "again")
+    assert not (tmp_path / "b").exists() and list(peft.peft_config) == ["default"]

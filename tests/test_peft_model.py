@@ -10,6 +10,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -316,3 +317,33 @@ def test_save_pretrained_refuses_a_model_with_adapters(tmp_path):
     assert not (tmp_path / "out").exists()
     merge_and_unload(peft)
     assert (save_pretrained(model, tmp_path / "out") / "config.json").is_file()
+
+
+def test_a_failed_add_adapter_leaves_the_model_as_it_was():
+    peft, x = get_peft_model(tiny(), LoraConfig(**RANDOM), rngs=nnx.Rngs(1)), tokens()
+    before, graph = peft(x), nnx.graphdef(peft)
+    # PiSSA refuses r > min(in, out) in the layers it reaches: a 64-wide layer passes, a 32 x 16 one fails.
+    with pytest.raises(ValueError, match="PiSSA"):
+        peft.add_adapter("x", LoraConfig(r=20, init_lora_weights="pissa"), rngs=nnx.Rngs(2))
+    assert list(peft.peft_config) == ["default"] and nnx.graphdef(peft) == graph
+    np.testing.assert_array_equal(peft(x), before)  # no base rewritten by PiSSA either
+    peft.add_adapter("x", LoraConfig(**RANDOM), rngs=nnx.Rngs(2))  # the name is free again
+    with pytest.raises(ValueError, match="adapter_name='__base__'"):
+        peft.add_adapter("__base__", LoraConfig(**RANDOM), rngs=nnx.Rngs(2))
+
+
+def test_one_owner_a_model_is_wrapped_once():
+    model = tiny()
+    get_peft_model(model, LoraConfig(**RANDOM), rngs=nnx.Rngs(1))
+    with pytest.raises(ValueError, match="model already holds adapters"):
+        get_peft_model(model, LoraConfig(**RANDOM), rngs=nnx.Rngs(1), adapter_name="b")
+
+
+def test_a_weighted_adapter_of_one_with_modules_to_save_saves_and_loads(tmp_path):
+    peft = get_peft_model(tiny(), LoraConfig(**RANDOM, modules_to_save=["lm_head"]), rngs=nnx.Rngs(1))
+    peft.add_weighted_adapter(["default"], [0.5], "half", combination_type="linear")
+    assert peft.peft_config["half"].modules_to_save is None  # LoRA weights only, as the layers hold
+    peft.save_pretrained(tmp_path)
+    loaded = load_adapter(tiny(), tmp_path / "half", adapter_name="half")
+    peft.set_adapter("half")
+    assert diff(loaded(tokens()), peft(tokens())) < 1e-6

@@ -78,7 +78,8 @@ class Trainer:
 
     def fit(self, batches: Iterator[tuple[Batch, DataState]], max_steps: int) -> dict:
         """Train until `state.step` reaches `max_steps`; return the last step's metrics, the run's
-        `mean_tokens_per_s` and what the hooks add at the end."""
+        `mean_tokens_per_s` and what the hooks add at the end. The step is compiled for the model's structure
+        as it is now (its active adapter included): a hook that changes it is seen by the next `fit`."""
         state = self.state
         # cached_partial walks the model graph once instead of on every call (~20% of a small step on CPU).
         step_fn = nnx.cached_partial(train_step, state.model, state.optimizer)
