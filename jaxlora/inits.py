@@ -22,7 +22,10 @@ from jaxlora.quant.config import QuantConfig
 BaseInit = Callable[[DenseBase, int, float, nnx.Rngs], tuple[jax.Array, jax.Array, LinearBase]]
 
 # PEFT's LoftQ on a dense layer (utils/loftq_utils.py): NF4, blocksize 64, no double quantization.
-PEFT_LOFTQ = QuantConfig(quant_type="nf4", blocksize=64, double_quant=False)
+# A function, not a constant: a QuantConfig resolves the platform's defaults when built, and importing jaxlora
+# must not touch a JAX backend (jax.distributed.initialize has to come first in a multi-process run).
+def peft_loftq() -> QuantConfig:
+    return QuantConfig(quant_type="nf4", blocksize=64, double_quant=False)
 
 
 def pissa(base: DenseBase, r: int, scale: float, rngs: nnx.Rngs, *, niter: int | None = None):
@@ -50,7 +53,7 @@ def resolve(init_lora_weights, *, loftq_iter: int = 1, quantization: QuantConfig
     """The `BaseInit` that PEFT's ``init_lora_weights`` names ("pissa", "pissa_niter_<n>", "loftq"); None for
     True / False / "gaussian" (A and B drawn, the base kept); a `BaseInit` passes through. Given `quantization`
     (QLoRA), the new base is a `QuantizedLinear` of that config: PiSSA's residual quantized with it, LoftQ's
-    own last quantization with it. Without, it stays dense: LoftQ quantizes as PEFT's (`PEFT_LOFTQ`) and
+    own last quantization with it. Without, it stays dense: LoftQ quantizes as PEFT's (`peft_loftq`) and
     stores deq(Q) back in the weight's dtype, as PEFT does."""
     if callable(init_lora_weights):
         return init_lora_weights
@@ -63,7 +66,7 @@ def resolve(init_lora_weights, *, loftq_iter: int = 1, quantization: QuantConfig
         return run
     if init_lora_weights == "loftq":
         def run(base, r, scale, rngs):
-            a, b, q = loftq(base, r, scale, rngs, quantization=quantization or PEFT_LOFTQ, num_iter=loftq_iter)
+            a, b, q = loftq(base, r, scale, rngs, quantization=quantization or peft_loftq(), num_iter=loftq_iter)
             return a, b, q if quantization is not None else base.with_kernel(q.dense_kernel(base.weight_dtype))
 
         return run

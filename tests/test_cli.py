@@ -88,3 +88,15 @@ def test_killed_run_resumes_to_the_identical_curve(tmp_path, base_dir, data_file
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-2000:]
     key = lambda rows: [(r["step"], r.get("loss")) for r in rows]  # noqa: E731
     assert key(read_metrics(tmp_path / "killed" / "metrics.jsonl")) == key(read_metrics(tmp_path / "straight" / "metrics.jsonl"))
+
+
+def test_importing_the_library_starts_no_jax_backend():
+    # jax.distributed.initialize must come before any backend call, and `jaxlora train` initializes after its
+    # imports: a module-level QuantConfig (which resolves the platform's defaults) broke every 2-process run.
+    code = ("import importlib, jax._src.xla_bridge as xb\n"
+            "for m in ('jaxlora', 'jaxlora.cli', 'jaxlora.train.loop', 'jaxlora.peft_model', 'jaxlora.inits'):\n"
+            "    importlib.import_module(m)\n"
+            "print(bool(xb._backends))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
