@@ -58,6 +58,25 @@ def _keep(value):
     return lambda *_: value  # an initializer that hands back an existing array: no draw, no copy
 
 
+def _linear_like(cls: type, linear: nnx.Linear) -> nnx.Linear:
+    """A `cls` (``nnx.Linear`` or `DenseBase`) with `linear`'s settings and copies of its variables."""
+    bias = linear.bias
+    new = cls(linear.in_features, linear.out_features, use_bias=bias is not None, dtype=linear.dtype,
+              param_dtype=linear.param_dtype, precision=linear.precision, dot_general=linear.dot_general,
+              promote_dtype=linear.promote_dtype, preferred_element_type=linear.preferred_element_type,
+              kernel_init=_keep(linear.kernel.get_raw_value()),
+              bias_init=_keep(None if bias is None else bias.get_raw_value()), rngs=nnx.Rngs(0))
+    return _copy_into(new, linear, ("kernel", "bias"))
+
+
+def _embed_like(cls: type, embed: nnx.Embed) -> nnx.Embed:
+    """A `cls` (``nnx.Embed`` or `EmbedBase`) with `embed`'s settings and a copy of its table."""
+    new = cls(embed.num_embeddings, embed.features, dtype=embed.dtype, param_dtype=embed.param_dtype,
+              promote_dtype=embed.promote_dtype, embedding_init=_keep(embed.embedding.get_raw_value()),
+              rngs=nnx.Rngs(0))
+    return _copy_into(new, embed, ("embedding",))
+
+
 class DenseBase(nnx.Linear):
     """An ``nnx.Linear`` as a `LinearBase`: the same computation, parameters and names."""
 
@@ -67,23 +86,11 @@ class DenseBase(nnx.Linear):
     @classmethod
     def of(cls, linear: nnx.Linear) -> DenseBase:
         """`linear`'s settings and (copied) variables; `linear` itself is left untouched."""
-        bias = linear.bias
-        new = cls(linear.in_features, linear.out_features, use_bias=bias is not None, dtype=linear.dtype,
-                  param_dtype=linear.param_dtype, precision=linear.precision, dot_general=linear.dot_general,
-                  promote_dtype=linear.promote_dtype, preferred_element_type=linear.preferred_element_type,
-                  kernel_init=_keep(linear.kernel.get_raw_value()),
-                  bias_init=_keep(None if bias is None else bias.get_raw_value()), rngs=nnx.Rngs(0))
-        return _copy_into(new, linear, ("kernel", "bias"))
+        return _linear_like(cls, linear)
 
     def as_linear(self, kernel: jax.Array | None = None) -> nnx.Linear:
         """A plain ``nnx.Linear`` with these settings and variables (`kernel` replacing the kernel)."""
-        plain = nnx.Linear(self.in_features, self.out_features, use_bias=self.bias is not None, dtype=self.dtype,
-                           param_dtype=self.param_dtype, precision=self.precision, dot_general=self.dot_general,
-                           promote_dtype=self.promote_dtype, preferred_element_type=self.preferred_element_type,
-                           kernel_init=_keep(self.kernel.get_raw_value()),
-                           bias_init=_keep(None if self.bias is None else self.bias.get_raw_value()),
-                           rngs=nnx.Rngs(0))
-        _copy_into(plain, self, ("kernel", "bias"))
+        plain = _linear_like(nnx.Linear, self)
         if kernel is not None:
             plain.kernel.set_value(kernel.astype(self.weight_dtype))
         return plain
@@ -100,7 +107,9 @@ class DenseBase(nnx.Linear):
 
     def with_kernel(self, kernel: jax.Array) -> DenseBase:
         """A new base like this one holding `kernel` ``(in, out)`` (PiSSA's residual, LoftQ's dequantized W)."""
-        return DenseBase.of(self.as_linear(kernel))
+        new = _linear_like(DenseBase, self)
+        new.set_kernel(kernel)
+        return new
 
     def to_dense(self, kernel: jax.Array | None = None) -> nnx.Linear:
         return self.as_linear(kernel)
@@ -124,10 +133,7 @@ class EmbedBase(nnx.Embed):
 
     @classmethod
     def of(cls, embed: nnx.Embed) -> EmbedBase:
-        new = cls(embed.num_embeddings, embed.features, dtype=embed.dtype, param_dtype=embed.param_dtype,
-                  promote_dtype=embed.promote_dtype, embedding_init=_keep(embed.embedding.get_raw_value()),
-                  rngs=nnx.Rngs(0))
-        return _copy_into(new, embed, ("embedding",))
+        return _embed_like(cls, embed)
 
     @property
     def in_features(self) -> int:
@@ -148,10 +154,7 @@ class EmbedBase(nnx.Embed):
         self.embedding.set_value(kernel.astype(self.weight_dtype))
 
     def to_dense(self, kernel: jax.Array | None = None) -> nnx.Embed:
-        plain = nnx.Embed(self.num_embeddings, self.features, dtype=self.dtype, param_dtype=self.param_dtype,
-                          promote_dtype=self.promote_dtype, embedding_init=_keep(self.embedding.get_raw_value()),
-                          rngs=nnx.Rngs(0))
-        _copy_into(plain, self, ("embedding",))
+        plain = _embed_like(nnx.Embed, self)
         if kernel is not None:
             plain.embedding.set_value(kernel.astype(self.weight_dtype))
         return plain

@@ -18,7 +18,7 @@ from flax import nnx
 from jaxlora import inits, lora
 from jaxlora.adapter import LoRAAdapter
 from jaxlora.base import DenseBase, LinearBase, as_base
-from jaxlora.mixed import Active, AdapterRows, Selection, where_rows
+from jaxlora.mixed import Active, AdapterRows, Selection, only, where_rows
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant.config import QuantConfig
 
@@ -117,11 +117,7 @@ class LoRALinear(nnx.Module):
         return self.adapters[name]
 
     def _only(self) -> str:
-        """The name of this layer's one adapter: what runs, merges and saves when no name is given."""
-        if len(self.adapters) != 1:
-            raise ValueError(f"this layer holds adapters {list(self.adapters)}; name the one to use (a "
-                             "jaxlora.PeftModel passes its active adapter)")
-        return next(iter(self.adapters))
+        return only(self.adapters)
 
     def delete_adapter(self, name: str) -> None:
         self._adapter(name)

@@ -71,6 +71,16 @@ class AdapterRows:
             raise ValueError(f"adapter_names has {len(self)} names for a batch of {batch} rows; give one per row")
 
 
+def only(names: Sequence[str]) -> str:
+    """The one adapter a layer holds: what it runs, merges and saves when no name is given (a layer used on
+    its own); ValueError when it holds several, since only its owner knows which one runs."""
+    names = list(names)
+    if len(names) != 1:
+        raise ValueError(f"this layer holds adapters {names}; name the one to use (a jaxlora.PeftModel passes its "
+                         "active adapter)")
+    return names[0]
+
+
 def where_rows(mask: jax.Array, on: jax.Array, off: jax.Array) -> jax.Array:
     """`on` in the rows of `mask` (batch,), `off` elsewhere; both (batch, ...)."""
     return jnp.where(mask.reshape(mask.shape + (1,) * (on.ndim - 1)), on, off)

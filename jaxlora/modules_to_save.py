@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora.graph import replace_module
-from jaxlora.mixed import AdapterRows, Selection, where_rows
+from jaxlora.mixed import AdapterRows, Selection, only, where_rows
 
 # The modules a copy can be made of, and their transformers tensors: name -> (variable, transposed).
 _TENSORS = {nnx.Linear: {"weight": ("kernel", True), "bias": ("bias", False)},
@@ -61,12 +61,6 @@ class ModulesToSave(nnx.Module):
     def delete_adapter(self, name: str) -> None:
         del self.adapters[name]
 
-    def _only(self) -> str:
-        if len(self.adapters) != 1:
-            raise ValueError(f"this module holds copies for adapters {list(self.adapters)}; name the one to run "
-                             "(a jaxlora.PeftModel passes its active adapter)")
-        return next(iter(self.adapters))
-
     def module(self, name: str | None) -> nnx.Module:
         """The module adapter `name` runs: its copy, else (no copy here, or None) the original."""
         return self.adapters[name] if name is not None and name in self.adapters else self.original
@@ -78,7 +72,7 @@ class ModulesToSave(nnx.Module):
         its adapter's copy, and the original where the row names the base or an adapter without a copy here
         (PEFT's _mixed_batch_forward)."""
         if not isinstance(adapters, AdapterRows):
-            return self.module(self._only() if adapters is None else adapters.name)(x)
+            return self.module(only(self.adapters) if adapters is None else adapters.name)(x)
         rows = adapters
         out = self.original(x)
         for name, copy in self.adapters.items():

@@ -1,10 +1,11 @@
 """PEFT adapter directories: ``adapter_model.safetensors`` + ``adapter_config.json``, both ways.
 
 Tensor names are PEFT's with the adapter name stripped (peft 0.21 ``get_peft_model_state_dict``), which are
-a `jaxlora.PeftModel`'s own module paths: ``base_model.model.<module path>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r), and for DoRA
-``.lora_magnitude_vector`` (out,), all float32; with ``bias="all"`` / ``"lora_only"`` the trained base biases
-as PEFT names them, ``<path>.base_layer.bias`` under an adapted layer and ``<path>.bias`` elsewhere; and
-each module of ``modules_to_save`` under its own names (``base_model.model.lm_head.weight``), in its dtype. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
+a `jaxlora.PeftModel`'s own module paths: ``base_model.model.<module path>.lora_A.weight`` (r, in),
+``.lora_B.weight`` (out, r), and for DoRA ``.lora_magnitude_vector`` (out,), all float32; with
+``bias="all"`` / ``"lora_only"`` the trained base biases as PEFT names them, ``<path>.base_layer.bias`` under
+an adapted layer and ``<path>.bias`` elsewhere; and each module of ``modules_to_save`` under its own names
+(``base_model.model.lm_head.weight``), in its dtype. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
 what `save_adapter` writes; `load_adapter` reads what PEFT's ``save_pretrained`` writes.
 """
 
@@ -27,7 +28,7 @@ from jaxlora.layers import LoRALinear
 from jaxlora.modules_to_save import ModulesToSave, module_tensors
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
-from jaxlora.targets import (embedding_modules, find_saved_modules, find_targets, linear_modules, lora_layers,
+from jaxlora.targets import (base_of, embedding_modules, find_saved_modules, find_targets, linear_modules, lora_layers,
                              saved_modules, trained_biases)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -114,7 +115,7 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
     embeddings = embedding_modules(model)
     for t in targets:
         if t.name in embeddings:  # PEFT's lora.Embedding: lora_embedding_A (r, vocab), lora_embedding_B (hidden, r)
-            table = (t.module.base if isinstance(t.module, LoRALinear) else t.module).embedding.get_value()
+            table = base_of(t.module).embedding.get_value()
             shapes[f"{PREFIX}{t.name}.lora_embedding_A"] = (t.r, table.shape[0])
             shapes[f"{PREFIX}{t.name}.lora_embedding_B"] = (table.shape[1], t.r)
             optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(table.shape)
@@ -127,7 +128,7 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
     targeted = {t.name for t in targets}
     for name, (_, module) in linear_modules(model).items():  # the biases `trained_biases` will select
         adapted = name in targeted or isinstance(module, LoRALinear)
-        bias = module.base.bias if isinstance(module, LoRALinear) else module.bias
+        bias = base_of(module).bias
         if bias is not None and (config.bias == "all" or config.bias == "lora_only" and name in targeted):
             shapes[_bias_key(PREFIX + name, adapted)] = tuple(bias.get_value().shape)
             aliases[_bias_key(PREFIX + name, adapted)] = _bias_key(PREFIX + name, not adapted)
