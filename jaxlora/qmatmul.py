@@ -107,13 +107,16 @@ def _input_grad(dy: jax.Array, qt: QuantizedTensor, compute_dtype) -> jax.Array:
         return jnp.matmul(dy, _weight_t(qt, compute_dtype), preferred_element_type=jnp.float32)
     rows = qt.shape[0] // n
 
-    def tile(dx, i_tile):
-        i, t = i_tile
-        part = jax.lax.dynamic_slice_in_dim(dy, i * rows, rows, axis=-1)
-        return dx + jnp.matmul(part, _weight_t(t, compute_dtype), preferred_element_type=jnp.float32), None
+    tiles = _split_rows(qt, n)
 
-    dx = jnp.zeros((*dy.shape[:-1], qt.shape[1]), jnp.float32)
-    return jax.lax.scan(tile, dx, (jnp.arange(n), _split_rows(qt, n)))[0]
+    def product(i):  # row tile i's share of dx; indexing (not slicing) the tiles copies no codes
+        t = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tiles)
+        part = jax.lax.dynamic_slice_in_dim(dy, i * rows, rows, axis=-1)
+        return jnp.matmul(part, _weight_t(t, compute_dtype), preferred_element_type=jnp.float32)
+
+    # The first tile's product starts the sum (0 + p == p exactly): a zeros accumulator depends on nothing,
+    # so XLA schedules it at the top of the layer's backward and it lives across every other weight's.
+    return jax.lax.fori_loop(1, n, lambda i, dx: dx + product(i), product(0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

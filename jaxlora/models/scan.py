@@ -24,16 +24,26 @@ import numpy as np
 _WORDS = {2: jnp.uint16, 4: jnp.uint32}
 
 
+def to_words(x: jax.Array) -> jax.Array:
+    """x's bits as unsigned integers of its width. An array kept across a loop as raw words stays in its
+    dtype: XLA's CPU backend computes bf16 in float32 and otherwise converts (and holds) whole saved arrays
+    as float32, a conversion it cannot move through a bitcast."""
+    return jax.lax.bitcast_convert_type(x, _WORDS[x.dtype.itemsize])
+
+
+def from_words(words: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(words, dtype)
+
+
 def _store(h: jax.Array, offload: bool) -> jax.Array:
-    # Raw words: XLA's CPU backend computes in float32 and would otherwise hold the stack as float32.
-    words = jax.lax.bitcast_convert_type(h, _WORDS[h.dtype.itemsize])
+    words = to_words(h)
     return jax.device_put(words, jax.memory.Space.Host) if offload else words
 
 
 def _load(words: jax.Array, dtype, offload: bool) -> jax.Array:
     if offload:
         words = jax.device_put(words, jax.memory.Space.Device)
-    return jax.lax.bitcast_convert_type(words, dtype)
+    return from_words(words, dtype)
 
 
 def _no_cotangent(tree):
