@@ -1,8 +1,9 @@
 """One side of the side-by-side benchmark per process, so each side's peak RSS is its own.
 
-    python -m benchmarks._workers {jax,torch,quant} '<spec json>'   -> one JSON line on stdout
+    python -m benchmarks._workers {save,jax,torch,quant,peak} '<spec json>'   -> one JSON line on stdout
 
-`benchmarks.run` builds the checkpoint and the spec, starts one process per side and reads the line.
+`benchmarks.run` builds the spec, starts one process to write the checkpoint ("save") and one per side,
+and reads the line.
 The jax side never imports torch (checked: `torch_imported` in its result), the torch side never
 imports jax. Both sides: same checkpoint, same token batches (numpy, seeded), same LoRA (r, alpha,
 all-linear, no dropout), AdamW (lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay, global-norm
@@ -47,13 +48,14 @@ def batches(spec: dict) -> list[np.ndarray]:
 
 
 def timed_repeats(run_steps, spec: dict) -> tuple[list[float], float, int, int]:
-    """(seconds per repeat of `steps` steps, seconds of the first call, peak RSS of the two warm-up
-    calls, peak RSS of the timed calls). The warm-up calls (compile, first allocations) are not timed."""
+    """(seconds per repeat of `steps` steps, seconds of the first call, peak RSS of the `warmup` (default 2)
+    warm-up calls, peak RSS of the timed calls). The warm-up calls (compile, first allocations) are not timed."""
     _reset_peak()
     t0 = time.perf_counter()
     run_steps(1)
     first = time.perf_counter() - t0
-    run_steps(1)
+    for _ in range(spec.get("warmup", 2) - 1):
+        run_steps(1)
     warm_peak = _status("VmHWM")
     _reset_peak()
     times = []
@@ -65,16 +67,31 @@ def timed_repeats(run_steps, spec: dict) -> tuple[list[float], float, int, int]:
 
 
 def _summary(spec, train, gen, loss0) -> dict:
-    """train, gen: `timed_repeats` results."""
+    """train, gen: `timed_repeats` results; gen None when generation is skipped (new_tokens 0): its fields None."""
     tokens = spec["batch"] * spec["seq"] * spec["steps"]
     new = spec["gen_batch"] * spec["new_tokens"]
-    return dict(
+    train_fields = dict(
         train_tokens_per_s=tokens / statistics.median(train[0]), train_repeat_s=train[0],
         train_first_step_s=train[1], train_peak_rss=max(train[2:]), train_warmup_peak_rss=train[2],
-        train_timed_peak_rss=train[3], first_loss=loss0,
-        gen_tokens_per_s=new / statistics.median(gen[0]), gen_repeat_s=gen[0], gen_first_call_s=gen[1],
-        gen_peak_rss=max(gen[2:]),
-    )
+        train_timed_peak_rss=train[3], first_loss=loss0)
+    if gen is None:
+        return train_fields | dict(gen_tokens_per_s=None, gen_repeat_s=None, gen_first_call_s=None, gen_peak_rss=0)
+    return train_fields | dict(gen_tokens_per_s=new / statistics.median(gen[0]), gen_repeat_s=gen[0],
+                               gen_first_call_s=gen[1], gen_peak_rss=max(gen[2:]))
+
+
+def save_side(spec: dict) -> dict:
+    """Writes the checkpoint both sides load (`torch_ref.hf_ref`, seeded), in its own process so that
+    benchmarks.run never holds a model; how long it took and how large it is."""
+    import torch
+
+    from torch_ref import hf_ref
+
+    t0 = time.perf_counter()
+    path = hf_ref.save_tiny_model("llama", spec["directory"], seed=spec["seed"],
+                                  dtype=getattr(torch, spec["checkpoint_dtype"]), **spec["model"])
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return dict(model_dir=str(path), save_s=time.perf_counter() - t0, checkpoint_bytes=size)
 
 
 def jax_side(spec: dict) -> dict:
@@ -136,14 +153,15 @@ def jax_side(spec: dict) -> dict:
     def gen(_n):
         jax.block_until_ready(generate(model, prompt, max_new_tokens=spec["new_tokens"]))
 
-    result = _summary(spec, train, timed_repeats(gen, dict(spec, steps=1)), losses[0])
+    gen_times = timed_repeats(gen, dict(spec, steps=1)) if spec["new_tokens"] else None
+    result = _summary(spec, train, gen_times, losses[0])
     stats = device.memory_stats() or {}
     return result | compiled | dict(
         step_flops=flops["flops"], step_cost_analysis_flops=flops["cost_analysis_flops"],
         train_device_peak_bytes=train_device_peak, use_kernel=kernel_on(model),
         load_s=load_s, rss_after_import=rss_import, rss_after_load=rss_loaded,
         load_peak_rss=load_peak, device_peak_bytes=stats.get("peak_bytes_in_use"),
-        train_dispatch_s_per_step=statistics.median(dispatch[2:]),
+        train_dispatch_s_per_step=statistics.median(dispatch[spec.get("warmup", 2):]),
         device="gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform,
         backend=f"jax {jax.__version__} on {device.platform} ({device.device_kind})",
         torch_imported="torch" in sys.modules,
@@ -232,7 +250,8 @@ def torch_side(spec: dict) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    result = _summary(spec, train, timed_repeats(gen, dict(spec, steps=1)), losses[0])
+    gen_times = timed_repeats(gen, dict(spec, steps=1)) if spec["new_tokens"] else None
+    result = _summary(spec, train, gen_times, losses[0])
     return result | dict(
         quantized=bnb is not None, bnb_missing=None if bnb is not None else bnb_missing,
         load_s=load_s, rss_after_import=rss_import, rss_after_load=rss_loaded,
@@ -298,7 +317,7 @@ def peak_side(spec: dict) -> dict:
                 detail=f"GFLOP/s: {detail}")
 
 
-SIDES = {"jax": jax_side, "torch": torch_side, "quant": quant_side, "peak": peak_side}
+SIDES = {"save": save_side, "jax": jax_side, "torch": torch_side, "quant": quant_side, "peak": peak_side}
 
 if __name__ == "__main__":
     side, spec = sys.argv[1], json.loads(sys.argv[2])

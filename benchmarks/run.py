@@ -1,12 +1,13 @@
 """Side-by-side benchmark: jaxlora vs transformers + bitsandbytes + PEFT on the same model and data.
 
-    python -m benchmarks.run [--size tiny[,h512,h1024,small] | all] [--dtype bfloat16|float32|both]
-                             [--steps N] [--repeats R] [--remat] [--no-quant] [--cpus 0] [--out runs/bench]
+    python -m benchmarks.run [--size tiny[,h512,h1024,small,7b-l2,7b-l4] | all] [--dtype bfloat16|float32|both]
+                             [--steps N] [--repeats R] [--[no-]remat] [--no-quant] [--cpus 0] [--out runs/bench]
 
 Per size: builds a llama checkpoint from a transformers config (no network), then runs each side in its
-own process (benchmarks/_workers.py), so that each peak RSS is that side's alone, and a second jaxlora
-process that loads and trains again (no generation) with the persistent compilation cache the first
-one filled. Prints a summary (tokens/s, ratio, fraction of this CPU's measured one-core f32 matmul peak that
+own process (benchmarks/_workers.py), so that each peak RSS is that side's alone, and (not at 7B) a second
+jaxlora process that loads and trains again (no generation) with the persistent compilation cache the first
+one filled. Sizes that differ only in depth (7b-l2, 7b-l4) also give each side's peak RSS per layer added.
+Prints a summary (tokens/s, ratio, fraction of this CPU's measured one-core f32 matmul peak that
 each side reaches), a table per size (tokens/s, peak host RSS, generation, compile times), and
 bench_quant's 4096x4096 quantize / dequantize throughput. Results go to
 <out>/<date>_<hardware>_<sizes>.{json,md}. How to read them: benchmarks/README.md.
@@ -26,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.per_layer import per_layer_section
+
 # Model shapes: every linear in-features is a multiple of the blocksize 64, so bitsandbytes' AVX512
 # dequantize bug (spec bnb-4bit.md, "Known bnb bug") cannot touch the PyTorch side.
 SIZES = {
@@ -43,6 +46,17 @@ SIZES = {
                              num_key_value_heads=4, vocab_size=8192),
                   batch=8, seq=256, gen_batch=4, prompt_len=64, new_tokens=64),
 }
+# Llama-2-7B's layers, 2 and 4 of them, one sequence of 2048 (issue 10): (RSS(7b-l4) - RSS(7b-l2)) / 2 is what
+# each layer adds to a side's training peak, the figure that scales to 32 layers. A CPU step here takes minutes:
+# gradient checkpointing on (as a 7B is trained), one warm-up and one timed step, no generation, no 2nd process;
+# a bf16 checkpoint (2.2 GB at 4 layers), which both sides load the same way.
+LLAMA2_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                 vocab_size=32000, max_position_embeddings=4096)
+AT_7B = dict(batch=1, seq=2048, gen_batch=1, prompt_len=0, new_tokens=0, remat=True, steps=1, repeats=1, warmup=1,
+             second_process=False, checkpoint_dtype="bfloat16")
+SIZES |= {f"7b-l{n}": dict(model=LLAMA2_7B | dict(num_hidden_layers=n), **AT_7B) for n in (2, 4)}
+# What a size does not say: the harness's defaults; --steps, --repeats, --[no-]remat override every size's.
+RUN_DEFAULTS = dict(remat=False, steps=4, repeats=3, warmup=2, second_process=True, checkpoint_dtype="float32")
 GOALS = {"train_speed": 1.5, "train_rss": 0.7}  # CPU goals: >= 1.5x PyTorch tokens/s at <= 0.7x its peak RSS
 MiB = 2**20
 
@@ -64,13 +78,18 @@ def machine() -> dict:
     )
 
 
-def save_model(size: dict, directory: Path) -> Path:
-    from torch_ref import hf_ref  # imports torch: this parent process is never measured
-
-    cfg = size["model"]
+def save_model(size: dict, directory: Path, checkpoint_dtype: str) -> dict:
+    """Writes the size's checkpoint in a child process; {"model_dir", "save_s", "checkpoint_bytes"} or {"error"}."""
+    cfg = dict(max_position_embeddings=1024) | size["model"]
     for n in (cfg["hidden_size"], cfg["intermediate_size"]):
         assert n % 64 == 0, "linear in-features must be multiples of 64 (bnb AVX512 dequantize bug)"
-    return hf_ref.save_tiny_model("llama", directory, seed=0, max_position_embeddings=1024, **cfg)
+    return run_side("save", dict(directory=str(directory), seed=0, checkpoint_dtype=checkpoint_dtype, model=cfg))
+
+
+def settings(size: dict, args) -> dict:
+    """The run settings of one size: the command line's where given, else the size's, else RUN_DEFAULTS."""
+    given = {k: getattr(args, k) for k in ("remat", "steps", "repeats") if getattr(args, k) is not None}
+    return {k: size.get(k, v) for k, v in RUN_DEFAULTS.items()} | given
 
 
 def run_side(side: str, spec: dict) -> dict:
@@ -168,20 +187,26 @@ def peak_rows(results: dict) -> list[str]:
 
 def run_size(name: str, args, tmp: Path) -> dict:
     size = SIZES[name]
-    print(f"# {name}: {size['model']}, batch {size['batch']} x seq {size['seq']}; load {os.getloadavg()[0]:.2f}",
-          file=sys.stderr)
-    model_dir = save_model(size, tmp / name)
-    spec = dict(model_dir=str(model_dir), vocab=size["model"]["vocab_size"], r=16, alpha=32, seed=0,
-                steps=args.steps, repeats=args.repeats, remat=args.remat, quant_n=args.quant_n, cpus=args.cpus,
+    run = settings(size, args)
+    print(f"# {name}: {size['model']}, batch {size['batch']} x seq {size['seq']}, {run}; "
+          f"load {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    checkpoint = save_model(size, tmp / name, run["checkpoint_dtype"])
+    if "error" in checkpoint:
+        raise RuntimeError(f"{name}: writing the checkpoint failed: {checkpoint['error']}")
+    spec = dict(model_dir=checkpoint["model_dir"], vocab=size["model"]["vocab_size"], r=16, alpha=32, seed=0,
+                quant_n=args.quant_n, cpus=args.cpus, **{k: run[k] for k in ("steps", "repeats", "remat", "warmup")},
                 **{k: size[k] for k in ("batch", "seq", "gen_batch", "prompt_len", "new_tokens")})
-    result = {"spec": {k: v for k, v in spec.items() if k != "model_dir"} | {"model": size["model"]}, "train": {}}
+    result = {"spec": {k: v for k, v in spec.items() if k != "model_dir"} | {"model": size["model"]}, "train": {},
+              "checkpoint": {k: v for k, v in checkpoint.items() if k != "model_dir"}
+              | {"dtype": run["checkpoint_dtype"]}}
     dtypes = ("bfloat16", "float32") if args.dtype == "both" else (args.dtype,)
     for dtype in dtypes:
         # A fresh compilation cache per size and dtype: the first jaxlora process compiles (and fills it),
         # the second loads its programs from it; the difference is what the cache saves a second run.
         cache = dict(compilation_cache=str(tmp / f"xla-cache-{name}-{dtype}"))
         pair = {side: run_side(side, spec | {"dtype": dtype} | cache) for side in ("jax", "torch")}
-        pair["jax_cached"] = run_side("jax", spec | {"dtype": dtype, "train_only": True} | cache)
+        if run["second_process"]:
+            pair["jax_cached"] = run_side("jax", spec | {"dtype": dtype, "train_only": True} | cache)
         result["train"][dtype] = pair
     return result
 
@@ -192,9 +217,12 @@ def main() -> None:
                     help=f"comma-separated sizes of {sorted(SIZES)}, or all (default tiny: ~3 min on 2 cores)")
     ap.add_argument("--dtype", choices=("bfloat16", "float32", "both"), default="both",
                     help="compute dtype of both sides (QLoRA uses bfloat16)")
-    ap.add_argument("--steps", type=int, default=4, help="train steps per timed repeat")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats; the median is reported")
-    ap.add_argument("--remat", action="store_true", help="gradient checkpointing on both sides")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"train steps per timed repeat (default {RUN_DEFAULTS['steps']}; 1 at 7B)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help=f"timed repeats; the median is reported (default {RUN_DEFAULTS['repeats']}; 1 at 7B)")
+    ap.add_argument("--remat", action=argparse.BooleanOptionalAction, default=None,
+                    help="gradient checkpointing on both sides (default: off, on at 7B)")
     ap.add_argument("--no-quant", action="store_true", help="skip the 4096x4096 quantize / dequantize rows")
     ap.add_argument("--quant-n", type=int, default=4096)
     ap.add_argument("--cpus", type=lambda v: [int(c) for c in v.split(",")], default=None,
@@ -214,7 +242,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="jaxlora-bench-") as tmp:
         for name in args.size:
             results["sizes"][name] = run_size(name, args, Path(tmp))
-    base = {"quant_n": args.quant_n, "repeats": args.repeats, "cpus": args.cpus}
+    base = {"quant_n": args.quant_n, "repeats": args.repeats or RUN_DEFAULTS["repeats"], "cpus": args.cpus}
     results["peak"] = run_side("peak", base)
     if not args.no_quant:
         results["quant"] = run_side("quant", base)
@@ -234,18 +262,21 @@ def main() -> None:
               f"- CPU peak (stated, measured): {peak.get('peak_flops', 0) / 1e9:.0f} GFLOP/s = the faster of a "
               f"{peak.get('n')}^3 f32 matmul in jax and in torch on one core ({peak.get('detail')})",
               f"- NF4 + double quant, blocksize 64; LoRA r=16, alpha=32, all-linear; AdamW lr 2e-4, clip 1.0; "
-              f"remat {args.remat}; train: medians of {args.repeats} repeats x {args.steps} steps after 2 warm-up "
-              f"steps; generate: greedy, medians of {args.repeats}",
+              f"train: medians of the timed repeats after the warm-up steps (per size, below); generate: greedy",
               f"- quantize/dequantize: {args.quant_n}x{args.quant_n} bf16 (benchmarks/bench_quant.py), "
-              f"medians of {args.repeats}", "", *peak_rows(results), ""]
+              f"medians of {base['repeats']}", "", *peak_rows(results), "", *per_layer_section(results)]
     devices = {pair[s]["device"] for s in ("jax", "torch") if "device" in pair[s]}
     if len(devices) > 1:  # e.g. a CUDA jaxlib beside a CPU-only torch: the ratios would mean nothing
         header.insert(1, f"- WARNING: the sides ran on different devices {sorted(devices)}; ratios are not comparable")
     body = []
     for name, res in results["sizes"].items():
         m, sp = res["spec"]["model"], res["spec"]
-        body += [f"## {name}: llama {m}, train batch {sp['batch']} x seq {sp['seq']}, generate batch "
-                 f"{sp['gen_batch']}, prompt {sp['prompt_len']}, {sp['new_tokens']} new tokens", "",
+        gen = (f"generate batch {sp['gen_batch']}, prompt {sp['prompt_len']}, {sp['new_tokens']} new tokens"
+               if sp["new_tokens"] else "no generation")
+        ck = res["checkpoint"]
+        body += [f"## {name}: llama {m}, train batch {sp['batch']} x seq {sp['seq']}, remat {sp['remat']}, "
+                 f"{sp['warmup']} warm-up + {sp['repeats']} x {sp['steps']} timed steps; {gen}; checkpoint "
+                 f"{ck['dtype']} {ck['checkpoint_bytes'] / 1e9:.2f} GB, written in {ck['save_s']:.0f} s", "",
                  *table(res | {"quant": results.get("quant") if name == args.size[-1] else None}), ""]
     text = "\n".join(header + body)
     print(text)
