@@ -109,7 +109,7 @@ def _input_grad(dy: jax.Array, qt: QuantizedTensor, compute_dtype) -> jax.Array:
 
     tiles = _split_rows(qt, n)
 
-    def product(i):  # row tile i's share of dx; indexing (not slicing) the tiles copies no codes
+    def product(i):  # row tile i's share of dx (tiles indexed: a static tiles[1:] for the loop would copy codes)
         t = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tiles)
         part = jax.lax.dynamic_slice_in_dim(dy, i * rows, rows, axis=-1)
         return jnp.matmul(part, _weight_t(t, compute_dtype), preferred_element_type=jnp.float32)

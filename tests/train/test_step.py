@@ -85,8 +85,8 @@ def test_gradient_accumulation_averages_micro_batches():
     unchanged = jax.tree.map(np.asarray, nnx.state(m2, nnx.LoRAParam))
     train_step(m2, o2, halves[1])
     # Two micro-batches sum in another order than their union (float32; the CPU's dot kernels choose it):
-    # rtol 1e-6 plus an absolute floor of 1e-9 for weights near zero (an 8e-5 weight differed by 1.2e-10
-    # on an AVX2 machine, in this test's code before and after the change that met it).
+    # rtol 1e-6 plus an absolute floor of 1e-9 for weights near zero (on an AVX2 machine an 8e-5 weight
+    # differed by 1.2e-10, at commit 9e51273 as after it).
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9),
         jax.tree.map(lambda x: np.asarray(x), nnx.state(m1, nnx.LoRAParam)),
