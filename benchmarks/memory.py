@@ -1,6 +1,6 @@
 """Compiled memory of one QLoRA train step at real model shapes, planned on paper (nothing is allocated).
 
-    python -m benchmarks.memory                          # every shape x seq 512, 2048, 8192 (~10 min)
+    python -m benchmarks.memory                          # every shape x seq 512, 2048, 8192, remat full and nested (~20 min)
     python -m benchmarks.memory --shapes llama2-7b --seqs 2048 --remat full,none
     python -m benchmarks.memory --out benchmarks/results  # where committed results live
 
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, from {', '.join(SHAPES)}")
     p.add_argument("--seqs", default=",".join(map(str, SEQS)), help="comma-separated sequence lengths")
-    p.add_argument("--remat", default="full", help="comma-separated policies: none, full, dots, offload")
+    p.add_argument("--remat", default="full,nested",
+                   help="comma-separated policies: none, full, dots, offload, nested")
     p.add_argument("--no-depth", action="store_true", help="skip the 2-vs-32-layer compile-time row")
     p.add_argument("--out", default="runs/bench", help="directory for the JSON and markdown results")
     args = p.parse_args(argv)

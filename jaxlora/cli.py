@@ -48,8 +48,9 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = None  # of activations (unset: dtype)
     quantize: bool = True  # QLoRA: quantize the linear layers while loading (the `quantization` section)
     # gradient checkpointing per decoder layer: "full" keeps only layer inputs (QLoRA's recipe), "offload"
-    # keeps them in host memory, "dots" also the matmul outputs, "none" everything (fastest); true = "full"
-    remat: Literal["none", "full", "dots", "offload"] | bool = "full"
+    # keeps them in host memory, "nested" every ~sqrt(layers)-th one (least memory, one more forward), "dots"
+    # also the matmul outputs, "none" everything (fastest); true = "full"
+    remat: Literal["none", "full", "dots", "offload", "nested"] | bool = "full"
     attention: Literal["auto", "eager", "blockwise", "cudnn"] = "auto"  # auto: blockwise past 512 keys
     seed: int = 0  # adapter initialisation and dropout
 

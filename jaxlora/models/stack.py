@@ -33,9 +33,18 @@ from jaxlora.models import scan
 #   "full"     keep only each layer's input (the layer boundary, 2 bytes per bf16 activation) and recompute
 #              the layer in the backward: transformers' gradient_checkpointing (`scan.remat_scan`);
 #   "dots"     jax.checkpoint saving every matmul output (less recompute, more memory);
-#   "offload"  "full" with the layer boundaries in pinned host memory instead of device memory.
-RematPolicy = Literal["none", "full", "dots", "offload"]
-REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots", "offload")
+#   "offload"  "full" with the layer boundaries in pinned host memory instead of device memory;
+#   "nested"   keep only every k-th layer boundary, k ≈ √layers (levanter's nested remat): a group's backward
+#              first re-runs its first k - 1 layers for their inputs, so √layers boundaries are kept at
+#              once instead of all of them, for up to one more forward pass of each layer.
+RematPolicy = Literal["none", "full", "dots", "offload", "nested"]
+REMAT_POLICIES: tuple[str, ...] = ("none", "full", "dots", "offload", "nested")
+
+
+def nested_group(layers: int) -> int:
+    """Layers per group under remat "nested": about √layers, which keeps the fewest boundaries at once
+    (layers / k kept between groups, k inside one)."""
+    return max(1, round(layers ** 0.5))
 
 
 def remat_policy(remat: bool | str) -> str:
@@ -193,7 +202,9 @@ class LayerStack(nnx.Module):
                 policy = jax.checkpoint_policies.checkpoint_dots
                 x, (new_rng, new_cache) = scan.checkpoint_scan(step, x, diff, rest, consts, policy=policy)
             else:
-                x, (new_rng, new_cache) = scan.remat_scan(step, x, diff, rest, consts, offload=remat == "offload")
+                group = nested_group(self.sizes[r]) if remat == "nested" else 1
+                x, (new_rng, new_cache) = scan.remat_scan(step, x, diff, rest, consts, offload=remat == "offload",
+                                                          group=group)
             if stochastic(run):  # dropout drew masks: advance the streams (in eval mode nothing changed)
                 nnx.update(run, new_rng)
             new_caches.append(new_cache)

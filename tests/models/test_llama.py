@@ -1,6 +1,7 @@
 """The llama family, its checkpoint I/O and generation, in JAX alone (parity with transformers is in
 parity_tests/test_model_parity.py)."""
 
+import dataclasses
 import json
 
 import jax
@@ -82,6 +83,25 @@ def test_remat_gives_same_output_and_grads():
         assert rel_err(a, b) < 1e-5  # the backward recomputes each layer (remat_scan): fp32 reassociation
     # A remat model still generates (decoding with a cache skips remat).
     np.testing.assert_array_equal(generate(remat, ids, max_new_tokens=3), generate(plain, ids, max_new_tokens=3))
+
+
+@pytest.mark.parametrize("layers", [4, 5])  # groups of 2: 2 groups; 2 groups and a tail of 1
+def test_nested_remat_gives_same_output_and_grads(layers):
+    """remat "nested" keeps every k-th layer boundary (k = round(sqrt(layers))) and re-runs each group's
+    first layers in its backward: the logits and every gradient of the "full" policy's, to fp32
+    reassociation, also when the layer count is not a multiple of k."""
+    config = dataclasses.replace(FAMILY_CONFIGS["qwen2"], num_hidden_layers=layers)
+    ids = family_tokens((2, 6))
+    full, nested = make_model(config, remat="full"), make_model(config, remat="nested")
+
+    def loss(m):
+        return jnp.mean(m(ids) ** 2)
+
+    assert np.array_equal(full(ids), nested(ids))
+    g1, g2 = nnx.grad(loss)(full), nnx.grad(loss)(nested)
+    assert jax.tree.structure(g1) == jax.tree.structure(g2)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_dtype_policy():
