@@ -37,7 +37,7 @@ from jaxlora.train.optim import OptimizerConfig, make_schedule
 from jaxlora.train.report import device_memory_mb, parse_report_to, plot_metrics, read_metrics
 from jaxlora.train.sharding import device_batch, make_mesh
 from jaxlora.train.state import TrainState
-from jaxlora.train.step import LossFn, lm_loss, train_step
+from jaxlora.train.step import LossFn, donating_train_step, lm_loss
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "check_output_dir", "plot_metrics", "read_metrics",
            "run_lock", "train"]
@@ -82,7 +82,7 @@ class Trainer:
         as it is now (its active adapter included): a hook that changes it is seen by the next `fit`."""
         state = self.state
         # cached_partial walks the model graph once instead of on every call (~20% of a small step on CPU).
-        step_fn = nnx.cached_partial(train_step, state.model, state.optimizer)
+        step_fn = nnx.cached_partial(donating_train_step, state.model, state.optimizer)
         state.model.train()
         t_run, tokens_run, metrics = time.perf_counter(), 0, {}
         while state.step < max_steps:
