@@ -22,8 +22,8 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxlora.base import TableBase
 from jaxlora.fileio import atomic_directory
-from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear
 from jaxlora.modules_to_save import ModulesToSave, module_tensors
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
@@ -54,8 +54,8 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
                 for key, value in layer.peft_state(name).items():
                     tensors[f"{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
         adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-        for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's table as well
-            if name in layer.adapters and isinstance(layer, LoRAEmbedding):
+        for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's (or tied head's) table
+            if name in layer.adapters and isinstance(layer.base, TableBase):
                 table = layer.base.embedding.get_value()
                 tensors[f"{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(table))
         for path, base in trained_biases(peft, configs[name], name).items():  # in the base's dtype, as PEFT
@@ -86,8 +86,9 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-# PEFT's save_embedding_layers="auto" writes the table of an adapted embedding (for a resized vocabulary) and
-# loads it into the base; jaxlora does both (a file without it loads too).
+# PEFT's save_embedding_layers="auto" writes the table of an adapted embedding or tied output head (for a
+# resized vocabulary) and loads it into the base -- the shared table, on a tied model; jaxlora does both (a
+# file without it loads too).
 _TABLE = "base_layer.weight"
 
 
@@ -120,6 +121,8 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
             shapes[f"{PREFIX}{t.name}.lora_embedding_B"] = (table.shape[1], t.r)
             optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(table.shape)
             continue
+        if isinstance(base_of(t.module), TableBase):  # a tied head: PEFT writes the shared table beside it
+            optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(base_of(t.module).embedding.get_value().shape)
         in_f, out_f = t.module.in_features, t.module.out_features
         shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
         shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
