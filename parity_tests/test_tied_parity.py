@@ -65,7 +65,7 @@ def table(model):
 
 def test_lora_on_tied_head_round_trip(tied, tmp_path):
     """PEFT -> jaxlora -> PEFT: the same logits at every hop, the same tensors back (the shared table as
-    lm_head.base_layer.weight, as PEFT writes it), and the head's delta reaches the logits only."""
+    lm_head.base_layer.weight, as PEFT writes it); the head's adapter alone moves the logits."""
     peft = peft_head_lora(tied)
     peft.save_pretrained(tmp_path / "peft")
     theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
@@ -84,14 +84,7 @@ def test_lora_on_tied_head_round_trip(tied, tmp_path):
         peft.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.zero_()
         peft.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight.zero_()
     assert_adapted(torch_logits(peft, tokens), base)
-    # ... and only the logits: the hidden states are the base model's (q_proj's B zeroed here too).
-    for layer in (0, 1):
-        lora = user.model.layers[layer].self_attn.q_proj.adapters["default"].lora_b
-        lora.set_value(jnp.zeros_like(lora.get_value()))
-    h, _ = model.hidden_states(jnp.asarray(tokens))
-    with model.disable_adapter():
-        h_base, _ = model.hidden_states(jnp.asarray(tokens))
-    np.testing.assert_array_equal(np.asarray(h), np.asarray(h_base))
+    # (That the delta reaches the logits only, not the embedding lookup: tests/models/test_tied.py.)
 
     model = load_adapter(from_pretrained(tied), tmp_path / "peft")
     save_adapter(model, tmp_path / "ours")
