@@ -24,6 +24,7 @@ from jaxlora.models.loading import from_pretrained, save_pretrained
 from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
 from jaxlora.models.tied import TiedHead
 from jaxlora.peft_model import get_peft_model
+from jaxlora.targets import base_of
 from jaxlora.train.sharding import make_mesh, shard_model
 from tests._models import RANDOM, diff, tiny, tokens
 
@@ -33,7 +34,7 @@ def tied():
 
 
 def table(model) -> jax.Array:
-    return model.model.embed_tokens.embedding.get_value()
+    return base_of(model.model.embed_tokens).embedding.get_value()  # the table, under a LoRA layer too
 
 
 def test_head_reads_the_embedding_table():
