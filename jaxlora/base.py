@@ -150,7 +150,8 @@ class EmbedBase(nnx.Embed):
     one-hot token ids, so merging an adapter into it is a linear layer's merge.
 
     It holds the embedding's own table variable, not a copy: on a tied model the output head reads that
-    variable too (`jaxlora.models.tied.TiedHead`), and PEFT merges an embedding's adapter into the matrix both share."""
+    variable too (`jaxlora.models.tied.TiedHead`), and PEFT merges an embedding's adapter into the matrix
+    both share."""
 
     bias = None  # an embedding has none
     shared_weight = True

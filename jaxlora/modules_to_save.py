@@ -58,8 +58,8 @@ class ModulesToSave(nnx.Module):
     def __init__(self, original: nnx.Module, adapter_name: str):
         if type(original) not in _TENSORS:
             raise ValueError(f"modules_to_save takes nnx.Linear, nnx.Embed or tied-head modules, got "
-                             f"{type(original).__name__} (a quantized layer cannot be trained in full: keep it dense with QuantConfig's "
-                             "skip_modules)")
+                             f"{type(original).__name__} (a quantized layer cannot be trained in full: keep it "
+                             "dense with QuantConfig's skip_modules)")
         self.original = original
         self.adapters = nnx.Dict()
         self.add_adapter(adapter_name)

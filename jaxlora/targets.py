@@ -20,9 +20,9 @@ from jaxlora.layers import LoRALinear, set_bias_trainable
 from jaxlora.lora import pissa_niter
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer
+from jaxlora.models.tied import TiedHead
 from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
-from jaxlora.models.tied import TiedHead
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
 # Linear layers: flax's, any LinearBase (QuantizedLinear, a tied head: jaxlora.models.tied.TiedHead), LoRA layers.

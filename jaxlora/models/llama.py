@@ -197,7 +197,8 @@ class LlamaForCausalLM(nnx.Module):
     bfloat16 compute). The decoder layers are stacked and scanned (`jaxlora.models.stack`); remat is the
     gradient checkpointing policy of each layer ("none", "full", "dots", "offload"; True means "full").
     attention: "auto" (blockwise beyond one block, see `attention.attention`), "eager", "blockwise" or
-    "cudnn". With tied embeddings ``lm_head`` is a `jaxlora.models.tied.TiedHead` over ``model.embed_tokens``' table.
+    "cudnn". With tied embeddings ``lm_head`` is a `jaxlora.models.tied.TiedHead` over the table of
+    ``model.embed_tokens``.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -43,9 +43,9 @@ from jaxlora.models.hf_files import (INDEX_FILE, SINGLE_FILE, TensorReader, load
 from jaxlora.models.llama import LlamaForCausalLM, RMSNorm
 from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
 from jaxlora.models.stack import device_arrays, host_buffers, unstacked
+from jaxlora.models.tied import TiedHead
 from jaxlora.quant import from_bnb_state_dict, quantize, to_bnb_state_dict
 from jaxlora.quant.config import FORMAT_FIELDS
-from jaxlora.models.tied import TiedHead
 
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")  # safetensors dtype tags a float parameter may come in
 # safetensors tags a bitsandbytes packed weight may be stored as (its quant_storage), and their byte sizes.

@@ -15,9 +15,9 @@ from flax import nnx
 
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import unstacked
+from jaxlora.models.tied import TiedHead
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant.config import QuantConfig
-from jaxlora.models.tied import TiedHead
 
 __all__ = ["QuantConfig", "hf_quantization_config", "quantize_model"]
 
