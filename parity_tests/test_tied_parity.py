@@ -176,3 +176,26 @@ def test_modules_to_save_tied_head_matches_peft(tied, tmp_path):
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
     assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
     assert rel_err(np.asarray(from_pretrained(tmp_path / "merged")(jnp.asarray(tokens))), ours) < TOL
+
+
+def test_lora_on_untied_head_round_trip(tmp_path):
+    """Untied lm_head targeted: PEFT writes its weight beside the adapter too (lm_head.base_layer.weight,
+    save_embedding_layers), jaxlora reads it into the head's kernel and writes it back: the same tensors."""
+    path = hf_ref.save_tiny_model("llama", tmp_path / "untied", seed=1)
+    peft = peft_head_lora(path)
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert f"{HEAD}.base_layer.weight" in theirs_file
+    other = hf_ref.load_model(path)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    other.save_pretrained(tmp_path / "other")  # another head: the file's weight replaces it
+    model = load_adapter(from_pretrained(tmp_path / "other"), tmp_path / "peft")
+    tokens = ids(5)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(path), tokens))
+    save_adapter(model, tmp_path / "ours")
+    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(ours_file) == sorted(theirs_file)
+    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
