@@ -5,7 +5,8 @@ into) and `LinearBase` (plus the unbiased product DoRA rescales). `QuantizedLine
 ``nnx.Linear`` and ``nnx.Embed`` do through `DenseBase` and `EmbedBase`, subclasses that add the methods and
 keep the variables where flax puts them (``kernel``, ``bias``, ``embedding``), so module paths, loading and
 `quantize_model` see the layers they always saw. A new base type (int8, fp8) implements the protocol and
-needs no edit to the LoRA layer.
+needs no edit to the LoRA layer. An embedding's table is shared, not copied (`EmbedBase`): a tied output head
+(`jaxlora.models.tied.TiedHead`) reads the same variable, as PEFT's lm_head shares the embedding's Parameter.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from flax import nnx
 @runtime_checkable
 class KernelBase(Protocol):
     """A frozen layer whose weight reads as a dense kernel ``(in, out)``: what merging needs."""
+
+    # True where another module reads this weight too (an embedding's table, a tied head): merging writes
+    # into it, so a merged model stays tied, as PEFT's shared Parameter does; False: a weight of its own.
+    shared_weight: bool
 
     @property
     def weight_dtype(self): ...  # the dtype the weight is stored in (a quantized one: dequantized to)
@@ -43,6 +48,14 @@ class LinearBase(KernelBase, Protocol):
     def __call__(self, x: jax.Array) -> jax.Array: ...  # (..., in) -> (..., out)
 
     def matmul(self, x: jax.Array) -> jax.Array: ...  # x @ kernel as __call__ computes it, no bias
+
+
+@runtime_checkable
+class TableBase(Protocol):
+    """A base whose weight is a token table ``embedding`` ``(vocab, hidden)``, transformers' layout of an
+    embedding's and a tied head's weight: PEFT saves it beside an adapter there (``save_embedding_layers``)."""
+
+    embedding: nnx.Variable
 
 
 def _copy_into(module: nnx.Module, source: nnx.Module, names: tuple[str, ...]) -> nnx.Module:
@@ -77,11 +90,18 @@ def _embed_like(cls: type, embed: nnx.Embed) -> nnx.Embed:
     return _copy_into(new, embed, ("embedding",))
 
 
+def _share_table(embed: nnx.Embed, source: nnx.Embed) -> nnx.Embed:
+    """`embed` holding `source`'s table variable itself: edits reach every reader of it."""
+    embed.embedding = source.embedding
+    return embed
+
+
 class DenseBase(nnx.Linear):
     """An ``nnx.Linear`` as a `LinearBase`: the same computation, parameters and names."""
 
     # What a bias returns to when it stops training (jaxlora.layers.set_bias_trainable).
     frozen_bias = nnx.Param
+    shared_weight = False  # copies of the caller's variables (_copy_into)
 
     @classmethod
     def of(cls, linear: nnx.Linear) -> DenseBase:
@@ -127,13 +147,18 @@ class DenseBase(nnx.Linear):
 
 class EmbedBase(nnx.Embed):
     """An ``nnx.Embed`` as a `KernelBase`: the table ``(vocab, hidden)`` is the kernel of a linear layer over
-    one-hot token ids, so merging an adapter into it is a linear layer's merge."""
+    one-hot token ids, so merging an adapter into it is a linear layer's merge.
+
+    It holds the embedding's own table variable, not a copy: on a tied model the output head reads that
+    variable too (`jaxlora.models.tied.TiedHead`), and PEFT merges an embedding's adapter into the matrix
+    both share."""
 
     bias = None  # an embedding has none
+    shared_weight = True
 
     @classmethod
     def of(cls, embed: nnx.Embed) -> EmbedBase:
-        return _embed_like(cls, embed)
+        return _share_table(_embed_like(cls, embed), embed)
 
     @property
     def in_features(self) -> int:
@@ -160,7 +185,8 @@ class EmbedBase(nnx.Embed):
         return plain
 
     def unwrap(self) -> nnx.Embed:
-        return self.to_dense()
+        """A plain ``nnx.Embed`` over this same table variable (a tied head keeps reading it)."""
+        return _share_table(_embed_like(nnx.Embed, self), self)
 
 
 # flax's layers -> their adapters, by exact type: a subclass may compute differently, so it implements the

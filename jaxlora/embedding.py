@@ -53,16 +53,9 @@ class LoRAEmbedding(LoRALinear):
         delta = adapter.lora_a.get_value()[ids] @ adapter.lora_b.get_value()
         return delta * jnp.asarray(adapter.scaling, adapter.dtype)
 
-    @property
-    def embedding(self) -> nnx.Variable:
-        """The base table: what a tied output head reads (as `attend`), as on an ``nnx.Embed``."""
-        return self.base.embedding
-
-    def attend(self, h: jax.Array) -> jax.Array:
-        """The tied output head uses the table alone (PEFT's lm_head shares the base weight, not the adapter)."""
-        return self.base.attend(h)
-
-    # Merging, unmerging and unloading are LoRALinear's: EmbedBase reads the table as the kernel.
+    # Merging, unmerging and unloading are LoRALinear's: EmbedBase reads the table as the kernel. A tied
+    # output head (jaxlora.models.tied.TiedHead) reads the base's table variable itself, never the adapter:
+    # unmerged, the logits use the plain table, as PEFT's lm_head, which shares the base weight.
 
     # --- PEFT layout ----------------------------------------------------------------------------------
 

@@ -258,9 +258,10 @@ class LoRALinear(nnx.Module):
         dense base's exact merge; a quantized base's dequantize(W) + delta, no new quantization error (if
         `merge` already ran, W holds the merged weight and is only dequantized). ``requantize=True`` keeps a
         `QuantizedLinear` and re-quantizes W + delta, as PEFT's bitsandbytes merge does. This layer is left
-        as it was, unless ``requantize=True`` merges it.
+        as it was, unless ``requantize=True`` merges it, or the base's weight is shared (an embedding's
+        table, a tied head): then it is merged, so every reader of the weight sees the merged matrix.
         """
-        if requantize:
+        if requantize or self.base.shared_weight:
             if not self.merged_adapters:
                 self.merge(name)
             return self.base.unwrap()

@@ -15,10 +15,13 @@ from flax import nnx
 
 from jaxlora.graph import replace_module
 from jaxlora.mixed import AdapterRows, Selection, only, where_rows
+from jaxlora.models.tied import TiedHead
 
-# The modules a copy can be made of, and their transformers tensors: name -> (variable, transposed).
+# The modules a copy can be made of, and their transformers tensors: name -> (variable, transposed). A tied
+# head's weight is the embedding's table (vocab, hidden), transformers' lm_head.weight layout.
 _TENSORS = {nnx.Linear: {"weight": ("kernel", True), "bias": ("bias", False)},
-            nnx.Embed: {"weight": ("embedding", False)}}
+            nnx.Embed: {"weight": ("embedding", False)},
+            TiedHead: {"weight": ("embedding", False)}}
 
 
 def _retype(module: nnx.Module, old: type, new: type) -> nnx.Module:
@@ -29,9 +32,16 @@ def _retype(module: nnx.Module, old: type, new: type) -> nnx.Module:
     return module
 
 
+def _trainable_copy(original: nnx.Module) -> nnx.Module:
+    """A copy of `original` whose parameters are ``nnx.LoRAParam``. Of a tied head, the untied ``nnx.Linear``
+    PEFT trains there (its copy of the shared matrix): the embedding keeps the original table."""
+    copy = original.untied() if isinstance(original, TiedHead) else nnx.clone(original)
+    return _retype(copy, nnx.Param, nnx.LoRAParam)
+
+
 def module_tensors(module: nnx.Module) -> dict[str, jax.Array]:
-    """An ``nnx.Linear`` / ``nnx.Embed`` as transformers tensors: ``{"weight": (out, in)[, "bias": (out,)]}``
-    of a linear layer, ``{"weight": (vocab, hidden)}`` of an embedding."""
+    """An ``nnx.Linear`` / ``nnx.Embed`` / tied head as transformers tensors: ``{"weight": (out, in)[, "bias":
+    (out,)]}`` of a linear layer, ``{"weight": (vocab, hidden)}`` of an embedding or a tied head."""
     out = {}
     for key, (attr, transposed) in _TENSORS[type(module)].items():
         var = getattr(module, attr)
@@ -41,14 +51,15 @@ def module_tensors(module: nnx.Module) -> dict[str, jax.Array]:
 
 
 class ModulesToSave(nnx.Module):
-    """A frozen `original` (``nnx.Linear`` or ``nnx.Embed``) and per-adapter trained copies, in ``adapters``.
+    """A frozen `original` (``nnx.Linear``, ``nnx.Embed`` or a tied head) and per-adapter trained copies, in
+    ``adapters`` (of a tied head: untied ``nnx.Linear`` layers, so unloading one unties the model, as PEFT).
     Its adapter methods are `jaxlora.layers.LoRALinear`'s, so the model-level operations treat both alike."""
 
     def __init__(self, original: nnx.Module, adapter_name: str):
         if type(original) not in _TENSORS:
-            raise ValueError(f"modules_to_save takes nnx.Linear or nnx.Embed modules, got {type(original).__name__} "
-                             "(a quantized layer cannot be trained in full: keep it dense with QuantConfig's "
-                             "skip_modules)")
+            raise ValueError(f"modules_to_save takes nnx.Linear, nnx.Embed or tied-head modules, got "
+                             f"{type(original).__name__} (a quantized layer cannot be trained in full: keep it "
+                             "dense with QuantConfig's skip_modules)")
         self.original = original
         self.adapters = nnx.Dict()
         self.add_adapter(adapter_name)
@@ -56,7 +67,7 @@ class ModulesToSave(nnx.Module):
     def add_adapter(self, name: str) -> None:
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
-        self.adapters[name] = _retype(nnx.clone(self.original), nnx.Param, nnx.LoRAParam)
+        self.adapters[name] = _trainable_copy(self.original)
 
     def delete_adapter(self, name: str) -> None:
         del self.adapters[name]
@@ -103,7 +114,7 @@ class ModulesToSave(nnx.Module):
         expected = self.shapes()
         if set(tensors) != set(expected):
             raise ValueError(f"modules_to_save tensors {sorted(tensors)} do not match the expected {sorted(expected)}")
-        for key, (attr, transposed) in _TENSORS[type(self.original)].items():
+        for key, (attr, transposed) in _TENSORS[type(copy)].items():
             if key in tensors:
                 if tuple(tensors[key].shape) != expected[key]:
                     raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}, expected {expected[key]}")

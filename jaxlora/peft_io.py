@@ -5,7 +5,9 @@ a `jaxlora.PeftModel`'s own module paths: ``base_model.model.<module path>.lora_
 ``.lora_B.weight`` (out, r), and for DoRA ``.lora_magnitude_vector`` (out,), all float32; with
 ``bias="all"`` / ``"lora_only"`` the trained base biases as PEFT names them, ``<path>.base_layer.bias`` under
 an adapted layer and ``<path>.bias`` elsewhere; and each module of ``modules_to_save`` under its own names
-(``base_model.model.lm_head.weight``), in its dtype. ``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
+(``base_model.model.lm_head.weight``), in its dtype; beside an adapted embedding or ``lm_head`` (tied or not)
+its base weight, ``<path>.base_layer.weight``, as PEFT's ``save_embedding_layers``.
+``peft.PeftModel.from_pretrained(hf_model, dir)`` loads
 what `save_adapter` writes; `load_adapter` reads what PEFT's ``save_pretrained`` writes.
 """
 
@@ -16,20 +18,21 @@ import json
 import os
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from jaxlora.base import TableBase
 from jaxlora.fileio import atomic_directory
-from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear
 from jaxlora.modules_to_save import ModulesToSave, module_tensors
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
-from jaxlora.targets import (base_of, embedding_modules, find_saved_modules, find_targets, linear_modules, lora_layers,
-                             saved_modules, trained_biases)
+from jaxlora.targets import (OUTPUT_HEAD, base_of, embedding_modules, find_saved_modules, find_targets,
+                             linear_modules, lora_layers, saved_modules, trained_biases)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -54,10 +57,9 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
                 for key, value in layer.peft_state(name).items():
                     tensors[f"{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
         adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-        for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's table as well
-            if name in layer.adapters and isinstance(layer, LoRAEmbedding):
-                table = layer.base.embedding.get_value()
-                tensors[f"{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(table))
+        for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's or head's weight too
+            if name in layer.adapters and _saves_base_weight(path, layer.base):
+                tensors[f"{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(_base_weight(layer.base)))
         for path, base in trained_biases(peft, configs[name], name).items():  # in the base's dtype, as PEFT
             tensors[_bias_key(path, path in adapted)] = np.ascontiguousarray(np.asarray(base.bias.get_value()))
         for path, wrapper in saved_modules(peft).items():  # PEFT drops "modules_to_save.<adapter>" from names
@@ -86,9 +88,26 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
         raise ValueError(f"{file}: {e}") from e
 
 
-# PEFT's save_embedding_layers="auto" writes the table of an adapted embedding (for a resized vocabulary) and
-# loads it into the base; jaxlora does both (a file without it loads too).
+# PEFT's save_embedding_layers="auto" writes the base weight of an adapted embedding or output head (for a
+# resized vocabulary) and loads it into the base -- the shared table, on a tied model; jaxlora does both (a
+# file without it loads too).
 _TABLE = "base_layer.weight"
+
+
+def _saves_base_weight(path: str, base: nnx.Module) -> bool:
+    """Whether PEFT writes this adapted layer's base weight (``save_embedding_layers``): an embedding, a tied
+    head, a dense lm_head. (A quantized lm_head's packed bytes are not written.)"""
+    return isinstance(base, TableBase) or path.rsplit(".", 1)[-1] == OUTPUT_HEAD and isinstance(base, nnx.Linear)
+
+
+def _base_weight(base: nnx.Module) -> jax.Array:
+    """The base weight in transformers' layout: a table (vocab, hidden), or a linear layer's (out, in)."""
+    return base.embedding.get_value() if isinstance(base, TableBase) else base.kernel.get_value().T
+
+
+def _set_base_weight(base: nnx.Module, weight: jax.Array) -> None:
+    var, value = (base.embedding, weight) if isinstance(base, TableBase) else (base.kernel, weight.T)
+    var.set_value(value.astype(var.get_value().dtype))
 
 
 def _check_unmerged(peft) -> None:
@@ -120,6 +139,8 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
             shapes[f"{PREFIX}{t.name}.lora_embedding_B"] = (table.shape[1], t.r)
             optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(table.shape)
             continue
+        if _saves_base_weight(t.name, base_of(t.module)):  # a head: PEFT writes its weight (the tied table) too
+            optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(_base_weight(base_of(t.module)).shape)
         in_f, out_f = t.module.in_features, t.module.out_features
         shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
         shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
@@ -198,8 +219,7 @@ def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
     adapted = lora_layers(peft)
     for path, layer in adapted.items():
         if adapter_name in layer.adapters and f"{path}.{_TABLE}" in tensors:
-            table = layer.base.embedding
-            table.set_value(tensors[f"{path}.{_TABLE}"].astype(table.get_value().dtype))
+            _set_base_weight(layer.base, tensors[f"{path}.{_TABLE}"])
     for path, base in trained_biases(peft, config, adapter_name).items():  # into the base, as PEFT loads them
         base.bias.set_value(tensors[_bias_key(path, path in adapted)].astype(base.bias.get_value().dtype))
 

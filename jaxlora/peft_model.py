@@ -25,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from flax import nnx
 
 from jaxlora import peft_io, targets
+from jaxlora.base import LinearBase
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.graph import replace_module
 from jaxlora.layers import LoRALinear
@@ -35,8 +36,8 @@ from jaxlora.models.stack import per_layer, stochastic
 from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 
-# The LoRA layer each kind of base gets.
-_LORA_LAYER = {nnx.Linear: LoRALinear, QuantizedLinear: LoRALinear, nnx.Embed: LoRAEmbedding}
+# The LoRA layer each kind of base gets: any LinearBase (QuantizedLinear, a tied head) a LoRALinear.
+_LORA_LAYER = {nnx.Linear: LoRALinear, LinearBase: LoRALinear, nnx.Embed: LoRAEmbedding}
 
 
 class LoraModel(nnx.Module):

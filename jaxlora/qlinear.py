@@ -42,6 +42,8 @@ class QuantizedLinear(nnx.Module):
     the case.
     """
 
+    shared_weight = False  # jaxlora.base.KernelBase: the packed weight is this layer's own
+
     def __init__(self, weight: QuantizedTensor, bias: jax.Array | None = None):
         if not isinstance(weight, QuantizedTensor):
             raise TypeError(f"weight must be a QuantizedTensor (jaxlora.quant.quantize(w, config)), got "

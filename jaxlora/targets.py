@@ -14,16 +14,19 @@ from typing import NamedTuple
 
 from flax import nnx
 
+from jaxlora.base import LinearBase
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear, set_bias_trainable
 from jaxlora.lora import pissa_niter
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer
+from jaxlora.models.tied import TiedHead
 from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
-_LINEAR = (nnx.Linear, QuantizedLinear, LoRALinear)
+# Linear layers: flax's, any LinearBase (QuantizedLinear, a tied head: jaxlora.models.tied.TiedHead), LoRA layers.
+_LINEAR = (nnx.Linear, LinearBase, LoRALinear)
 
 
 class Target(NamedTuple):
@@ -31,7 +34,7 @@ class Target(NamedTuple):
 
     path: tuple[str | int, ...]  # attribute path, ints index nnx.List
     name: str  # the dotted path, PEFT's module name
-    module: nnx.Module  # nnx.Linear, QuantizedLinear, nnx.Embed, or a LoRA layer that gets one more adapter
+    module: nnx.Module  # nnx.Linear, a LinearBase, nnx.Embed, or a LoRA layer that gets one more adapter
     r: int
     lora_alpha: float
 
@@ -97,6 +100,9 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
             raise ValueError(f"{name} is an embedding: LoRA there takes init_lora_weights True, False or 'gaussian' "
                              f"and no DoRA, as in PEFT (got {config.init_lora_weights!r}, use_dora={config.use_dora})")
         needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
+        if needs_dense and isinstance(base_of(module), TiedHead):
+            raise ValueError(f"{name} is tied to the embedding: init_lora_weights={config.init_lora_weights!r} "
+                             "would rewrite the shared matrix; use init_lora_weights True, False or 'gaussian'")
         if needs_dense and isinstance(base_of(module), QuantizedLinear):
             raise ValueError(f"{name}: init_lora_weights={config.init_lora_weights!r} needs the dense weight, but "
                              "this layer is already quantized; inject into the dense model and quantize with "
@@ -130,11 +136,13 @@ def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple
         if isinstance(module, LoRALinear) or name in targeted:
             raise ValueError(f"{name} is both a LoRA target and in modules_to_save={list(config.modules_to_save)}; "
                              "choose one")
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        # PEFT (ensure_weight_tying=False) trains an untied copy there: the logits keep the original matrix,
-        # and merge_and_unload unties the model -- which a tied jaxlora model has no lm_head module to hold.
-        raise ValueError(f"modules_to_save={list(config.modules_to_save)} on a model with tied embeddings is not "
-                         "supported (it has no lm_head module, and PEFT's trained copy would untie the model)")
+    tables = [m.embedding for _, m in nnx.iter_graph(model) if isinstance(m, TiedHead)]
+    for name, (_, module) in found.items():
+        if isinstance(module, nnx.Embed) and any(module.embedding is t for t in tables):
+            # PEFT trains an untied copy of the embedding and its lm_head keeps the original; here the tied
+            # head reads the embedding's table, and unloading would leave it reading a table nothing owns.
+            raise ValueError(f"modules_to_save names {name}, whose table a tied output head (lm_head) reads: "
+                             "not supported; train lm_head in full instead, or load the model untied")
     missing = [n for n in config.modules_to_save if not any(path.endswith(n) for path in found)]
     if missing:
         raise ValueError(f"modules_to_save names {missing} match no module of the model")

@@ -174,7 +174,8 @@ def test_modules_to_save_round_trip(llama, tmp_path, saved):
 def test_embedding_lora_round_trip(tmp_path, tie):
     """LoRA on embed_tokens (PEFT's lora.Embedding, lora_embedding_A / _B): PEFT's file loads in jaxlora with
     PEFT's logits, jaxlora writes back the same keys and values (the table too, as PEFT), PEFT loads that;
-    the merged model matches too. Tied: the output head keeps the base table on both sides."""
+    the merged model matches too. Tied: the output head keeps the base table on both sides while unmerged;
+    merged, the delta is in the shared table on both sides (PEFT's lm_head shares the embedding's matrix)."""
     path = hf_ref.save_tiny_model("llama", tmp_path / "m", seed=1, tie_word_embeddings=tie)
     peft = peft_ref.random_adapter(hf_ref.load_model(path), seed=7, r=4, lora_alpha=8,
                                    target_modules=["embed_tokens", "v_proj"])
@@ -187,9 +188,14 @@ def test_embedding_lora_round_trip(tmp_path, tie):
             if "v_proj.lora_B" in n:
                 p.zero_()
     assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(path), tokens))
-    if not tie:  # a tied merged table would also move PEFT's lm_head, which shares it
-        save_pretrained(merge_and_unload(model), tmp_path / "merged")
-        assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+    save_pretrained(merge_and_unload(model), tmp_path / "merged")
+    merged = torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens)
+    if tie:  # the merged table moves the head too, as PEFT's merge into the shared matrix: not the adapted logits
+        peft = peft_ref.load_adapter(hf_ref.load_model(path), tmp_path / "peft")
+        assert rel_err(merged, torch_logits(peft.merge_and_unload(), tokens)) < TOL
+        assert_adapted(merged, ours)
+    else:
+        assert rel_err(merged, ours) < TOL
 
 
 def test_merged_checkpoint_loads_in_transformers(checkpoint, tmp_path):

@@ -6,6 +6,7 @@ from flax import nnx
 
 from jaxlora.layers import LoRALinear
 from jaxlora.lora_config import LoraConfig
+from jaxlora.models.tied import TiedHead
 from jaxlora.peft_model import get_peft_model, merge_and_unload
 from jaxlora.targets import lora_layers
 from tests._models import ALL_14, diff, tiny, tokens
@@ -33,9 +34,15 @@ def test_targeting(kw, expected):
     assert isinstance(model.lm_head, LoRALinear) == ("lm_head" in kw.get("target_modules", ()))
 
 
-def test_tied_embeddings_have_no_head_to_target():
+def test_tied_head_is_targeted_only_when_named():
+    """A tied model's lm_head (jaxlora.models.tied.TiedHead) is a linear layer: "all-linear" leaves it alone, a
+    name adapts it, as PEFT adapts transformers' tied lm_head."""
     model = get_peft_model(tiny(tie_word_embeddings=True), LoraConfig(), rngs=nnx.Rngs(0))
-    assert len(lora_layers(model)) == ALL_14
+    assert len(lora_layers(model)) == ALL_14 and isinstance(model.base_model.model.lm_head, TiedHead)
+    model = get_peft_model(tiny(tie_word_embeddings=True), LoraConfig(target_modules=["q_proj", "lm_head"]),
+                           rngs=nnx.Rngs(0))
+    head = model.base_model.model.lm_head
+    assert len(lora_layers(model)) == 3 and isinstance(head, LoRALinear) and isinstance(head.base, TiedHead)
 
 
 def test_rank_and_alpha_patterns():

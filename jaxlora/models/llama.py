@@ -18,8 +18,9 @@ from flax import nnx
 from jaxlora.mixed import Selection, call
 from jaxlora.models import attention as attn
 from jaxlora.models.config import LlamaConfig
-from jaxlora.models.rounded import rounded_dot_general, rounded_matmul
+from jaxlora.models.rounded import rounded_dot_general
 from jaxlora.models.stack import LayerStack, remat_policy, stochastic
+from jaxlora.models.tied import TiedHead
 
 
 @jax.tree_util.register_dataclass
@@ -196,7 +197,8 @@ class LlamaForCausalLM(nnx.Module):
     bfloat16 compute). The decoder layers are stacked and scanned (`jaxlora.models.stack`); remat is the
     gradient checkpointing policy of each layer ("none", "full", "dots", "offload"; True means "full").
     attention: "auto" (blockwise beyond one block, see `attention.attention`), "eager", "blockwise" or
-    "cudnn". With tied embeddings there is no ``lm_head``; the logits reuse ``model.embed_tokens``.
+    "cudnn". With tied embeddings ``lm_head`` is a `jaxlora.models.tied.TiedHead` over the table of
+    ``model.embed_tokens``.
     """
 
     def __init__(self, config: LlamaConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -205,8 +207,9 @@ class LlamaForCausalLM(nnx.Module):
         self.model = LlamaModel(config, dtype=dtype, param_dtype=param_dtype, remat=remat, attention=attention,
                                 rngs=rngs)
         # rounded_dot_general: the same numbers as a plain dot, without a float32 copy of the head on the
-        # CPU (jaxlora.models.rounded).
-        self.lm_head = None if config.tie_word_embeddings else nnx.Linear(
+        # CPU (jaxlora.models.rounded). Tied: a head over the embedding's own table (no second matrix), so
+        # lm_head is a module path that LoRA and modules_to_save find, as on transformers' tied models.
+        self.lm_head = TiedHead(self.model.embed_tokens) if config.tie_word_embeddings else nnx.Linear(
             config.hidden_size, config.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
             kernel_init=nnx.initializers.normal(config.initializer_range), dot_general=rounded_dot_general,
             rngs=rngs)
@@ -249,13 +252,7 @@ class LlamaForCausalLM(nnx.Module):
         return self.model(input_ids, segment_ids.astype(jnp.int32), positions, cache, adapters)
 
     def logits(self, h: jax.Array, adapters: Selection = None) -> jax.Array:  # (batch, ..., hidden)
-        if self.lm_head is not None:  # -> (batch, ..., vocab)
-            return call(self.lm_head, h, adapters)
-        # Embed.attend's promoted jnp.dot, as rounded_matmul (jaxlora.models.rounded: no float32 copy of
-        # the (vocab, hidden) table on the CPU).
-        table = self.model.embed_tokens.embedding[...]
-        dtype = self.model.dtype  # the compute dtype the embedding was built with
-        return rounded_matmul(h.astype(dtype), table.astype(dtype).T)
+        return call(self.lm_head, h, adapters)  # -> (batch, ..., vocab)
 
     def init_cache(self, batch: int, slots: int) -> KVCache:
         """An empty KV cache of `slots` positions, in the compute dtype."""

@@ -43,6 +43,7 @@ from jaxlora.models.hf_files import (INDEX_FILE, SINGLE_FILE, TensorReader, load
 from jaxlora.models.llama import LlamaForCausalLM, RMSNorm
 from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
 from jaxlora.models.stack import device_arrays, host_buffers, unstacked
+from jaxlora.models.tied import TiedHead
 from jaxlora.quant import from_bnb_state_dict, quantize, to_bnb_state_dict
 from jaxlora.quant.config import FORMAT_FIELDS
 
@@ -328,7 +329,10 @@ def save_pretrained(model: LlamaForCausalLM, directory: str | os.PathLike, *, dt
     quantization_config = hf_quantization_config(model)  # raises before anything is written
     tensors = dict(state_dict(model, dtype))
     saved_dtype = tensors["model.embed_tokens.weight"].dtype  # never quantized
-    config = model.config.to_hf_dict() | {"torch_dtype": saved_dtype.name}
+    # Tied iff the head reads the embedding's table: a tied head replaced by an untied trained copy
+    # (modules_to_save, then unload / merge_and_unload) is written as lm_head.weight, as PEFT's merge does.
+    tied = isinstance(model.lm_head, TiedHead)
+    config = model.config.to_hf_dict() | {"torch_dtype": saved_dtype.name, "tie_word_embeddings": tied}
     if quantization_config is not None:
         config["quantization_config"] = quantization_config
     # Weights of an earlier save (a sharded index, its shards) would shadow or contradict the new file;

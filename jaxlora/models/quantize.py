@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxlora.graph import replace_module
 from jaxlora.models.stack import unstacked
+from jaxlora.models.tied import TiedHead
 from jaxlora.qlinear import QuantizedLinear
 from jaxlora.quant.config import QuantConfig
 
@@ -63,6 +64,6 @@ def _hf_quantization_config(model: nnx.Module) -> dict[str, Any] | None:
         raise ValueError("quant_type='dynamic8' layers have no bitsandbytes checkpoint format (transformers' "
                          "8-bit is LLM.int8); save 'nf4' or 'fp4' models")
     skip = [".".join(str(p) for p in path) for path, _ in _linears(model)]
-    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-        skip.append("lm_head")  # transformers' lm_head shares embed_tokens' matrix: it must stay dense
+    # A tied head shares embed_tokens' matrix: it stays dense (and is not an nnx.Linear, so is never quantized).
+    skip += [".".join(str(p) for p in path) for path, m in nnx.iter_graph(model) if isinstance(m, TiedHead)]
     return quantized[0][1].config.replace(skip_modules=tuple(skip)).to_hf_dict()

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from jaxlora.generate import generate
 from jaxlora.models.config import LlamaConfig
 from jaxlora.models.loading import from_pretrained, save_pretrained
+from jaxlora.models.tied import TiedHead
 from tests._models import FAMILY_CONFIGS, FAMILY_VOCAB, TINY_LLAMA, family_tokens, make_model
 
 
@@ -28,7 +29,9 @@ def test_shapes_and_tree_names(name):
     assert model(family_tokens((2, 5))).shape == (2, 5, 128)
     assert model.model.layers[1].self_attn.q_proj.kernel.shape == (32, 32)  # (in, out)
     assert model.model.layers[1].self_attn.k_proj.kernel.shape == (32, 16)  # 2 kv heads of 8
-    assert (model.lm_head is None) == FAMILY_CONFIGS[name].tie_word_embeddings
+    assert isinstance(model.lm_head, TiedHead) == FAMILY_CONFIGS[name].tie_word_embeddings  # else an nnx.Linear
+    if FAMILY_CONFIGS[name].tie_word_embeddings:  # the embedding's own variable, not a copy
+        assert model.lm_head.embedding is model.model.embed_tokens.embedding
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (name == "qwen2")
     assert model.model.layers[0].self_attn.o_proj.bias is None
 

@@ -1,0 +1,201 @@
+"""Tied embeddings (``tie_word_embeddings=True``) with ``lm_head`` adapted, against transformers + PEFT 0.21.
+
+What PEFT does there (its default ``ensure_weight_tying=False``; README "Tied embeddings"): LoRA on lm_head
+adds its delta to the logits only, the file carries the shared table as ``lm_head.base_layer.weight``, and
+merging writes the delta into the shared matrix -- the embedding moves too and the model stays tied.
+``modules_to_save=["lm_head"]`` trains an untied copy; merge_and_unload keeps it and unties the model
+(``tie_word_embeddings=False``). Each test checks both sides against each other and that the adapted part
+moves the logits (`assert_adapted`), so a dropped adapter or copy fails.
+
+Error measure and bound as test_adapters_parity: rel_err over the logits, 1e-4 for fp32 (summation order).
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file
+
+from jaxlora.layers import LoRALinear
+from jaxlora.lora_config import LoraConfig
+from jaxlora.models.loading import from_pretrained, save_pretrained
+from jaxlora.models.tied import TiedHead
+from jaxlora.peft_model import get_peft_model, load_adapter, merge_and_unload, save_adapter
+from torch_ref import hf_ref, peft_ref
+
+TOL = 1e-4
+HEAD = "base_model.model.lm_head"
+
+
+def rel_err(ours, theirs):
+    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
+    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+def ids(seed=0, seq=12):
+    return np.random.default_rng(seed).integers(3, 256, (2, seq))
+
+
+def torch_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.float().numpy()
+
+
+def assert_adapted(adapted, base):
+    assert rel_err(adapted, base) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    return hf_ref.save_tiny_model("llama", tmp_path_factory.mktemp("tied"), seed=1, tie_word_embeddings=True)
+
+
+def peft_head_lora(path, **kw):
+    """PEFT's LoRA on q_proj and the tied lm_head, every A and B random (peft_ref.random_adapter)."""
+    return peft_ref.random_adapter(hf_ref.load_model(path), seed=11, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", "lm_head"], **kw)
+
+
+def table(model):
+    return np.asarray(model.model.embed_tokens.embedding.get_value())
+
+
+def test_lora_on_tied_head_round_trip(tied, tmp_path):
+    """PEFT -> jaxlora -> PEFT: the same logits at every hop, the same tensors back (the shared table as
+    lm_head.base_layer.weight, as PEFT writes it); the head's adapter alone moves the logits."""
+    peft = peft_head_lora(tied)
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert f"{HEAD}.base_layer.weight" in theirs_file and f"{HEAD}.lora_A.weight" in theirs_file
+    assert not any("embed_tokens" in k for k in theirs_file)  # PEFT adapts the head, not the embedding
+
+    model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    user = model.base_model.model
+    assert isinstance(user.lm_head, LoRALinear) and isinstance(user.lm_head.base, TiedHead)
+    assert user.lm_head.base.embedding is user.model.embed_tokens.embedding  # still one table
+    tokens = ids(1)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    base = torch_logits(hf_ref.load_model(tied), tokens)
+    with torch.no_grad():  # the head's adapter alone moves the logits
+        peft.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight.zero_()
+        peft.base_model.model.model.layers[1].self_attn.q_proj.lora_B["default"].weight.zero_()
+    assert_adapted(torch_logits(peft, tokens), base)
+    # (That the delta reaches the logits only, not the embedding lookup: tests/models/test_tied.py.)
+
+    model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    save_adapter(model, tmp_path / "ours")
+    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(ours_file) == sorted(theirs_file)
+    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
+    again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), ours) < TOL
+
+
+def test_jaxlora_tied_head_adapter_loads_in_peft(tied, tmp_path):
+    """get_peft_model(target_modules=[..., "lm_head"]) on a tied model -> save_adapter -> PEFT: same logits,
+    and the file's table loads into PEFT's shared matrix (a base with another table gets ours)."""
+    model = get_peft_model(from_pretrained(tied), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                             target_modules=["q_proj", "lm_head"]), rngs=nnx.Rngs(3))
+    save_adapter(model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["lm_head", "q_proj"] and not config.get("ensure_weight_tying")
+    other = hf_ref.load_model(tied)
+    with torch.no_grad():
+        other.model.embed_tokens.weight.mul_(2.0)  # a different shared table: the file's replaces it
+    peft = peft_ref.load_adapter(other, tmp_path / "adapter")
+    tokens = ids(2)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(tied), tokens))
+
+
+def test_tied_head_merge_and_unload_matches_peft(tied, tmp_path):
+    """merge_and_unload writes the head's delta into the shared matrix on both sides: the embedding moves too
+    (so the merged logits differ from the adapted ones), the model stays tied, and its checkpoint is a tied
+    transformers checkpoint (no lm_head.weight) that loads with PEFT's merged logits."""
+    peft = peft_head_lora(tied)
+    peft.save_pretrained(tmp_path / "peft")
+    model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    tokens = ids(3)
+    adapted = model(jnp.asarray(tokens))
+    theirs = peft.merge_and_unload()
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight and theirs.config.tie_word_embeddings
+    merged = merge_and_unload(model)
+    assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
+    np.testing.assert_allclose(table(merged), theirs.model.embed_tokens.weight.detach().numpy(), rtol=1e-6, atol=1e-6)
+    ours = merged(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
+    assert_adapted(ours, adapted)  # the merged embedding moves the hidden states: not the adapted model
+    save_pretrained(merged, tmp_path / "merged")
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
+    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+
+
+def test_modules_to_save_tied_head_matches_peft(tied, tmp_path):
+    """modules_to_save=["lm_head"] on a tied model: an untied trained copy on both sides (the embedding keeps
+    the original), PEFT's file both ways, and merge_and_unload unties the model as PEFT does: lm_head.weight
+    is written and tie_word_embeddings is False."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(tied), seed=12, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                   modules_to_save=["lm_head"])
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert f"{HEAD}.weight" in theirs_file
+    model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    user = model.base_model.model
+    original = table(user)
+    tokens = ids(4)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    save_adapter(model, tmp_path / "ours")
+    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(ours_file) == sorted(theirs_file)
+    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
+    again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), ours) < TOL
+    with torch.no_grad():  # the copy alone moves the logits
+        for n, p in peft.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    assert_adapted(torch_logits(peft, tokens), torch_logits(hf_ref.load_model(tied), tokens))
+
+    peft = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "peft")
+    theirs = peft.merge_and_unload()
+    assert not theirs.config.tie_word_embeddings and theirs.lm_head.weight is not theirs.model.embed_tokens.weight
+    merged = merge_and_unload(model)
+    assert type(merged.lm_head) is nnx.Linear
+    np.testing.assert_array_equal(table(merged), original)  # the embedding keeps the original table
+    ours = merged(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
+    save_pretrained(merged, tmp_path / "merged")
+    assert "lm_head.weight" in load_file(tmp_path / "merged" / "model.safetensors")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+    assert rel_err(np.asarray(from_pretrained(tmp_path / "merged")(jnp.asarray(tokens))), ours) < TOL
+
+
+def test_lora_on_untied_head_round_trip(tmp_path):
+    """Untied lm_head targeted: PEFT writes its weight beside the adapter too (lm_head.base_layer.weight,
+    save_embedding_layers), jaxlora reads it into the head's kernel and writes it back: the same tensors."""
+    path = hf_ref.save_tiny_model("llama", tmp_path / "untied", seed=1)
+    peft = peft_head_lora(path)
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert f"{HEAD}.base_layer.weight" in theirs_file
+    other = hf_ref.load_model(path)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(2.0)
+    other.save_pretrained(tmp_path / "other")  # another head: the file's weight replaces it
+    model = load_adapter(from_pretrained(tmp_path / "other"), tmp_path / "peft")
+    tokens = ids(5)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(path), tokens))
+    save_adapter(model, tmp_path / "ours")
+    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert sorted(ours_file) == sorted(theirs_file)
+    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)

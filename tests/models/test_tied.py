@@ -1,0 +1,163 @@
+"""The tied output head (jaxlora/models/tied.py): one table, two readers; LoRA and modules_to_save on it.
+
+Parity with PEFT itself is in parity_tests/test_tied_parity.py; here the properties that need no torch:
+the head reads the embedding's own variable, a LoRA delta reaches the logits only, merging writes into the
+shared table (and unmerging takes it out), and checkpoint I/O, quantization, jit, generation and sharding
+keep the model tied. fp32 throughout: a merge/unmerge round trip is bounded by the rounding of its adds
+and subtracts (half a float32 ulp of the merged values each).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file
+
+from jaxlora.base import LinearBase, TableBase
+from jaxlora.generate import generate
+from jaxlora.layers import LoRALinear
+from jaxlora.lora_config import LoraConfig
+from jaxlora.models.loading import from_pretrained, save_pretrained
+from jaxlora.models.quantize import QuantConfig, hf_quantization_config, quantize_model
+from jaxlora.models.tied import TiedHead
+from jaxlora.peft_model import get_peft_model
+from jaxlora.targets import base_of
+from jaxlora.train.sharding import make_mesh, shard_model
+from tests._models import RANDOM, diff, tiny, tokens
+
+
+def tied():
+    return tiny(tie_word_embeddings=True)
+
+
+def table(model) -> jax.Array:
+    return base_of(model.model.embed_tokens).embedding.get_value()  # the table, under a LoRA layer too
+
+
+def test_head_reads_the_embedding_table():
+    model = tied()
+    head = model.lm_head
+    assert isinstance(head, TiedHead) and isinstance(head, LinearBase) and isinstance(head, TableBase)
+    assert head.embedding is model.model.embed_tokens.embedding and (head.in_features, head.out_features) == (32, 64)
+    h = jax.random.normal(jax.random.key(1), (2, 3, 32))
+    np.testing.assert_allclose(head(h), h @ table(model).T, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(head.dense_kernel(jnp.float32), table(model).T)
+    new = jax.random.normal(jax.random.key(2), (32, 64))
+    head.set_kernel(new)  # the embedding reads it too
+    np.testing.assert_array_equal(model.model.embed_tokens(jnp.arange(3)), new.T[:3])
+    untied = head.untied()  # modules_to_save's copy: the same logits, a table of its own
+    assert type(untied) is nnx.Linear and diff(untied(h), head(h)) < 1e-6
+    untied.kernel.set_value(untied.kernel.get_value() + 1.0)
+    np.testing.assert_array_equal(table(model), new.T)
+
+
+def test_state_has_the_table_once():
+    """Flax reports a shared variable once (at its first path in sorted order, under lm_head)."""
+    model = tied()
+    leaves = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    tables = [p for p, v in leaves if v.get_value().shape == (64, 32)]
+    assert len(tables) == 1
+    graphdef, state = nnx.split(model)
+    again = nnx.merge(graphdef, state)
+    assert again.lm_head.embedding is again.model.embed_tokens.embedding
+
+
+def test_lora_on_tied_head_moves_logits_only_and_merges_into_the_table():
+    model = tied()
+    x = tokens()
+    base_h, _ = model.hidden_states(x)
+    base_logits = model(x)
+    table0 = table(model)
+    peft = get_peft_model(model, LoraConfig(**RANDOM, target_modules=["lm_head"]), rngs=nnx.Rngs(1))
+    head = model.lm_head
+    assert isinstance(head, LoRALinear) and head.base.embedding is model.model.embed_tokens.embedding
+    h, _ = peft.hidden_states(x)
+    assert diff(h, base_h) == 0  # the embedding lookup reads the plain table
+    adapted = peft(x)
+    assert diff(adapted, base_logits) > 1e-2
+    assert diff(nnx.jit(lambda m, x: m(x))(peft, x), adapted) < 1e-5
+    adapter = head.adapters["default"]
+    delta = adapter.scaling * (adapter.lora_a.get_value() @ adapter.lora_b.get_value())  # (hidden, vocab)
+    peft.merge_adapter()  # PEFT: the delta goes into the shared matrix, so the embedding moves too
+    np.testing.assert_allclose(table(model), table0 + delta.T, rtol=1e-6, atol=1e-6)
+    assert diff(peft.hidden_states(x)[0], base_h) > 1e-3
+    peft.unmerge_adapter()
+    np.testing.assert_allclose(table(model), table0, atol=1e-6)
+    assert diff(peft(x), adapted) < 1e-5
+    merged = peft.merge_and_unload()
+    assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
+    np.testing.assert_allclose(table(merged), table0 + delta.T, rtol=1e-6, atol=1e-6)
+
+
+def test_unload_keeps_the_tie():
+    model = tied()
+    table0 = table(model)
+    peft = get_peft_model(model, LoraConfig(**RANDOM, target_modules=["embed_tokens", "lm_head"]), rngs=nnx.Rngs(1))
+    assert model.lm_head.base.embedding is model.model.embed_tokens.base.embedding  # both adapt the one table
+    peft.merge_adapter()
+    merged = table(model)
+    assert diff(merged, table0) > 1e-2  # both deltas, in the one table
+    plain = peft.unload()  # unmerges first
+    assert isinstance(plain.lm_head, TiedHead) and plain.lm_head.embedding is plain.model.embed_tokens.embedding
+    # Two adds and two subtracts, each rounded to half an ulp of the merged values (float32: 2^-24 relative).
+    assert diff(table(plain), table0) <= 4 * 2.0**-24 * float(jnp.abs(merged).max())
+
+
+def test_lora_on_tied_embedding_merge_reaches_the_head():
+    """LoRA on embed_tokens of a tied model: the head keeps the plain table while unmerged and sees the merged
+    one after merging (PEFT's lm_head shares the embedding's Parameter)."""
+    model, x = tied(), tokens()
+    peft = get_peft_model(model, LoraConfig(**RANDOM, target_modules=["embed_tokens"]), rngs=nnx.Rngs(1))
+    h = jax.random.normal(jax.random.key(3), (2, 32))
+    before = peft.logits(h)
+    merged = peft.merge_and_unload()
+    assert merged.lm_head.embedding is merged.model.embed_tokens.embedding
+    assert diff(merged.logits(h), before) > 1e-2
+
+
+def test_pissa_on_tied_head_is_refused():
+    with pytest.raises(ValueError, match="tied to the embedding"):
+        get_peft_model(tied(), LoraConfig(target_modules=["lm_head"], init_lora_weights="pissa"), rngs=nnx.Rngs(0))
+
+
+def test_modules_to_save_unties_the_head(tmp_path):
+    model, x = tied(), tokens()
+    table0 = table(model)
+    peft = get_peft_model(model, LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), rngs=nnx.Rngs(1))
+    copy = model.lm_head.adapters["default"]
+    assert type(copy) is nnx.Linear and isinstance(copy.kernel, nnx.LoRAParam)
+    copy.kernel.set_value(copy.kernel.get_value() + 0.1)  # as if trained
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2), argnums=nnx.DiffState(0, nnx.LoRAParam))(peft)
+    assert diff(grads.base_model.model.lm_head.adapters["default"].kernel.get_value(), 0.0) > 0
+    adapted = peft(x)
+    plain = peft.merge_and_unload()
+    assert type(plain.lm_head) is nnx.Linear and diff(plain(x), adapted) < 1e-5
+    np.testing.assert_array_equal(table(plain), table0)  # the embedding kept the original
+    save_pretrained(plain, tmp_path / "untied")
+    assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert "lm_head.weight" in load_file(tmp_path / "untied" / "model.safetensors")
+    assert diff(from_pretrained(tmp_path / "untied")(x), adapted) < 1e-5
+
+
+def test_checkpoint_quantization_generation_and_sharding_stay_tied(tmp_path):
+    model, x = tied(), tokens()
+    save_pretrained(model, tmp_path / "m")
+    assert "lm_head.weight" not in load_file(tmp_path / "m" / "model.safetensors")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["tie_word_embeddings"] is True
+    loaded = from_pretrained(tmp_path / "m")
+    assert isinstance(loaded.lm_head, TiedHead) and loaded.lm_head.embedding is loaded.model.embed_tokens.embedding
+    assert diff(loaded(x), model(x)) == 0
+
+    quantize_model(loaded, QuantConfig(compute_dtype=jnp.float32))
+    assert isinstance(loaded.lm_head, TiedHead)  # not an nnx.Linear: never quantized, as transformers
+    assert "lm_head" in hf_quantization_config(loaded)["llm_int8_skip_modules"]
+
+    peft = get_peft_model(loaded, LoraConfig(**RANDOM, target_modules=["q_proj", "lm_head"]), rngs=nnx.Rngs(2))
+    shard_model(peft, make_mesh(data=1))
+    assert loaded.lm_head.base.embedding is loaded.model.embed_tokens.embedding
+    out = generate(peft, x[:, :4], max_new_tokens=3)
+    first = jnp.argmax(peft(x[:, :4])[:, -1], axis=-1)  # greedy: the cached decode's first token is the argmax
+    np.testing.assert_array_equal(out[:, 4], first)
