@@ -168,3 +168,24 @@ def test_an_injected_loss_and_hook(tmp_path, jsonl):
     assert plain["eval_loss"] < summary["eval_loss"]  # tripled
     assert record.seen == [(1, False, False, False), (2, False, True, False), (3, True, True, True)]
     assert record.ended["checkpoint"].endswith("checkpoint-000003") and record.ended["loss_plot"]
+
+
+def test_the_trainers_step_reuses_the_trained_state_buffers(tmp_path, jsonl):
+    """The Trainer's step donates model and optimizer (donating_train_step): the arrays of the step before are
+    consumed, so the new adapters and AdamW moments are written where the old ones were instead of beside
+    them (jaxlora.plan's figures assume it); train_step, which a caller may hold arrays for, does not."""
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.train.step import train_step
+
+    model = ByteLM(nnx.Rngs(params=0, dropout=1))
+    seen = []
+    _run(tmp_path / "run", jsonl, max_steps=3, model=model,
+         on_step=lambda metrics: seen.append(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))))
+    assert all(leaf.is_deleted() for leaf in seen[0])  # consumed by the next step
+    assert not any(leaf.is_deleted() for leaf in seen[-1])  # the model's current adapters
+
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+    ids = np.random.default_rng(0).integers(0, TOK.vocab_size, (2, 8)).astype(np.int32)
+    held = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+    train_step(model, opt, {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)})
+    assert not any(leaf.is_deleted() for leaf in held)
