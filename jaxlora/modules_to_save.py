@@ -35,7 +35,9 @@ def _retype(module: nnx.Module, old: type, new: type) -> nnx.Module:
 def _trainable_copy(original: nnx.Module) -> nnx.Module:
     """A copy of `original` whose parameters are ``nnx.LoRAParam``. Of a tied head, the untied ``nnx.Linear``
     PEFT trains there (its copy of the shared matrix): the embedding keeps the original table."""
-    copy = original.untied() if isinstance(original, TiedHead) else nnx.clone(original)
+    # arrays=True: the copy owns its buffers. A clone sharing the original's arrays would hand the train step
+    # one buffer twice (the frozen original and the trained copy), which a donating step refuses.
+    copy = original.untied() if isinstance(original, TiedHead) else nnx.clone(original, arrays=True)
     return _retype(copy, nnx.Param, nnx.LoRAParam)
 
 

@@ -163,7 +163,7 @@ def _bwd(window, block_q, block_k, res, g):
         (dk, dv, dq), _ = jax.lax.scan(q_step, (zeros, zeros, dq), jnp.arange(qb.shape[0]))
         return dq, (dk.astype(k.dtype), dv.astype(v.dtype))  # complete: rounded once, stacked in k's dtype
 
-    # dq's accumulator is made from dO (scan.zeros_after): zeros from nothing are allocated at the top of
+    # dq's accumulator is made from dO (scheduling.zeros_after): zeros from nothing are allocated at the top of
     # the layer's backward, 32 MiB at 2048 tokens held through its MLP's backward too.
     dq0 = zeros_after(g, jax.ShapeDtypeStruct(qb.shape, jnp.float32))
     dq, (dk, dv) = jax.lax.scan(kv_block, dq0, (kb, vb, ks, kseg))

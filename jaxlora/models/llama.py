@@ -195,7 +195,7 @@ class LlamaForCausalLM(nnx.Module):
 
     dtype is the compute dtype, param_dtype the storage dtype (e.g. float32 master weights with
     bfloat16 compute). The decoder layers are stacked and scanned (`jaxlora.models.stack`); remat is the
-    gradient checkpointing policy of each layer ("none", "full", "dots", "offload"; True means "full").
+    gradient checkpointing policy of each layer ("none", "full", "dots", "offload", "nested"; True means "full").
     attention: "auto" (blockwise beyond one block, see `attention.attention`), "eager", "blockwise" or
     "cudnn". With tied embeddings ``lm_head`` is a `jaxlora.models.tied.TiedHead` over the table of
     ``model.embed_tokens``.

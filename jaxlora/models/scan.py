@@ -1,4 +1,5 @@
-"""A scan over layers that saves only each layer's input for the backward pass (gradient checkpointing).
+"""A scan over layers that saves only layer inputs for the backward pass (gradient checkpointing): each
+layer's, or every k-th one's (nested: a group's backward re-runs its layers from its first input).
 
 ``jax.checkpoint`` around a scanned body keeps the same boundaries, but as the scan's own residuals: XLA
 then owns their dtype and place, and on the CPU it keeps a float32 copy of the whole bf16 stack (measured:

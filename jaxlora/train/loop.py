@@ -3,7 +3,8 @@
 `train` is one call for a whole run in an output directory: the run lock, the device mesh, the train
 state (`jaxlora.train.state`), resume, and the hooks of `jaxlora.train.hooks` (metrics, evaluation,
 checkpoints, the stop on a non-finite loss, the loss plot). `Trainer` itself knows nothing of files:
-it draws batches, runs `train_step` with the loss it was given, and calls the hooks.
+it draws batches, runs `train_step` with the loss it was given (donating model and optimizer), and
+calls the hooks.
 
 It knows the model only through the loss (by default `jaxlora.train.step.lm_loss`, the causal-LM loss
 of `model(input_ids, attention_mask=...) -> logits`) and file formats only through the `write_adapter`
@@ -37,7 +38,7 @@ from jaxlora.train.optim import OptimizerConfig, make_schedule
 from jaxlora.train.report import device_memory_mb, parse_report_to, plot_metrics, read_metrics
 from jaxlora.train.sharding import device_batch, make_mesh
 from jaxlora.train.state import TrainState
-from jaxlora.train.step import LossFn, donating_train_step, lm_loss
+from jaxlora.train.step import LossFn, donating_train_step, lm_loss, train_step
 
 __all__ = ["NonFiniteLossError", "TrainConfig", "Trainer", "check_output_dir", "plot_metrics", "read_metrics",
            "run_lock", "train"]
@@ -66,6 +67,13 @@ class TrainConfig:
         parse_report_to(self.report_to)
 
 
+def _step_for(model: nnx.Module, optimizer: nnx.Optimizer):
+    """The donating step, unless one array is held by two variables (a model built by code of your own that
+    shares a buffer between modules): donation would hand XLA that buffer twice, which it refuses."""
+    leaves = jax.tree.leaves(nnx.state((model, optimizer)))
+    return donating_train_step if len({id(x) for x in leaves}) == len(leaves) else train_step
+
+
 class Trainer:
     """The step loop: `accumulation` micro-batches per optimizer step through `train_step(loss_fn)`, each
     result to the hooks' `after_micro_step`, each step's metrics to their `after_step`, in order."""
@@ -82,7 +90,7 @@ class Trainer:
         as it is now (its active adapter included): a hook that changes it is seen by the next `fit`."""
         state = self.state
         # cached_partial walks the model graph once instead of on every call (~20% of a small step on CPU).
-        step_fn = nnx.cached_partial(donating_train_step, state.model, state.optimizer)
+        step_fn = nnx.cached_partial(_step_for(state.model, state.optimizer), state.model, state.optimizer)
         state.model.train()
         t_run, tokens_run, metrics = time.perf_counter(), 0, {}
         while state.step < max_steps:

@@ -54,7 +54,7 @@ def chunked_causal_lm_loss(
     b, t, _ = hidden.shape
     positions = t - 1
     probe = jax.ShapeDtypeStruct((b, 1, hidden.shape[-1]), hidden.dtype)
-    params = _unread_frozen(head, params, probe)
+    params = _stop_unread(head, params, probe)
     if chunk is None:
         vocab = jax.eval_shape(head, params, probe).shape[-1]
         chunk = max(16, CHUNK_ELEMENTS // (b * vocab))
@@ -81,7 +81,7 @@ def chunked_causal_lm_loss(
     return total / jnp.maximum(n, 1.0), n
 
 
-def _unread_frozen(head: Callable, params: Any, probe: jax.ShapeDtypeStruct) -> Any:
+def _stop_unread(head: Callable, params: Any, probe: jax.ShapeDtypeStruct) -> Any:
     """`params` with `stop_gradient` on every leaf `head` does not read (their gradient through it is zero).
     The loop's backward carries a cotangent accumulator for each differentiated input; handed a whole model
     (the head is one of its modules), it would carry zeros shaped like every adapter of every layer, which

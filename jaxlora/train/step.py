@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxlora.train.loss import causal_lm_loss, chunked_causal_lm_loss
 
-__all__ = ["LossFn", "causal_lm_loss", "chunked_causal_lm_loss", "eval_step", "lm_loss", "offload_optimizer_state",
-           "train_step"]
+__all__ = ["LossFn", "causal_lm_loss", "chunked_causal_lm_loss", "donating_train_step", "eval_step", "lm_loss",
+           "offload_optimizer_state", "train_step"]
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, Any]]]
 

@@ -189,3 +189,27 @@ def test_the_trainers_step_reuses_the_trained_state_buffers(tmp_path, jsonl):
     held = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
     train_step(model, opt, {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)})
     assert not any(leaf.is_deleted() for leaf in held)
+
+
+@pytest.mark.parametrize("name", ["lm_head", "embed_tokens"])
+def test_the_trainers_step_runs_a_model_with_modules_to_save(name):
+    """A modules_to_save copy owns its arrays: the donating step gets no buffer twice (XLA refuses that), and
+    it trains the copy as train_step does."""
+    from jaxlora import LoraConfig, get_peft_model
+    from jaxlora.train.loop import _step_for
+    from jaxlora.train.optim import make_optimizer
+    from jaxlora.train.step import donating_train_step, train_step
+    from tests._models import RANDOM, tiny, tokens
+
+    ids = np.asarray(tokens())
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
+    losses = []
+    for step in (train_step, donating_train_step):
+        model = get_peft_model(tiny(), LoraConfig(**RANDOM, target_modules=["q_proj"], modules_to_save=[name]),
+                               rngs=nnx.Rngs(1))
+        opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+        assert _step_for(model, opt) is donating_train_step
+        run = nnx.cached_partial(step, model, opt)
+        losses.append([float(run(batch)["loss"]) for _ in range(3)])
+    np.testing.assert_array_equal(losses[1], losses[0])
+    assert losses[0][2] < losses[0][0]
