@@ -21,28 +21,10 @@ from jaxlora.models.quantize import QuantConfig, quantize_model
 from jaxlora.peft_model import adapter_rows, get_peft_model, load_adapter, merge_and_unload, save_adapter
 from jaxlora.targets import lora_layers
 from torch_ref import hf_ref, peft_ref
+from torch_ref.compare import assert_adapted, ids, rel_err, torch_logits
 
 FAMILIES = ("llama", "mistral", "qwen2")  # qwen2: q/k/v biases under the adapters
 TOL = 1e-4
-
-
-def rel_err(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
-def ids(seed=0, seq=12):
-    return np.random.default_rng(seed).integers(3, 256, (2, seq))
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def assert_adapted(adapted, base):
-    """The adapter must matter: a parity test that passes with the adapter dropped proves nothing."""
-    assert rel_err(adapted, base) > 1e-2
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

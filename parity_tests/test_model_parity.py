@@ -12,6 +12,7 @@ import torch
 from jaxlora.generate import generate
 from jaxlora.models.loading import from_pretrained, save_pretrained
 from torch_ref import hf_ref
+from torch_ref.compare import rel_err
 
 CASES = {
     "llama": ("llama", {}),
@@ -21,11 +22,6 @@ CASES = {
     "qwen2": ("qwen2", {}),  # q/k/v biases
 }
 SEQ = 16  # > original_max_position_embeddings / high_freq_factor, so llama3's scaled bands matter
-
-
-def rel_err(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 @pytest.fixture(scope="module", params=list(CASES))

@@ -15,14 +15,10 @@ from safetensors.numpy import load_file
 from jaxlora.models.loading import from_pretrained, save_pretrained, state_dict
 from jaxlora.models.quantize import QuantConfig
 from torch_ref import bnb_ref, hf_ref
+from torch_ref.compare import rel_err
 
 FAMILIES = ("llama", "mistral", "qwen2")  # qwen2: q/k/v biases on quantized layers
 SEQ = 16
-
-
-def rel_err(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def ids(batch=2, seq=SEQ, seed=0):

@@ -25,27 +25,10 @@ from jaxlora.models.loading import from_pretrained, save_pretrained
 from jaxlora.models.tied import TiedHead
 from jaxlora.peft_model import get_peft_model, load_adapter, merge_and_unload, save_adapter
 from torch_ref import hf_ref, peft_ref
+from torch_ref.compare import assert_adapted, ids, rel_err, torch_logits
 
 TOL = 1e-4
 HEAD = "base_model.model.lm_head"
-
-
-def rel_err(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float32), np.asarray(theirs, np.float32)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
-
-
-def ids(seed=0, seq=12):
-    return np.random.default_rng(seed).integers(3, 256, (2, seq))
-
-
-def torch_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor(tokens)).logits.float().numpy()
-
-
-def assert_adapted(adapted, base):
-    assert rel_err(adapted, base) > 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +44,14 @@ def peft_head_lora(path, **kw):
 
 def table(model):
     return np.asarray(model.model.embed_tokens.embedding.get_value())
+
+
+def assert_same_file(model, theirs_file, path):
+    """model's adapter, saved to `path`, holds exactly PEFT's tensors: the same keys, bit for bit."""
+    save_adapter(model, path)
+    ours_file = load_file(path / "adapter_model.safetensors")
+    assert sorted(ours_file) == sorted(theirs_file)
+    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
 
 
 def test_lora_on_tied_head_round_trip(tied, tmp_path):
@@ -87,10 +78,7 @@ def test_lora_on_tied_head_round_trip(tied, tmp_path):
     # (That the delta reaches the logits only, not the embedding lookup: tests/models/test_tied.py.)
 
     model = load_adapter(from_pretrained(tied), tmp_path / "peft")
-    save_adapter(model, tmp_path / "ours")
-    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(ours_file) == sorted(theirs_file)
-    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
+    assert_same_file(model, theirs_file, tmp_path / "ours")
     again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
     assert rel_err(torch_logits(again, tokens), ours) < TOL
 
@@ -151,10 +139,7 @@ def test_modules_to_save_tied_head_matches_peft(tied, tmp_path):
     tokens = ids(4)
     ours = model(jnp.asarray(tokens))
     assert rel_err(ours, torch_logits(peft, tokens)) < TOL
-    save_adapter(model, tmp_path / "ours")
-    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(ours_file) == sorted(theirs_file)
-    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
+    assert_same_file(model, theirs_file, tmp_path / "ours")
     again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
     assert rel_err(torch_logits(again, tokens), ours) < TOL
     with torch.no_grad():  # the copy alone moves the logits
@@ -195,7 +180,4 @@ def test_lora_on_untied_head_round_trip(tmp_path):
     ours = model(jnp.asarray(tokens))
     assert rel_err(ours, torch_logits(peft, tokens)) < TOL
     assert_adapted(ours, torch_logits(hf_ref.load_model(path), tokens))
-    save_adapter(model, tmp_path / "ours")
-    ours_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(ours_file) == sorted(theirs_file)
-    assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
+    assert_same_file(model, theirs_file, tmp_path / "ours")
