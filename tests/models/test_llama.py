@@ -88,7 +88,7 @@ def test_remat_gives_same_output_and_grads():
     np.testing.assert_array_equal(generate(remat, ids, max_new_tokens=3), generate(plain, ids, max_new_tokens=3))
 
 
-@pytest.mark.parametrize("layers", [4, 5, 11])  # groups of 2: 2, and a tail of 1; groups of 3: 3, tail of 2
+@pytest.mark.parametrize("layers", [4, 11])  # groups of 2: 2, no tail; groups of 3: 3, and a tail of 2
 def test_nested_remat_gives_same_output_and_grads(layers):
     """remat "nested" keeps every k-th layer boundary (k = round(sqrt(layers))) and re-runs each group's
     first layers in its backward: the logits and every gradient of the "full" policy's, to fp32

@@ -191,8 +191,7 @@ def test_the_trainers_step_reuses_the_trained_state_buffers(tmp_path, jsonl):
     assert not any(leaf.is_deleted() for leaf in held)
 
 
-@pytest.mark.parametrize("name", ["lm_head", "embed_tokens"])
-def test_the_trainers_step_runs_a_model_with_modules_to_save(name):
+def test_the_trainers_step_runs_a_model_with_modules_to_save(name="lm_head"):
     """A modules_to_save copy owns its arrays: the donating step gets no buffer twice (XLA refuses that), and
     it trains the copy as train_step does."""
     from jaxlora import LoraConfig, get_peft_model
