@@ -78,15 +78,13 @@ def remat_scan(step: Callable, h: jax.Array, diff: Any, rest: Any, consts: Any, 
 
     def back_group(dh, grads, words, start, size, diff, rest, consts):
         h = _load(words, dtype, offload)
-        if size > 1:  # the inputs of the group's later layers, from the one kept
-            def forward(h, j):
-                out, _ = step(h, *layer((diff, rest), start + j), consts)
-                return out, to_words(out)
 
-            _, later = jax.lax.scan(forward, h, jnp.arange(size - 1))
-            inputs = jnp.concatenate([to_words(h)[None], later])
-        else:
-            inputs = to_words(h)[None]
+        def forward(h, j):  # the inputs of the group's later layers, from the one kept (none for size 1)
+            out, _ = step(h, *layer((diff, rest), start + j), consts)
+            return out, to_words(out)
+
+        _, later = jax.lax.scan(forward, h, jnp.arange(size - 1))
+        inputs = jnp.concatenate([to_words(h)[None], later])
 
         def body(carry, x):
             (dh, grads), (words, j) = carry, x
