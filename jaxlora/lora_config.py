@@ -165,6 +165,10 @@ class LoraConfig:
     # Modules trained in full beside the adapters (a copy per adapter), e.g. ["lm_head"] or ["embed_tokens"]:
     # a name matches a module path ending in it (PEFT's rule). Saved under the module's own tensor names.
     modules_to_save: tuple[str, ...] | None = None
+    # On a tied model (lm_head reads embed_tokens' matrix), naming either in modules_to_save trains one copy
+    # that both read, and the model stays tied after unloading (PEFT's ensure_weight_tying; README "Tied
+    # embeddings"). False (PEFT's default): the named layer trains apart from the other.
+    ensure_weight_tying: bool = False
     task_type: TaskType | None = "CAUSAL_LM"
 
     def __post_init__(self):
@@ -184,7 +188,7 @@ class LoraConfig:
         alpha_pattern = _frozen_mapping(self.alpha_pattern, "alpha_pattern", _positive_number)
         object.__setattr__(self, "alpha_pattern", alpha_pattern)
         object.__setattr__(self, "loftq_config", FrozenMapping(self.loftq_config or {}))
-        for name in ("use_rslora", "use_dora"):
+        for name in ("use_rslora", "use_dora", "ensure_weight_tying"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
         init = self.init_lora_weights
@@ -265,6 +269,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern), "use_rslora": self.use_rslora, "use_dora": self.use_dora,
             "init_lora_weights": self.init_lora_weights, "loftq_config": dict(self.loftq_config), "bias": self.bias,
             "fan_in_fan_out": False, "modules_to_save": names(self.modules_to_save),
+            "ensure_weight_tying": self.ensure_weight_tying,
             "layers_to_transform": list(self.layers_to_transform) if isinstance(self.layers_to_transform, tuple)
             else self.layers_to_transform,
             "layers_pattern": names(self.layers_pattern),

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlora.graph import replace_module
+from jaxlora.graph import retype_variables
 from jaxlora.mixed import AdapterRows, Selection, only, where_rows
 from jaxlora.models.tied import TiedHead
 
@@ -24,21 +24,14 @@ _TENSORS = {nnx.Linear: {"weight": ("kernel", True), "bias": ("bias", False)},
             TiedHead: {"weight": ("embedding", False)}}
 
 
-def _retype(module: nnx.Module, old: type, new: type) -> nnx.Module:
-    """`module` with every variable of exactly type `old` replaced by one of type `new` (values kept)."""
-    for path, node in list(nnx.iter_graph(module)):
-        if type(node) is old:
-            replace_module(module, tuple(path), new(node.get_value()))
-    return module
-
-
 def _trainable_copy(original: nnx.Module) -> nnx.Module:
     """A copy of `original` whose parameters are ``nnx.LoRAParam``. Of a tied head, the untied ``nnx.Linear``
     PEFT trains there (its copy of the shared matrix): the embedding keeps the original table."""
     # arrays=True: the copy owns its buffers. A clone sharing the original's arrays would hand the train step
     # one buffer twice (the frozen original and the trained copy), which a donating step refuses.
     copy = original.untied() if isinstance(original, TiedHead) else nnx.clone(original, arrays=True)
-    return _retype(copy, nnx.Param, nnx.LoRAParam)
+    retype_variables(copy, nnx.Param, nnx.LoRAParam)
+    return copy
 
 
 def module_tensors(module: nnx.Module) -> dict[str, jax.Array]:
@@ -57,19 +50,21 @@ class ModulesToSave(nnx.Module):
     ``adapters`` (of a tied head: untied ``nnx.Linear`` layers, so unloading one unties the model, as PEFT).
     Its adapter methods are `jaxlora.layers.LoRALinear`'s, so the model-level operations treat both alike."""
 
-    def __init__(self, original: nnx.Module, adapter_name: str):
+    def __init__(self, original: nnx.Module, adapter_name: str, copy: nnx.Module | None = None):
         if type(original) not in _TENSORS:
             raise ValueError(f"modules_to_save takes nnx.Linear, nnx.Embed or tied-head modules, got "
                              f"{type(original).__name__} (a quantized layer cannot be trained in full: keep it "
                              "dense with QuantConfig's skip_modules)")
         self.original = original
         self.adapters = nnx.Dict()
-        self.add_adapter(adapter_name)
+        self.add_adapter(adapter_name, copy)
 
-    def add_adapter(self, name: str) -> None:
+    def add_adapter(self, name: str, copy: nnx.Module | None = None) -> None:
+        """Adds adapter `name`'s trained copy: `copy` if given (a tied head over the embedding's copy, under
+        ``ensure_weight_tying``: `jaxlora.targets.tied_head_copy`), else a fresh copy of the original."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
-        self.adapters[name] = _trainable_copy(self.original)
+        self.adapters[name] = _trainable_copy(self.original) if copy is None else copy
 
     def delete_adapter(self, name: str) -> None:
         del self.adapters[name]
@@ -95,11 +90,12 @@ class ModulesToSave(nnx.Module):
         return out
 
     def unload(self, name: str | None) -> nnx.Module:
-        """What PEFT's unload and merge_and_unload leave: adapter `name`'s copy (frozen again), else the
-        original (no copy here, or None)."""
+        """What PEFT's unload and merge_and_unload leave: adapter `name`'s copy, else the original (no copy
+        here, or None). The copy's parameters are still ``nnx.LoRAParam``: the caller freezes them across the
+        whole model (`jaxlora.graph.retype_variables`), since a tied head may share them."""
         if name is None or name not in self.adapters:
             return self.original
-        return _retype(self.adapters[name], nnx.LoRAParam, nnx.Param)
+        return self.adapters[name]
 
     # --- PEFT layout ----------------------------------------------------------------------------------
 

@@ -27,12 +27,13 @@ from flax import nnx
 from jaxlora import peft_io, targets
 from jaxlora.base import LinearBase
 from jaxlora.embedding import LoRAEmbedding
-from jaxlora.graph import replace_module
+from jaxlora.graph import replace_module, retype_variables
 from jaxlora.layers import LoRALinear
 from jaxlora.lora import CombinationType
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import BASE, Active, AdapterRows
 from jaxlora.models.stack import per_layer, stochastic
+from jaxlora.models.tied import TiedHead, sync_tie
 from jaxlora.modules_to_save import ModulesToSave
 from jaxlora.qlinear import QuantizedLinear
 
@@ -174,6 +175,7 @@ class PeftModel(nnx.Module):
         model = self.base_model.model
         found = targets.find_targets(model, config)
         saved = targets.find_saved_modules(model, config)
+        targets.check_weight_tying(model, config, adapted={t.name for t in found}, saved=set(saved))
         new_layers, grown = [], []
         try:
             for t in found:
@@ -195,11 +197,14 @@ class PeftModel(nnx.Module):
             raise
         for path, layer in new_layers:
             replace_module(model, path, layer)
-        for path, module in saved.values():
+        for path, module in saved.values():  # a tied embedding before its head (find_saved_modules)
+            original = module.original if isinstance(module, ModulesToSave) else module
+            tie = config.ensure_weight_tying and isinstance(original, TiedHead)
+            copy = targets.tied_head_copy(model, original, adapter_name) if tie else None
             if isinstance(module, ModulesToSave):
-                module.add_adapter(adapter_name)
+                module.add_adapter(adapter_name, copy)
             else:
-                replace_module(model, path, ModulesToSave(module, adapter_name))
+                replace_module(model, path, ModulesToSave(module, adapter_name, copy))
         self._configs = (*self._configs, (adapter_name, config))
         if self.active_adapter is None:
             self.active_adapter = adapter_name
@@ -321,8 +326,14 @@ class PeftModel(nnx.Module):
             else:
                 base = layer.unload()
             replace_module(model, path, base)
+        kept = []
         for path, wrapper in targets.modules(model, (ModulesToSave,)).values():  # PEFT keeps the active copy
-            replace_module(model, path, wrapper.unload(active))
+            kept.append(wrapper.unload(active))
+            replace_module(model, path, kept[-1])
+        # The kept copies are frozen again, every reference at once: under ensure_weight_tying the embedding's
+        # copy and the head's share one table. A head left over a table no embedding holds is untied.
+        retype_variables(model, nnx.LoRAParam, nnx.Param, within=kept)
+        sync_tie(model)
         self._configs, self.active_adapter = (), None
         targets.sync_biases(model, {})  # no adapters left: every bias is frozen again
         return model

@@ -120,14 +120,40 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     return targets
 
 
+def _original(module: nnx.Module) -> nnx.Module:
+    """The module a `ModulesToSave` trains copies of; any other module is its own."""
+    return module.original if isinstance(module, ModulesToSave) else module
+
+
+@per_layer
+def tied_pair(model: nnx.Module) -> tuple[str, str] | None:
+    """(embedding name, head name) of a model with tied embeddings -- a `TiedHead` reading an embedding's
+    table, either of them possibly wrapped in a `ModulesToSave` -- or None if nothing is tied."""
+    found = modules(model, (nnx.Embed, TiedHead, ModulesToSave))
+    heads = {name: _original(m) for name, (_, m) in found.items() if isinstance(_original(m), TiedHead)}
+    for embed_name, (_, module) in found.items():
+        table = getattr(_original(module), "embedding", None)
+        if isinstance(_original(module), nnx.Embed):
+            for head_name, head in heads.items():
+                if head.embedding is table:
+                    return embed_name, head_name
+    return None
+
+
 @per_layer
 def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple[tuple, nnx.Module]]:
     """The modules `config.modules_to_save` names (path -> (path, module): an ``nnx.Linear``, ``nnx.Embed`` or
-    `ModulesToSave` that gets one more copy); ValueError if a name matches nothing or a LoRA target."""
+    `ModulesToSave` that gets one more copy); ValueError if a name matches nothing or a LoRA target.
+
+    On a tied model with ``ensure_weight_tying``, naming the embedding or the head saves both, the embedding
+    first (PEFT adds the embedding and ties the head's copy to its copy: `tied_head_copy`)."""
     if not config.modules_to_save:
         return {}
-    found = {name: v for name, v in modules(model, (*_LINEAR, nnx.Embed, ModulesToSave)).items()
-             if config.saves(name)}
+    every = modules(model, (*_LINEAR, nnx.Embed, ModulesToSave))
+    found = {name: v for name, v in every.items() if config.saves(name)}
+    pair = tied_pair(model)
+    if config.ensure_weight_tying and pair is not None and set(pair) & set(found):
+        found = {name: every[name] for name in pair} | found
     targeted = {t.name for t in find_targets(model, config)}
     for name, (_, module) in found.items():
         if isinstance(module, QuantizedLinear):
@@ -136,17 +162,47 @@ def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple
         if isinstance(module, LoRALinear) or name in targeted:
             raise ValueError(f"{name} is both a LoRA target and in modules_to_save={list(config.modules_to_save)}; "
                              "choose one")
-    tables = [m.embedding for _, m in nnx.iter_graph(model) if isinstance(m, TiedHead)]
-    for name, (_, module) in found.items():
-        if isinstance(module, nnx.Embed) and any(module.embedding is t for t in tables):
-            # PEFT trains an untied copy of the embedding and its lm_head keeps the original; here the tied
-            # head reads the embedding's table, and unloading would leave it reading a table nothing owns.
-            raise ValueError(f"modules_to_save names {name}, whose table a tied output head (lm_head) reads: "
-                             "not supported; train lm_head in full instead, or load the model untied")
     missing = [n for n in config.modules_to_save if not any(path.endswith(n) for path in found)]
     if missing:
         raise ValueError(f"modules_to_save names {missing} match no module of the model")
     return found
+
+
+def tied_head_copy(model: nnx.Module, head: TiedHead, adapter_name: str) -> TiedHead:
+    """Under ``ensure_weight_tying``: adapter `adapter_name`'s copy of a tied `head`, a `TiedHead` over the
+    trained copy of the embedding it reads, so both train one table (PEFT's ``modules_to_tie``). The
+    embedding's copy must exist already (`find_saved_modules` lists it first)."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, ModulesToSave) and getattr(module.original, "embedding", None) is head.embedding:
+            return TiedHead(module.adapters[adapter_name])
+    raise ValueError("ensure_weight_tying: the tied head's embedding has no trained copy to tie to")
+
+
+def check_weight_tying(model: nnx.Module, config: LoraConfig, *, adapted: set[str], saved: set[str]) -> None:
+    """PEFT's checks of ``ensure_weight_tying`` (tuners_utils ``_check_tied_modules``), as its warnings; and a
+    ValueError for LoRA on a tied layer with ``ensure_weight_tying``, which jaxlora does not implement.
+    `adapted` and `saved` name the modules `config` adapts and trains in full (`find_targets`,
+    `find_saved_modules`)."""
+    pair = tied_pair(model)
+    tied_in_adapter = pair is not None and bool(set(pair) & (saved | adapted))
+    if not config.ensure_weight_tying:
+        if tied_in_adapter:
+            warnings.warn(f"the model has tied embeddings ({pair[0]} and {pair[1]} share one matrix) and a tied "
+                          "layer is part of the adapter, but ensure_weight_tying is not set to True: the two "
+                          "layers are trained apart (as PEFT does; README 'Tied embeddings')", UserWarning,
+                          stacklevel=4)
+        return
+    if pair is None:
+        warnings.warn("ensure_weight_tying=True, but the model has no tied embeddings: nothing to tie",
+                      UserWarning, stacklevel=4)
+    elif not tied_in_adapter:
+        warnings.warn(f"ensure_weight_tying=True, but neither {pair[0]} nor {pair[1]} is in modules_to_save or "
+                      "target_modules: nothing to tie", UserWarning, stacklevel=4)
+    elif set(pair) & adapted:
+        raise ValueError(f"ensure_weight_tying=True with LoRA on the tied {sorted(set(pair) & adapted)} is not "
+                         "supported (PEFT gives the head a LoRA whose weights are the embedding's, and merges the "
+                         "shared delta twice); use ensure_weight_tying=False, or train the tied layers in full "
+                         "with modules_to_save")
 
 
 @per_layer

@@ -181,3 +181,100 @@ def test_lora_on_untied_head_round_trip(tmp_path):
     assert rel_err(ours, torch_logits(peft, tokens)) < TOL
     assert_adapted(ours, torch_logits(hf_ref.load_model(path), tokens))
     assert_same_file(model, theirs_file, tmp_path / "ours")
+
+
+def shared_table_grad_parity(peft, model, tokens, peft_param, our_path) -> None:
+    """d/dW of sum(logits * R) for one trained table, both sides, R a fixed random weighting: the copy's
+    gradient has its embedding-lookup part, and its head part where the head reads it too."""
+    weights = np.random.default_rng(0).standard_normal(torch_logits(peft, tokens).shape).astype(np.float32)
+    peft.zero_grad()
+    (peft(torch.tensor(tokens)).logits * torch.tensor(weights)).sum().backward()
+    theirs = peft_param.grad.numpy()
+    grads = nnx.grad(lambda m: (m(jnp.asarray(tokens)) * weights).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    ours = dict(nnx.to_flat_state(grads))[our_path].get_value()
+    assert rel_err(ours, theirs) < TOL
+
+
+def test_modules_to_save_tied_embedding_matches_peft(tied, tmp_path):
+    """modules_to_save=["embed_tokens"] on a tied model (ensure_weight_tying=False): the embedding's copy
+    trains and the head keeps reading the original table, on both sides; PEFT's file both ways; both warn
+    that a tied layer is part of the adapter; merge_and_unload unties the model as PEFT does (the head keeps
+    the original matrix, lm_head.weight is written, tie_word_embeddings is False in memory and on disk)."""
+    with pytest.warns(UserWarning, match="tied layer is part of the adapter"):
+        peft = peft_ref.random_adapter(hf_ref.load_model(tied), seed=13, r=4, lora_alpha=8,
+                                       target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.weight" in theirs_file and f"{HEAD}.weight" not in theirs_file
+    with pytest.warns(UserWarning, match="tied layer is part of the adapter"):
+        model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    user = model.base_model.model
+    original = np.asarray(user.lm_head.embedding.get_value())
+    tokens = ids(6)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(tied), tokens))
+    shared_table_grad_parity(peft, model, tokens, peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight,
+                             ("base_model", "model", "model", "embed_tokens", "adapters", "default", "embedding"))
+    assert_same_file(model, theirs_file, tmp_path / "ours")
+    again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), ours) < TOL
+
+    theirs = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "peft").merge_and_unload()
+    assert not theirs.config.tie_word_embeddings
+    merged = merge_and_unload(model)
+    assert type(merged.lm_head) is nnx.Linear and not merged.config.tie_word_embeddings
+    np.testing.assert_array_equal(np.asarray(merged.lm_head.kernel.get_value()).T, original)  # the head keeps it
+    np.testing.assert_array_equal(table(merged), theirs.model.embed_tokens.weight.detach().numpy())
+    ours = merged(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
+    save_pretrained(merged, tmp_path / "merged")
+    assert "lm_head.weight" in load_file(tmp_path / "merged" / "model.safetensors")
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
+    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+
+
+@pytest.mark.parametrize("saved", ["embed_tokens", "lm_head"])
+def test_ensure_weight_tying_modules_to_save_matches_peft(tied, tmp_path, saved):
+    """ensure_weight_tying=True, either tied layer in modules_to_save: PEFT trains one copy that the
+    embedding and the head both read, and so does jaxlora (one variable); the file holds it under both names
+    (PEFT's keys, bit for bit, both ways); the gradient of the copy sums both uses, as PEFT's; and
+    merge_and_unload leaves a tied model holding the copy (a tied checkpoint, no lm_head.weight)."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(tied), seed=14, r=4, lora_alpha=8, target_modules=["q_proj"],
+                                   modules_to_save=[saved], ensure_weight_tying=True)
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    copies = [f"{HEAD}.weight", "base_model.model.model.embed_tokens.weight"]
+    assert set(copies) <= set(theirs_file) and np.array_equal(*(theirs_file[k] for k in copies))
+    model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    user = model.base_model.model
+    assert user.lm_head.adapters["default"].embedding is user.model.embed_tokens.adapters["default"].embedding
+    tokens = ids(7)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    assert_adapted(ours, torch_logits(hf_ref.load_model(tied), tokens))
+    shared_table_grad_parity(peft, model, tokens, peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight,
+                             ("base_model", "model", "lm_head", "adapters", "default", "embedding"))
+    assert_same_file(model, theirs_file, tmp_path / "ours")
+    again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
+    assert rel_err(torch_logits(again, tokens), ours) < TOL
+
+    ours_new = get_peft_model(from_pretrained(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                modules_to_save=[saved], ensure_weight_tying=True),
+                              rngs=nnx.Rngs(0))
+    save_adapter(ours_new, tmp_path / "new")  # jaxlora's own file: PEFT reads it as its own
+    assert json.loads((tmp_path / "new" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    assert set(load_file(tmp_path / "new" / "adapter_model.safetensors")) == set(theirs_file)
+    peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "new")
+
+    theirs = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "peft").merge_and_unload()
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight and theirs.config.tie_word_embeddings
+    merged = merge_and_unload(model)
+    assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
+    assert merged.config.tie_word_embeddings and type(merged.lm_head.embedding) is nnx.Param
+    np.testing.assert_array_equal(table(merged), theirs.model.embed_tokens.weight.detach().numpy())
+    ours = merged(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
+    save_pretrained(merged, tmp_path / "merged")
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL

@@ -11,6 +11,12 @@ default; measured with transformers 5 and recorded in README "Tied embeddings"),
   the adapter file holds the table as ``lm_head.base_layer.weight`` (PEFT's ``save_embedding_layers``).
 * ``modules_to_save=["lm_head"]``: the trained copy is an untied ``nnx.Linear`` (`untied`); unloading
   keeps it, and the model is no longer tied.
+* ``modules_to_save=["embed_tokens"]``: the embedding's copy trains, the head keeps reading the original
+  table; unloading keeps the copy, so the head is left over a table no embedding holds, and `sync_tie`
+  makes it an untied ``nnx.Linear`` over that table (PEFT's lm_head keeps the original matrix).
+* ``ensure_weight_tying=True`` with either name in ``modules_to_save``: one trained copy of the table, read
+  by the embedding's copy and by a `TiedHead` over it (`jaxlora.targets.tied_head_copy`); unloading keeps
+  both, still tied.
 
 Flax sorts a module's attributes when it walks the graph, so the shared variable's first path -- the one
 ``nnx.state`` reports -- is ``lm_head.embedding``, not ``model.embed_tokens.embedding``; code that finds
@@ -19,9 +25,13 @@ tensors by module (checkpoint I/O, `jaxlora.targets`) is unaffected.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 from flax import nnx
 
+from jaxlora.graph import replace_module
+from jaxlora.models.config import LlamaConfig
 from jaxlora.models.rounded import rounded_dot_general, rounded_matmul
 
 
@@ -85,3 +95,19 @@ class TiedHead(nnx.Module):
         return nnx.Linear(self.in_features, self.out_features, use_bias=False, dtype=self.dtype,
                           param_dtype=table.dtype, kernel_init=lambda *_: table.T, dot_general=rounded_dot_general,
                           rngs=nnx.Rngs(0))
+
+
+def sync_tie(model: nnx.Module) -> None:
+    """Makes `model` consistent after modules were swapped (``modules_to_save`` unloaded): a `TiedHead` whose
+    table no embedding holds any more becomes an untied ``nnx.Linear`` over that table, and a jaxlora model's
+    config says ``tie_word_embeddings=False`` once no tied head is left (PEFT's merge_and_unload sets it so)."""
+    nodes = list(nnx.iter_graph(model))
+    tables = {id(m.embedding) for _, m in nodes if isinstance(m, nnx.Embed)}
+    heads = [(tuple(path), m) for path, m in nodes if isinstance(m, TiedHead)]
+    for path, head in heads:
+        if id(head.embedding) not in tables:
+            replace_module(model, path, head.untied())
+    config = getattr(model, "config", None)
+    still_tied = any(id(head.embedding) in tables for _, head in heads)
+    if isinstance(config, LlamaConfig) and config.tie_word_embeddings and not still_tied:
+        model.config = dataclasses.replace(config, tie_word_embeddings=False)

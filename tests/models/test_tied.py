@@ -135,11 +135,65 @@ def test_modules_to_save_unties_the_head(tmp_path):
     adapted = peft(x)
     plain = peft.merge_and_unload()
     assert type(plain.lm_head) is nnx.Linear and diff(plain(x), adapted) < 1e-5
+    assert plain.config.tie_word_embeddings is False  # in memory too, as PEFT's merge_and_unload sets it
     np.testing.assert_array_equal(table(plain), table0)  # the embedding kept the original
     save_pretrained(plain, tmp_path / "untied")
     assert json.loads((tmp_path / "untied" / "config.json").read_text())["tie_word_embeddings"] is False
     assert "lm_head.weight" in load_file(tmp_path / "untied" / "model.safetensors")
     assert diff(from_pretrained(tmp_path / "untied")(x), adapted) < 1e-5
+
+
+def test_ensure_weight_tying_trains_one_table_through_the_trainers_step():
+    """ensure_weight_tying=True, modules_to_save=["embed_tokens"]: the embedding's copy and the head's are one
+    nnx.LoRAParam variable; the donating step trains it (it reaches the loss through the lookup and the head)
+    and the two modules still share it afterwards; unload keeps the model tied, the copy frozen."""
+    from jaxlora.train.loop import _step_for
+    from jaxlora.train.optim import OptimizerConfig, make_optimizer
+    from jaxlora.train.step import donating_train_step
+
+    peft = get_peft_model(tied(), LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"],
+                                             ensure_weight_tying=True), rngs=nnx.Rngs(1))
+    user = peft.base_model.model
+    shared = user.model.embed_tokens.adapters["default"].embedding
+    assert isinstance(shared, nnx.LoRAParam) and user.lm_head.adapters["default"].embedding is shared
+    before = np.array(shared.get_value())  # the step donates the array itself
+    ids = np.asarray(tokens())
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
+    opt = nnx.Optimizer(peft, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+    assert _step_for(peft, opt) is donating_train_step
+    run = donating_train_step.bind(peft, opt)
+    losses = [float(run(batch)["loss"]) for _ in range(3)]
+    assert losses[2] < losses[0]
+    assert user.lm_head.adapters["default"].embedding is user.model.embed_tokens.adapters["default"].embedding
+    assert diff(user.model.embed_tokens.adapters["default"].embedding.get_value(), before) > 1e-3
+    trained = user.model.embed_tokens.adapters["default"].embedding.get_value()
+    plain = peft.unload()
+    assert isinstance(plain.lm_head, TiedHead) and plain.lm_head.embedding is plain.model.embed_tokens.embedding
+    assert type(plain.lm_head.embedding) is nnx.Param and plain.config.tie_word_embeddings
+    np.testing.assert_array_equal(table(plain), trained)
+
+
+def test_ensure_weight_tying_checks():
+    """As PEFT: a warning where there is nothing to tie; a tied layer in the adapter without
+    ensure_weight_tying warns; LoRA on a tied layer with it is refused (not implemented)."""
+    config = dict(target_modules=["q_proj"], ensure_weight_tying=True)
+    with pytest.warns(UserWarning, match="has no tied embeddings"):
+        get_peft_model(tiny(), LoraConfig(**config, modules_to_save=["lm_head"]), rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="neither model.embed_tokens nor lm_head"):
+        get_peft_model(tied(), LoraConfig(**config), rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="ensure_weight_tying is not set"):
+        get_peft_model(tied(), LoraConfig(target_modules=["q_proj", "lm_head"]), rngs=nnx.Rngs(0))
+    for name in ("embed_tokens", "lm_head"):
+        model = tied()
+        with pytest.raises(ValueError, match=rf"ensure_weight_tying=True with LoRA on the tied \['.*{name}'\]"):
+            get_peft_model(model, LoraConfig(target_modules=["q_proj", name], ensure_weight_tying=True),
+                           rngs=nnx.Rngs(0))
+        assert isinstance(model.lm_head, TiedHead) and not nnx.state(model, nnx.LoRAParam)  # left as it was
+    with pytest.raises(TypeError, match="ensure_weight_tying"):
+        LoraConfig(ensure_weight_tying="yes")
+    both = LoraConfig(**config, modules_to_save=["lm_head"])
+    assert both.to_peft_dict()["ensure_weight_tying"] is True
+    assert LoraConfig.from_peft_dict(both.to_peft_dict()) == both
 
 
 def test_checkpoint_quantization_generation_and_sharding_stay_tied(tmp_path):
