@@ -94,7 +94,7 @@ def main() -> None:
     from jaxlora.models.loading import from_pretrained, save_pretrained
     from jaxlora.models.quantize import QuantConfig
     from jaxlora.train.optim import OptimizerConfig, make_optimizer
-    from jaxlora.train.step import train_step
+    from jaxlora.train.step import donating_train_step
 
     size = SIZES[args.size]
     cd = jnp.dtype(args.dtype)
@@ -108,7 +108,7 @@ def main() -> None:
     optimizer = nnx.Optimizer(model, make_optimizer(opt_cfg), wrt=nnx.LoRAParam)
     ids = jax.random.randint(jax.random.key(0), (size["batch"], size["seq"]), 3, cfg.vocab_size, jnp.int32)
     batch = {"input_ids": ids, "attention_mask": jnp.ones(ids.shape, jnp.int32), "loss_mask": jnp.ones(ids.shape, bool)}
-    step = nnx.cached_partial(train_step, model, optimizer)
+    step = donating_train_step.bind(model, optimizer)  # as jaxlora.train.loop runs it
     for _ in range(2):
         float(step(batch)["loss"])
     if args.time:
@@ -121,7 +121,7 @@ def main() -> None:
                           "min_s": min(times), "median_s": sorted(times)[len(times) // 2],
                           "load": os.getloadavg()[0]}))
         return
-    hlo = train_step.lower(model, optimizer, batch).compile().as_text()
+    hlo = donating_train_step.lower(model, optimizer, batch).compile().as_text()
 
     out = args.out / f"{args.size}_{args.dtype}"
     out.mkdir(parents=True, exist_ok=True)

@@ -4,10 +4,10 @@
     report = plan_step(LlamaConfig(...), seq=2048, batch=1)  # compiled argument / temp bytes + the floor
 
 `abstract_qlora` builds model, adapters and optimizer under `nnx.eval_shape` (every array a
-``jax.ShapeDtypeStruct``), so a 70B step is planned on a laptop; `compiled_step` compiles the real
-`train_step` for it with XLA on this backend (`lowered_step` lowers for any platform, e.g. "cuda") and reads
-``memory_analysis()`` and ``cost_analysis()``. The trained state (adapters, optimizer state) is donated, as a
-training loop that reuses its buffers does, so argument + temp is the step's device footprint.
+``jax.ShapeDtypeStruct``), so a 70B step is planned on a laptop; `compiled_step` compiles the Trainer's own
+step (`jaxlora.train.step.donating_train_step`) for it with XLA on this backend (`lowered_step` lowers for any platform, e.g. "cuda") and reads
+``memory_analysis()`` and ``cost_analysis()``. The trained state (adapters, optimizer state) is donated, as the
+Trainer's step does, so argument + temp is the step's device footprint.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jaxlora.models.config import LlamaConfig
 from jaxlora.models.loading import from_config
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.train.optim import OptimizerConfig, make_optimizer
-from jaxlora.train.step import train_step
+from jaxlora.train.step import donating_train_step
 
 GiB = 2**30
 
@@ -44,10 +44,6 @@ def abstract_qlora(config: LlamaConfig, *, quantization: QuantConfig | None = Qu
         return model, nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.LoRAParam)
 
     return nnx.eval_shape(build)
-
-
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _nbytes(tree) -> int:
@@ -77,22 +73,12 @@ class StepPlan:
 
 
 def lowered_step(model, optimizer, *, seq: int, batch: int = 1, platform: str | None = None):
-    """`train_step` for the abstract (model, optimizer) traced and lowered (for `platform`, default this
-    machine's backend); the trained state is donated. Returns (lowered, (trained, opt_state, frozen))."""
-    graphdef, trained, opt_state, frozen = nnx.split((model, optimizer), nnx.LoRAParam, nnx.OptState, ...)
+    """The Trainer's step (`donating_train_step`: the trained state donated) for the abstract (model,
+    optimizer) traced and lowered (for `platform`, default this machine's backend). Returns (lowered, (trained, opt_state, frozen))."""
+    _, trained, opt_state, frozen = nnx.split((model, optimizer), optimizer.wrt, nnx.OptState, ...)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = dict(input_ids=tokens, attention_mask=tokens, loss_mask=jax.ShapeDtypeStruct((batch, seq), bool))
-
-    def step(trained, opt_state, frozen, data):
-        m, o = nnx.merge(graphdef, trained, opt_state, frozen)
-        metrics = train_step(m, o, data)
-        _, new_trained, new_opt, _ = nnx.split((m, o), nnx.LoRAParam, nnx.OptState, ...)
-        return new_trained, new_opt, metrics
-
-    args = (_abstract(trained), _abstract(opt_state), _abstract(frozen), data)
-    traced = jax.jit(step, donate_argnums=(0, 1)).trace(*args)
-    lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
-    return lowered, (trained, opt_state, frozen)
+    return donating_train_step.lower(model, optimizer, data, platform=platform), (trained, opt_state, frozen)
 
 
 def compiled_step(model, optimizer, *, seq: int, batch: int = 1) -> StepPlan:

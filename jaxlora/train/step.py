@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxlora.train.loss import causal_lm_loss, chunked_causal_lm_loss
 
-__all__ = ["LossFn", "causal_lm_loss", "chunked_causal_lm_loss", "donating_train_step", "eval_step", "lm_loss",
+__all__ = ["LossFn", "TrainStep", "causal_lm_loss", "chunked_causal_lm_loss", "donating_train_step", "eval_step", "lm_loss",
            "offload_optimizer_state", "train_step"]
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, Any]]]
@@ -47,22 +47,103 @@ def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, dict[str, jax.Ar
     return loss, {"tokens": n}
 
 
-@functools.partial(nnx.jit, static_argnames=("loss_fn", "offload_optimizer"))
-def train_step(
-    model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, loss_fn: LossFn = lm_loss,
-    offload_optimizer: bool = False,
-) -> dict:
-    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`), skipped when the
-    loss or the gradient norm is not finite (the result's `finite` is then False). Returns `loss`,
-    `grad_norm`, `finite` and the loss's aux entries.
+class TrainStep:
+    """One optimizer update (or one accumulated micro-step under `optax.MultiSteps`), compiled, in place on
+    the model and optimizer: ``step(model, optimizer, batch, *, loss_fn=lm_loss, offload_optimizer=False)``.
+    It is skipped when the loss or the gradient norm is not finite (the result's `finite` is then False).
+    Returns `loss`, `grad_norm`, `finite` and the loss's aux entries.
 
     The trained variables are `optimizer.wrt`: adapters (`nnx.LoRAParam`) for LoRA training, `nnx.Param`
     for full training of a dense model (the demo pretrains its base that way). `loss_fn` is a static
     argument: pass the same function object every step, or each call compiles anew.
 
+    The compiled program takes (trained, optimizer state, frozen) and returns only the first two and the
+    frozen variables it changed (dropout's RNG counts): the frozen base goes in and never comes out. A jitted
+    function returns a new buffer for every output, an input returned unchanged too (jax does not forward
+    it), so a step over the whole model (``nnx.jit`` returns every variable of its graph arguments) copied
+    the entire quantized base each step, held twice at the step's peak (+3.5 GiB at Llama-2-7B) unless
+    donated. `train_step` donates nothing; `donating_train_step`, the Trainer's, donates the trained state and
+    the optimizer state, so XLA writes the new adapters and AdamW moments into the old buffers (0.47 GiB at
+    Llama-2-7B; `jaxlora.plan` assumes it) and arrays taken from them before a step are deleted by it.
+
     offload_optimizer: the optimizer state lives in host memory between steps (see
     `offload_optimizer_state`); it is copied to the device for the update and back after it.
     """
+
+    def __init__(self, *, donate: bool):
+        self.donate = donate
+        self._compiled = jax.jit(_compiled_step, static_argnames=("graphdef", "loss_fn", "offload_optimizer"),
+                                 donate_argnames=("trained", "opt_state") if donate else ())
+
+    def __call__(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, loss_fn: LossFn = lm_loss,
+                 offload_optimizer: bool = False) -> dict:
+        return self.bind(model, optimizer)(batch, loss_fn=loss_fn, offload_optimizer=offload_optimizer)
+
+    def bind(self, model: nnx.Module, optimizer: nnx.Optimizer) -> Callable[..., dict]:
+        """``step(batch, *, loss_fn=lm_loss, offload_optimizer=False)`` for this model and optimizer, their graph
+        walked once (a walk is ~40% of a small model's CPU step): the split states hold the model's own
+        variables, so each call reads their current values and writes the new ones back into them. The
+        model's structure must not change between calls (a variable replaced is not seen)."""
+        graphdef, trained, opt_state, frozen = _split(model, optimizer)
+        targets = {name: dict(nnx.to_flat_state(state)) for name, state in
+                   (("trained", trained), ("opt_state", opt_state), ("frozen", frozen))}
+
+        def step(batch: dict, *, loss_fn: LossFn = lm_loss, offload_optimizer: bool = False) -> dict:
+            new_trained, new_opt, changed, metrics = self._compiled(
+                graphdef, trained, opt_state, frozen, batch, loss_fn=loss_fn, offload_optimizer=offload_optimizer)
+            for name, new in (("trained", new_trained), ("opt_state", new_opt), ("frozen", changed)):
+                for path, value in nnx.to_flat_state(new):
+                    targets[name][path].set_value(value.get_value())
+            return metrics
+
+        return step
+
+    def lower(self, model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, *, loss_fn: LossFn = lm_loss,
+              offload_optimizer: bool = False, platform: str | None = None):
+        """The compiled program for these arguments, lowered (``jax.stages.Lowered``; `platform` e.g. "cuda",
+        default this machine's backend). They may be abstract (``nnx.eval_shape``, a batch of
+        ``jax.ShapeDtypeStruct``): nothing runs (`jaxlora.plan`)."""
+        graphdef, trained, opt_state, frozen = _split(model, optimizer)
+        traced = self._compiled.trace(graphdef, trained, opt_state, frozen, batch, loss_fn=loss_fn,
+                                      offload_optimizer=offload_optimizer)
+        return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
+
+
+def _split(model: nnx.Module, optimizer: nnx.Optimizer):
+    """(graphdef, trained, optimizer state, frozen): what the compiled step takes."""
+    return nnx.split((model, optimizer), optimizer.wrt, nnx.OptState, ...)
+
+
+def _compiled_step(graphdef, trained, opt_state, frozen, batch, *, loss_fn: LossFn, offload_optimizer: bool):
+    """The step on split state: the new trained state, optimizer state, the frozen variables the step
+    changed, and the metrics."""
+    inputs = _leaves(frozen)  # before merge, which reuses the variables
+    model, optimizer = nnx.merge(graphdef, trained, opt_state, frozen)
+    metrics = _update(model, optimizer, batch, loss_fn, offload_optimizer)
+    _, trained, opt_state, after = _split(model, optimizer)
+    return trained, opt_state, _changed(after, inputs), metrics
+
+
+def _leaves(state: nnx.State) -> dict:
+    """path -> the arrays (tracers) a state's variable holds now."""
+    return {path: jax.tree.leaves(v.get_value()) for path, v in nnx.to_flat_state(state)}
+
+
+def _changed(state: nnx.State, inputs: dict) -> nnx.State:
+    """The variables of `state` holding other arrays than they did (`inputs`, from `_leaves`), by identity of
+    the traced values: an untouched variable is never an output."""
+    def moved(path, v) -> bool:
+        now, before = jax.tree.leaves(v.get_value()), inputs.get(path)
+        return before is None or len(now) != len(before) or any(a is not b for a, b in zip(now, before))
+
+    return nnx.from_flat_state([(path, v) for path, v in nnx.to_flat_state(state) if moved(path, v)])
+
+
+train_step = TrainStep(donate=False)
+donating_train_step = TrainStep(donate=True)
+
+
+def _update(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict, loss_fn: LossFn, offload_optimizer: bool):
     wrt = optimizer.wrt
     # DiffState(0, wrt): gradients exist for the trained variables only; the frozen base never gets one.
     grad_fn = nnx.value_and_grad(lambda m: loss_fn(m, batch), argnums=nnx.DiffState(0, wrt), has_aux=True)
@@ -86,21 +167,22 @@ def train_step(
     return {**aux, "loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-# The Trainer's step: train_step with the model and optimizer donated, so XLA writes the new adapters and
-# AdamW state into the old buffers instead of holding both during the step (0.47 GiB at Llama-2-7B; the
-# figures of `jaxlora.plan` assume it). train_step itself does not donate: a caller of it may still hold
-# the old arrays, which donation deletes; the Trainer holds none across a step.
-donating_train_step = nnx.jit(train_step.__wrapped__, static_argnames=("loss_fn", "offload_optimizer"),
-                              donate_argnums=(0, 1))
-
-
-@functools.partial(nnx.jit, static_argnames=("loss_fn",))
 def eval_step(model: nnx.Module, batch: dict, *, loss_fn: LossFn = lm_loss) -> dict:
     """The loss times its weight (aux `tokens`, else 1) and that weight, so batches of different fill
-    combine exactly; plus the loss's other aux entries."""
+    combine exactly; plus the loss's other aux entries. Compiled; the model is an input only (not copied)."""
+    graphdef, state = nnx.split(model)
+    changed, metrics = _eval(graphdef, state, batch, loss_fn=loss_fn)
+    nnx.update(model, changed)
+    return metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
+def _eval(graphdef, state, batch, *, loss_fn: LossFn):
+    inputs = _leaves(state)
+    model = nnx.merge(graphdef, state)
     loss, aux = loss_fn(model, batch)
     weight = aux.get("tokens", jnp.ones((), jnp.float32))
-    return {**aux, "loss_sum": loss * weight, "tokens": weight}
+    return _changed(nnx.state(model), inputs), {**aux, "loss_sum": loss * weight, "tokens": weight}
 
 
 def offload_optimizer_state(optimizer: nnx.Optimizer) -> None:

@@ -208,7 +208,7 @@ def test_the_trainers_step_runs_a_model_with_modules_to_save(name="lm_head"):
                                rngs=nnx.Rngs(1))
         opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
         assert _step_for(model, opt) is donating_train_step
-        run = nnx.cached_partial(step, model, opt)
+        run = step.bind(model, opt)
         losses.append([float(run(batch)["loss"]) for _ in range(3)])
     np.testing.assert_array_equal(losses[1], losses[0])
     assert losses[0][2] < losses[0][0]

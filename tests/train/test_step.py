@@ -187,3 +187,32 @@ def test_the_optimizer_decides_what_trains():
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), frozen_before,
                          jax.tree.map(np.asarray, nnx.state(model, FROZEN)))
     assert all(jax.tree.leaves(moved))
+
+
+def test_the_steps_never_copy_or_donate_the_frozen_base():
+    """On a real QLoRA model (NF4 base, LoRA with dropout): after train_step, donating_train_step and
+    eval_step every frozen variable holds the very buffer it held before, still valid (the compiled step
+    takes the base as an input only: under nnx.jit each step copied all of it), while the dropout RNG count,
+    a frozen variable the step does change, advances (so each step draws a new mask)."""
+    from jaxlora import LoraConfig, get_peft_model
+    from jaxlora.models.quantize import QuantConfig, quantize_model
+    from jaxlora.train.step import donating_train_step
+    from tests._models import tiny, tokens
+
+    ids = np.asarray(tokens())
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
+    model = get_peft_model(quantize_model(tiny(), QuantConfig()), LoraConfig(target_modules="all-linear",
+                                                                            lora_dropout=0.1), rngs=nnx.Rngs(0))
+    model.train()
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+    frozen = nnx.Not(nnx.Any(nnx.LoRAParam, nnx.RngState))
+    held = jax.tree.leaves(nnx.state(model, frozen))
+    assert len(held) > 20
+    counts = []
+    for step in (train_step, donating_train_step, lambda m, o, b: eval_step(m, b)):
+        step(model, opt, batch)
+        now = jax.tree.leaves(nnx.state(model, frozen))
+        assert [x.unsafe_buffer_pointer() for x in now] == [x.unsafe_buffer_pointer() for x in held]
+        assert not any(x.is_deleted() for x in held)
+        counts.append(sum(int(np.sum(c)) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))))
+    assert counts[0] < counts[1]  # dropout drew again in the second train step
