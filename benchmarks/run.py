@@ -152,7 +152,7 @@ def table(results: dict) -> list[str]:
         j = pair["jax"]
         if "train_dispatch_s_per_step" in j:
             step = results["spec"]["batch"] * results["spec"]["seq"] / j["train_tokens_per_s"]
-            rows.append(f"| {dtype} jaxlora Python time per step in nnx.jit (of a {step * 1e3:.0f} ms step) | "
+            rows.append(f"| {dtype} jaxlora Python time per step (of a {step * 1e3:.0f} ms step) | "
                         f"{j['train_dispatch_s_per_step'] * 1e3:.1f} ms | | |")
     quant = results.get("quant") or {}
     if "error" in quant:

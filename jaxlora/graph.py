@@ -32,5 +32,5 @@ def retype_variables(root: nnx.Module, old: type, new: type, *, within: Sequence
         for attr, value in list(vars(module).items()):
             if type(value) is old and (chosen is None or id(value) in chosen):
                 if id(value) not in swapped:
-                    swapped[id(value)] = new(value.get_value())
+                    swapped[id(value)] = new(value.get_value(), **value.get_metadata())
                 setattr(module, attr, swapped[id(value)])

@@ -24,6 +24,22 @@ _TENSORS = {nnx.Linear: {"weight": ("kernel", True), "bias": ("bias", False)},
             TiedHead: {"weight": ("embedding", False)}}
 
 
+def original_of(module: nnx.Module) -> nnx.Module:
+    """The module a `ModulesToSave` trains copies of; any other module is its own."""
+    return module.original if isinstance(module, ModulesToSave) else module
+
+
+def trained_copies(saved: dict[str, nnx.Module], tie: tuple[str, str] | None = None) -> dict[str, nnx.Module]:
+    """Name -> a new trained copy of each module of `saved` (name -> module or its `ModulesToSave`), built
+    beside the model, which is not changed. `tie` (embedding name, head name), under ``ensure_weight_tying``:
+    the head's copy is a `TiedHead` over the embedding's copy, so both train one table (PEFT's
+    ``modules_to_tie``)."""
+    copies = {name: _trainable_copy(original_of(m)) for name, m in saved.items() if tie is None or name != tie[1]}
+    if tie is not None:
+        copies[tie[1]] = TiedHead(copies[tie[0]])
+    return copies
+
+
 def _trainable_copy(original: nnx.Module) -> nnx.Module:
     """A copy of `original` whose parameters are ``nnx.LoRAParam``. Of a tied head, the untied ``nnx.Linear``
     PEFT trains there (its copy of the shared matrix): the embedding keeps the original table."""
@@ -47,7 +63,8 @@ def module_tensors(module: nnx.Module) -> dict[str, jax.Array]:
 
 class ModulesToSave(nnx.Module):
     """A frozen `original` (``nnx.Linear``, ``nnx.Embed`` or a tied head) and per-adapter trained copies, in
-    ``adapters`` (of a tied head: untied ``nnx.Linear`` layers, so unloading one unties the model, as PEFT).
+    ``adapters`` (of a tied head: untied ``nnx.Linear`` layers, so unloading one unties the model, as PEFT;
+    under ``ensure_weight_tying`` a `TiedHead` over the embedding's copy, `trained_copies`).
     Its adapter methods are `jaxlora.layers.LoRALinear`'s, so the model-level operations treat both alike."""
 
     def __init__(self, original: nnx.Module, adapter_name: str, copy: nnx.Module | None = None):
@@ -60,8 +77,8 @@ class ModulesToSave(nnx.Module):
         self.add_adapter(adapter_name, copy)
 
     def add_adapter(self, name: str, copy: nnx.Module | None = None) -> None:
-        """Adds adapter `name`'s trained copy: `copy` if given (a tied head over the embedding's copy, under
-        ``ensure_weight_tying``: `jaxlora.targets.tied_head_copy`), else a fresh copy of the original."""
+        """Adds adapter `name`'s trained copy: `copy` if given (`trained_copies`), else a fresh copy of the
+        original."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
         self.adapters[name] = _trainable_copy(self.original) if copy is None else copy

@@ -28,7 +28,7 @@ from safetensors.numpy import save_file
 from jaxlora.base import TableBase
 from jaxlora.fileio import atomic_directory
 from jaxlora.layers import LoRALinear
-from jaxlora.modules_to_save import ModulesToSave, module_tensors
+from jaxlora.modules_to_save import ModulesToSave, module_tensors, original_of
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
 from jaxlora.targets import (OUTPUT_HEAD, base_of, embedding_modules, find_saved_modules, find_targets,
@@ -154,7 +154,7 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
             shapes[_bias_key(PREFIX + name, adapted)] = tuple(bias.get_value().shape)
             aliases[_bias_key(PREFIX + name, adapted)] = _bias_key(PREFIX + name, not adapted)
     for name, (_, module) in find_saved_modules(model, config).items():
-        original = module.original if isinstance(module, ModulesToSave) else module
+        original = original_of(module)
         shapes.update({f"{PREFIX}{name}.{k}": tuple(v.shape) for k, v in module_tensors(original).items()})
     return shapes, optional, aliases
 

@@ -33,8 +33,8 @@ from jaxlora.lora import CombinationType
 from jaxlora.lora_config import LoraConfig
 from jaxlora.mixed import BASE, Active, AdapterRows
 from jaxlora.models.stack import per_layer, stochastic
-from jaxlora.models.tied import TiedHead, sync_tie
-from jaxlora.modules_to_save import ModulesToSave
+from jaxlora.models.tied import sync_tie
+from jaxlora.modules_to_save import ModulesToSave, trained_copies
 from jaxlora.qlinear import QuantizedLinear
 
 # The LoRA layer each kind of base gets: any LinearBase (QuantizedLinear, a tied head) a LoRALinear.
@@ -174,8 +174,9 @@ class PeftModel(nnx.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists; have {list(self.peft_config)}")
         model = self.base_model.model
         found = targets.find_targets(model, config)
+        tie = targets.check_weight_tying(model, config, adapted={t.name for t in found})
         saved = targets.find_saved_modules(model, config)
-        targets.check_weight_tying(model, config, adapted={t.name for t in found}, saved=set(saved))
+        copies = trained_copies({name: module for name, (_, module) in saved.items()}, tie)
         new_layers, grown = [], []
         try:
             for t in found:
@@ -197,14 +198,11 @@ class PeftModel(nnx.Module):
             raise
         for path, layer in new_layers:
             replace_module(model, path, layer)
-        for path, module in saved.values():  # a tied embedding before its head (find_saved_modules)
-            original = module.original if isinstance(module, ModulesToSave) else module
-            tie = config.ensure_weight_tying and isinstance(original, TiedHead)
-            copy = targets.tied_head_copy(model, original, adapter_name) if tie else None
+        for name, (path, module) in saved.items():
             if isinstance(module, ModulesToSave):
-                module.add_adapter(adapter_name, copy)
+                module.add_adapter(adapter_name, copies[name])
             else:
-                replace_module(model, path, ModulesToSave(module, adapter_name, copy))
+                replace_module(model, path, ModulesToSave(module, adapter_name, copies[name]))
         self._configs = (*self._configs, (adapter_name, config))
         if self.active_adapter is None:
             self.active_adapter = adapter_name

@@ -5,7 +5,8 @@
 
 `abstract_qlora` builds model, adapters and optimizer under `nnx.eval_shape` (every array a
 ``jax.ShapeDtypeStruct``), so a 70B step is planned on a laptop; `compiled_step` compiles the Trainer's own
-step (`jaxlora.train.step.donating_train_step`) for it with XLA on this backend (`lowered_step` lowers for any platform, e.g. "cuda") and reads
+step (`jaxlora.train.step.donating_train_step`) for it with XLA on this backend (`lowered_step` lowers for
+any platform, e.g. "cuda") and reads
 ``memory_analysis()`` and ``cost_analysis()``. The trained state (adapters, optimizer state) is donated, as the
 Trainer's step does, so argument + temp is the step's device footprint.
 """
@@ -74,7 +75,8 @@ class StepPlan:
 
 def lowered_step(model, optimizer, *, seq: int, batch: int = 1, platform: str | None = None):
     """The Trainer's step (`donating_train_step`: the trained state donated) for the abstract (model,
-    optimizer) traced and lowered (for `platform`, default this machine's backend). Returns (lowered, (trained, opt_state, frozen))."""
+    optimizer) traced and lowered (for `platform`, default this machine's backend). Returns (lowered,
+    (trained, opt_state, frozen))."""
     _, trained, opt_state, frozen = nnx.split((model, optimizer), optimizer.wrt, nnx.OptState, ...)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = dict(input_ids=tokens, attention_mask=tokens, loss_mask=jax.ShapeDtypeStruct((batch, seq), bool))

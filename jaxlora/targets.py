@@ -21,7 +21,7 @@ from jaxlora.lora import pissa_niter
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer
 from jaxlora.models.tied import TiedHead
-from jaxlora.modules_to_save import ModulesToSave
+from jaxlora.modules_to_save import ModulesToSave, original_of
 from jaxlora.qlinear import QuantizedLinear
 
 OUTPUT_HEAD = "lm_head"  # transformers' output embedding name; "all-linear" leaves it alone, as PEFT
@@ -120,24 +120,39 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
     return targets
 
 
-def _original(module: nnx.Module) -> nnx.Module:
-    """The module a `ModulesToSave` trains copies of; any other module is its own."""
-    return module.original if isinstance(module, ModulesToSave) else module
-
-
 @per_layer
 def tied_pair(model: nnx.Module) -> tuple[str, str] | None:
     """(embedding name, head name) of a model with tied embeddings -- a `TiedHead` reading an embedding's
-    table, either of them possibly wrapped in a `ModulesToSave` -- or None if nothing is tied."""
-    found = modules(model, (nnx.Embed, TiedHead, ModulesToSave))
-    heads = {name: _original(m) for name, (_, m) in found.items() if isinstance(_original(m), TiedHead)}
-    for embed_name, (_, module) in found.items():
-        table = getattr(_original(module), "embedding", None)
-        if isinstance(_original(module), nnx.Embed):
+    table, either of them possibly wrapped (a LoRA layer, a `ModulesToSave`) -- or None if nothing is tied."""
+    found = {name: base_of(original_of(m)) for name, (_, m) in
+             modules(model, (nnx.Embed, TiedHead, LoRALinear, ModulesToSave)).items()}
+    heads = {name: m for name, m in found.items() if isinstance(m, TiedHead)}
+    for embed_name, embed in found.items():
+        if isinstance(embed, nnx.Embed):
             for head_name, head in heads.items():
-                if head.embedding is table:
+                if head.embedding is embed.embedding:
                     return embed_name, head_name
     return None
+
+
+def _lora_on_tied(pair: tuple[str, str]) -> str:
+    return (f"ensure_weight_tying=True with LoRA on the tied {sorted(pair)} is not supported (PEFT gives the "
+            "head a LoRA whose weights are views of the embedding's and merges the shared delta twice); use "
+            "ensure_weight_tying=False, or train the tied layers in full with modules_to_save")
+
+
+@per_layer
+def tied_saved(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
+    """The (embedding, head) names ``ensure_weight_tying`` ties: on a tied model whose embedding or head
+    `config` names in modules_to_save, both are trained as one copy (`jaxlora.modules_to_save.trained_copies`);
+    None otherwise. ValueError if either carries LoRA (from `config` or an adapter added before)."""
+    pair = tied_pair(model)
+    if not config.ensure_weight_tying or pair is None or not any(config.saves(n) for n in pair):
+        return None
+    adapted = set(pair) & ({t.name for t in find_targets(model, config)} | set(lora_layers(model)))
+    if adapted:
+        raise ValueError(_lora_on_tied(tuple(sorted(adapted))))
+    return pair
 
 
 @per_layer
@@ -145,14 +160,13 @@ def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple
     """The modules `config.modules_to_save` names (path -> (path, module): an ``nnx.Linear``, ``nnx.Embed`` or
     `ModulesToSave` that gets one more copy); ValueError if a name matches nothing or a LoRA target.
 
-    On a tied model with ``ensure_weight_tying``, naming the embedding or the head saves both, the embedding
-    first (PEFT adds the embedding and ties the head's copy to its copy: `tied_head_copy`)."""
+    Under ``ensure_weight_tying``, naming a tied model's embedding or head saves both (`tied_saved`)."""
     if not config.modules_to_save:
         return {}
     every = modules(model, (*_LINEAR, nnx.Embed, ModulesToSave))
     found = {name: v for name, v in every.items() if config.saves(name)}
-    pair = tied_pair(model)
-    if config.ensure_weight_tying and pair is not None and set(pair) & set(found):
+    pair = tied_saved(model, config)
+    if pair is not None:
         found = {name: every[name] for name in pair} | found
     targeted = {t.name for t in find_targets(model, config)}
     for name, (_, module) in found.items():
@@ -168,41 +182,30 @@ def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple
     return found
 
 
-def tied_head_copy(model: nnx.Module, head: TiedHead, adapter_name: str) -> TiedHead:
-    """Under ``ensure_weight_tying``: adapter `adapter_name`'s copy of a tied `head`, a `TiedHead` over the
-    trained copy of the embedding it reads, so both train one table (PEFT's ``modules_to_tie``). The
-    embedding's copy must exist already (`find_saved_modules` lists it first)."""
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, ModulesToSave) and getattr(module.original, "embedding", None) is head.embedding:
-            return TiedHead(module.adapters[adapter_name])
-    raise ValueError("ensure_weight_tying: the tied head's embedding has no trained copy to tie to")
-
-
-def check_weight_tying(model: nnx.Module, config: LoraConfig, *, adapted: set[str], saved: set[str]) -> None:
-    """PEFT's checks of ``ensure_weight_tying`` (tuners_utils ``_check_tied_modules``), as its warnings; and a
-    ValueError for LoRA on a tied layer with ``ensure_weight_tying``, which jaxlora does not implement.
-    `adapted` and `saved` name the modules `config` adapts and trains in full (`find_targets`,
-    `find_saved_modules`)."""
+def check_weight_tying(model: nnx.Module, config: LoraConfig, *, adapted: set[str]) -> tuple[str, str] | None:
+    """PEFT's checks of ``ensure_weight_tying`` (tuners_utils ``_check_tied_modules``), as its warnings;
+    ValueError for LoRA on a tied layer under it (not implemented). `adapted`: the names `config` puts LoRA
+    on (`find_targets`). Returns the pair to tie (`tied_saved`)."""
     pair = tied_pair(model)
-    tied_in_adapter = pair is not None and bool(set(pair) & (saved | adapted))
+    if pair is None:
+        if config.ensure_weight_tying:
+            warnings.warn("ensure_weight_tying=True, but the model has no tied embeddings: nothing to tie",
+                          UserWarning, stacklevel=4)
+        return None
+    in_adapter = set(pair) & adapted or any(config.saves(n) for n in pair)
     if not config.ensure_weight_tying:
-        if tied_in_adapter:
+        if in_adapter:
             warnings.warn(f"the model has tied embeddings ({pair[0]} and {pair[1]} share one matrix) and a tied "
                           "layer is part of the adapter, but ensure_weight_tying is not set to True: the two "
                           "layers are trained apart (as PEFT does; README 'Tied embeddings')", UserWarning,
                           stacklevel=4)
-        return
-    if pair is None:
-        warnings.warn("ensure_weight_tying=True, but the model has no tied embeddings: nothing to tie",
-                      UserWarning, stacklevel=4)
-    elif not tied_in_adapter:
+        return None
+    if set(pair) & adapted:
+        raise ValueError(_lora_on_tied(tuple(sorted(set(pair) & adapted))))
+    if not in_adapter:
         warnings.warn(f"ensure_weight_tying=True, but neither {pair[0]} nor {pair[1]} is in modules_to_save or "
                       "target_modules: nothing to tie", UserWarning, stacklevel=4)
-    elif set(pair) & adapted:
-        raise ValueError(f"ensure_weight_tying=True with LoRA on the tied {sorted(set(pair) & adapted)} is not "
-                         "supported (PEFT gives the head a LoRA whose weights are the embedding's, and merges the "
-                         "shared delta twice); use ensure_weight_tying=False, or train the tied layers in full "
-                         "with modules_to_save")
+    return tied_saved(model, config)
 
 
 @per_layer

@@ -54,6 +54,18 @@ def assert_same_file(model, theirs_file, path):
     assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
 
 
+def assert_merged_checkpoint(merged, theirs, tokens, path, *, tied: bool) -> np.ndarray:
+    """A merged model has PEFT's merged logits, and its checkpoint is tied or untied as PEFT's (lm_head.weight
+    written iff untied, tie_word_embeddings saying so) and loads in transformers with the same logits."""
+    ours = merged(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
+    save_pretrained(merged, path)
+    assert ("lm_head.weight" in load_file(path / "model.safetensors")) is not tied
+    assert json.loads((path / "config.json").read_text())["tie_word_embeddings"] is tied
+    assert rel_err(torch_logits(hf_ref.load_model(path), tokens), ours) < TOL
+    return ours
+
+
 def test_lora_on_tied_head_round_trip(tied, tmp_path):
     """PEFT -> jaxlora -> PEFT: the same logits at every hop, the same tensors back (the shared table as
     lm_head.base_layer.weight, as PEFT writes it); the head's adapter alone moves the logits."""
@@ -115,13 +127,8 @@ def test_tied_head_merge_and_unload_matches_peft(tied, tmp_path):
     merged = merge_and_unload(model)
     assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
     np.testing.assert_allclose(table(merged), theirs.model.embed_tokens.weight.detach().numpy(), rtol=1e-6, atol=1e-6)
-    ours = merged(jnp.asarray(tokens))
-    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
+    ours = assert_merged_checkpoint(merged, theirs, tokens, tmp_path / "merged", tied=True)
     assert_adapted(ours, adapted)  # the merged embedding moves the hidden states: not the adapted model
-    save_pretrained(merged, tmp_path / "merged")
-    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is True
-    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
 
 
 def test_modules_to_save_tied_head_matches_peft(tied, tmp_path):
@@ -154,12 +161,7 @@ def test_modules_to_save_tied_head_matches_peft(tied, tmp_path):
     merged = merge_and_unload(model)
     assert type(merged.lm_head) is nnx.Linear
     np.testing.assert_array_equal(table(merged), original)  # the embedding keeps the original table
-    ours = merged(jnp.asarray(tokens))
-    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
-    save_pretrained(merged, tmp_path / "merged")
-    assert "lm_head.weight" in load_file(tmp_path / "merged" / "model.safetensors")
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
-    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+    ours = assert_merged_checkpoint(merged, theirs, tokens, tmp_path / "merged", tied=False)
     assert rel_err(np.asarray(from_pretrained(tmp_path / "merged")(jnp.asarray(tokens))), ours) < TOL
 
 
@@ -214,7 +216,8 @@ def test_modules_to_save_tied_embedding_matches_peft(tied, tmp_path):
     ours = model(jnp.asarray(tokens))
     assert rel_err(ours, torch_logits(peft, tokens)) < TOL
     assert_adapted(ours, torch_logits(hf_ref.load_model(tied), tokens))
-    shared_table_grad_parity(peft, model, tokens, peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight,
+    copy = peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight
+    shared_table_grad_parity(peft, model, tokens, copy,
                              ("base_model", "model", "model", "embed_tokens", "adapters", "default", "embedding"))
     assert_same_file(model, theirs_file, tmp_path / "ours")
     again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
@@ -226,12 +229,7 @@ def test_modules_to_save_tied_embedding_matches_peft(tied, tmp_path):
     assert type(merged.lm_head) is nnx.Linear and not merged.config.tie_word_embeddings
     np.testing.assert_array_equal(np.asarray(merged.lm_head.kernel.get_value()).T, original)  # the head keeps it
     np.testing.assert_array_equal(table(merged), theirs.model.embed_tokens.weight.detach().numpy())
-    ours = merged(jnp.asarray(tokens))
-    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
-    save_pretrained(merged, tmp_path / "merged")
-    assert "lm_head.weight" in load_file(tmp_path / "merged" / "model.safetensors")
-    assert json.loads((tmp_path / "merged" / "config.json").read_text())["tie_word_embeddings"] is False
-    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+    assert_merged_checkpoint(merged, theirs, tokens, tmp_path / "merged", tied=False)
 
 
 @pytest.mark.parametrize("saved", ["embed_tokens", "lm_head"])
@@ -253,8 +251,9 @@ def test_ensure_weight_tying_modules_to_save_matches_peft(tied, tmp_path, saved)
     ours = model(jnp.asarray(tokens))
     assert rel_err(ours, torch_logits(peft, tokens)) < TOL
     assert_adapted(ours, torch_logits(hf_ref.load_model(tied), tokens))
-    shared_table_grad_parity(peft, model, tokens, peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight,
-                             ("base_model", "model", "lm_head", "adapters", "default", "embedding"))
+    copy = peft.base_model.model.model.embed_tokens.modules_to_save["default"].weight  # PEFT's head shares it
+    shared_table_grad_parity(peft, model, tokens, copy, ("base_model", "model", "lm_head", "adapters", "default",
+                                                          "embedding"))
     assert_same_file(model, theirs_file, tmp_path / "ours")
     again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
     assert rel_err(torch_logits(again, tokens), ours) < TOL
@@ -273,8 +272,4 @@ def test_ensure_weight_tying_modules_to_save_matches_peft(tied, tmp_path, saved)
     assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
     assert merged.config.tie_word_embeddings and type(merged.lm_head.embedding) is nnx.Param
     np.testing.assert_array_equal(table(merged), theirs.model.embed_tokens.weight.detach().numpy())
-    ours = merged(jnp.asarray(tokens))
-    assert rel_err(ours, torch_logits(theirs, tokens)) < TOL
-    save_pretrained(merged, tmp_path / "merged")
-    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
-    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), ours) < TOL
+    assert_merged_checkpoint(merged, theirs, tokens, tmp_path / "merged", tied=True)

@@ -6,8 +6,8 @@ The step loop (`jaxlora.train.loop.Trainer`) calls every hook, in the order give
 per optimizer step (a hook may add to `metrics`: later hooks and the summary see it), and
 `at_end(state, summary)` after the last step (a hook may add to `summary`). Order matters where files
 do: the metrics line of a step is written before its checkpoint, so a resumed run never misses a step.
-The step donates model and optimizer: an array a hook takes from `state` is deleted by the next step
-(copy it to the host to keep it).
+The step donates the trained variables and the optimizer state: an adapter or optimizer array a hook takes
+from `state` is deleted by the next step (copy it to the host to keep it); the frozen base is not donated.
 
 A checkpoint is good when training can continue from it. The step that computes a non-finite loss or
 gradient does not apply its update (see `train_step`), so what is in memory is never corrupted; but the

@@ -3,8 +3,8 @@
 `train` is one call for a whole run in an output directory: the run lock, the device mesh, the train
 state (`jaxlora.train.state`), resume, and the hooks of `jaxlora.train.hooks` (metrics, evaluation,
 checkpoints, the stop on a non-finite loss, the loss plot). `Trainer` itself knows nothing of files:
-it draws batches, runs `train_step` with the loss it was given (donating model and optimizer), and
-calls the hooks.
+it draws batches, runs `donating_train_step` with the loss it was given (donating the adapters and
+optimizer state), and calls the hooks.
 
 It knows the model only through the loss (by default `jaxlora.train.step.lm_loss`, the causal-LM loss
 of `model(input_ids, attention_mask=...) -> logits`) and file formats only through the `write_adapter`
@@ -68,10 +68,14 @@ class TrainConfig:
 
 
 def _step_for(model: nnx.Module, optimizer: nnx.Optimizer):
-    """The donating step, unless one array is held by two variables (a model built by code of your own that
-    shares a buffer between modules): donation would hand XLA that buffer twice, which it refuses."""
-    leaves = jax.tree.leaves(nnx.state((model, optimizer)))
-    return donating_train_step if len({id(x) for x in leaves}) == len(leaves) else train_step
+    """The donating step, unless a donated array (an adapter's, the optimizer state's) is held by another
+    variable too (a model built by code of your own that shares a buffer between modules): XLA refuses a
+    buffer donated twice, and would delete it under the frozen variable that shares it."""
+    donated = jax.tree.leaves(nnx.state((model, optimizer), nnx.Any(optimizer.wrt, nnx.OptState)))
+    others = {id(x) for x in jax.tree.leaves(nnx.state((model, optimizer), nnx.Not(nnx.Any(optimizer.wrt,
+                                                                                            nnx.OptState))))}
+    ids = [id(x) for x in donated]
+    return donating_train_step if len(set(ids)) == len(ids) and not others & set(ids) else train_step
 
 
 class Trainer:
@@ -90,8 +94,8 @@ class Trainer:
         as it is now (its active adapter included): a hook that changes it is seen by the next `fit`."""
         state = self.state
         # bind walks the model graph once instead of on every call (~40% of a small step on CPU).
+        state.model.train()  # before bind: train mode (dropout on) is part of the structure bind captures
         step_fn = _step_for(state.model, state.optimizer).bind(state.model, state.optimizer)
-        state.model.train()
         t_run, tokens_run, metrics = time.perf_counter(), 0, {}
         while state.step < max_steps:
             t0, losses, tokens = time.perf_counter(), [], 0

@@ -26,8 +26,8 @@ from flax import nnx
 
 from jaxlora.train.loss import causal_lm_loss, chunked_causal_lm_loss
 
-__all__ = ["LossFn", "TrainStep", "causal_lm_loss", "chunked_causal_lm_loss", "donating_train_step", "eval_step", "lm_loss",
-           "offload_optimizer_state", "train_step"]
+__all__ = ["LossFn", "TrainStep", "causal_lm_loss", "chunked_causal_lm_loss", "donating_train_step", "eval_step",
+           "lm_loss", "offload_optimizer_state", "train_step"]
 
 LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict[str, Any]]]
 
@@ -71,7 +71,6 @@ class TrainStep:
     """
 
     def __init__(self, *, donate: bool):
-        self.donate = donate
         self._compiled = jax.jit(_compiled_step, static_argnames=("graphdef", "loss_fn", "offload_optimizer"),
                                  donate_argnames=("trained", "opt_state") if donate else ())
 
@@ -132,11 +131,20 @@ def _leaves(state: nnx.State) -> dict:
 def _changed(state: nnx.State, inputs: dict) -> nnx.State:
     """The variables of `state` holding other arrays than they did (`inputs`, from `_leaves`), by identity of
     the traced values: an untouched variable is never an output."""
-    def moved(path, v) -> bool:
-        now, before = jax.tree.leaves(v.get_value()), inputs.get(path)
-        return before is None or len(now) != len(before) or any(a is not b for a, b in zip(now, before))
+    flat = nnx.to_flat_state(state)
+    # A train step's paths start with 0 (the model) or 1 (the optimizer): the user's names are what follows.
+    created = [".".join(map(str, path[1:] if isinstance(path[0], int) else path)) for path, _ in flat
+               if path not in inputs]
+    if created:
+        raise ValueError(f"the step created variables {created[:3]} (e.g. with Module.sow): a compiled step keeps "
+                         "the model's structure fixed; remove them inside the loss (nnx.pop) or do not create "
+                         "them while training")
 
-    return nnx.from_flat_state([(path, v) for path, v in nnx.to_flat_state(state) if moved(path, v)])
+    def moved(path, v) -> bool:
+        now, before = jax.tree.leaves(v.get_value()), inputs[path]
+        return len(now) != len(before) or any(a is not b for a, b in zip(now, before))
+
+    return nnx.from_flat_state([(path, v) for path, v in flat if moved(path, v)])
 
 
 train_step = TrainStep(donate=False)

@@ -7,6 +7,7 @@ keep the model tied. fp32 throughout: a merge/unmerge round trip is bounded by t
 and subtracts (half a float32 ulp of the merged values each).
 """
 
+import dataclasses
 import json
 
 import jax
@@ -164,13 +165,56 @@ def test_ensure_weight_tying_trains_one_table_through_the_trainers_step():
     run = donating_train_step.bind(peft, opt)
     losses = [float(run(batch)["loss"]) for _ in range(3)]
     assert losses[2] < losses[0]
-    assert user.lm_head.adapters["default"].embedding is user.model.embed_tokens.adapters["default"].embedding
     assert diff(user.model.embed_tokens.adapters["default"].embedding.get_value(), before) > 1e-3
     trained = user.model.embed_tokens.adapters["default"].embedding.get_value()
     plain = peft.unload()
     assert isinstance(plain.lm_head, TiedHead) and plain.lm_head.embedding is plain.model.embed_tokens.embedding
     assert type(plain.lm_head.embedding) is nnx.Param and plain.config.tie_word_embeddings
     np.testing.assert_array_equal(table(plain), trained)
+
+
+def test_ensure_weight_tying_with_a_second_adapter():
+    """Two tied adapters: each has its own shared copy; switching, a mixed batch and deleting one work, and
+    the base (adapters disabled) reads the original table."""
+    model, x = tied(), tokens()
+    config = LoraConfig(target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True)
+    peft = get_peft_model(model, config, rngs=nnx.Rngs(1))
+    peft.add_adapter("b", dataclasses.replace(config, modules_to_save=["lm_head"]), rngs=nnx.Rngs(2))
+    for name, shift in (("default", 0.1), ("b", -0.2)):
+        copy = model.model.embed_tokens.adapters[name].embedding
+        assert model.lm_head.adapters[name].embedding is copy
+        copy.set_value(copy.get_value() + shift)  # as if trained
+    outs = {}
+    for name in ("default", "b"):
+        peft.set_adapter(name)
+        outs[name] = peft(x)
+    with peft.disable_adapter():
+        base = peft(x)
+    assert diff(outs["default"], outs["b"]) > 1e-2 and diff(outs["b"], base) > 1e-2
+    mixed = peft(x, adapter_names=["b", "__base__"])
+    assert diff(mixed[0], outs["b"][0]) < 1e-5 and diff(mixed[1], base[1]) < 1e-5
+    peft.delete_adapter("default")
+    assert list(model.lm_head.adapters) == ["b"] and diff(peft(x), outs["b"]) < 1e-5
+    plain = peft.merge_and_unload()
+    assert plain.lm_head.embedding is plain.model.embed_tokens.embedding and plain.config.tie_word_embeddings
+
+
+def test_a_refused_tied_adapter_leaves_the_model_as_it_was():
+    """ensure_weight_tying with modules_to_save on a model whose embedding already carries LoRA (an earlier
+    adapter): refused before anything changes; and LoRA on the head with the embedding in modules_to_save
+    names the tying, not a modules_to_save conflict the user did not write."""
+    model = tied()
+    peft = get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"]), rngs=nnx.Rngs(1))
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    with pytest.raises(ValueError, match=r"ensure_weight_tying=True with LoRA on the tied \['model.embed_tokens'\]"):
+        peft.add_adapter("b", LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                         ensure_weight_tying=True), rngs=nnx.Rngs(2))
+    assert list(peft.peft_config) == ["default"]
+    assert list(model.model.layers[0].self_attn.q_proj.adapters) == ["default"]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
+    with pytest.raises(ValueError, match=r"ensure_weight_tying=True with LoRA on the tied \['lm_head'\]"):
+        get_peft_model(tied(), LoraConfig(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"],
+                                          ensure_weight_tying=True), rngs=nnx.Rngs(0))
 
 
 def test_ensure_weight_tying_checks():

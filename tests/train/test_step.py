@@ -189,7 +189,8 @@ def test_the_optimizer_decides_what_trains():
     assert all(jax.tree.leaves(moved))
 
 
-def test_the_steps_never_copy_or_donate_the_frozen_base():
+@pytest.mark.parametrize("remat", ["none", "full", "nested"])
+def test_the_steps_never_copy_or_donate_the_frozen_base(remat):
     """On a real QLoRA model (NF4 base, LoRA with dropout): after train_step, donating_train_step and
     eval_step every frozen variable holds the very buffer it held before, still valid (the compiled step
     takes the base as an input only: under nnx.jit each step copied all of it), while the dropout RNG count,
@@ -201,8 +202,9 @@ def test_the_steps_never_copy_or_donate_the_frozen_base():
 
     ids = np.asarray(tokens())
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
-    model = get_peft_model(quantize_model(tiny(), QuantConfig()), LoraConfig(target_modules="all-linear",
-                                                                            lora_dropout=0.1), rngs=nnx.Rngs(0))
+    base = quantize_model(tiny(), QuantConfig())
+    base.model.remat = remat
+    model = get_peft_model(base, LoraConfig(target_modules="all-linear", lora_dropout=0.1), rngs=nnx.Rngs(0))
     model.train()
     opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
     frozen = nnx.Not(nnx.Any(nnx.LoRAParam, nnx.RngState))
@@ -216,3 +218,17 @@ def test_the_steps_never_copy_or_donate_the_frozen_base():
         assert not any(x.is_deleted() for x in held)
         counts.append(sum(int(np.sum(c)) for c in jax.tree.leaves(nnx.state(model, nnx.RngCount))))
     assert counts[0] < counts[1]  # dropout drew again in the second train step
+
+
+def test_a_step_that_creates_variables_says_so():
+    """A compiled step keeps the model's structure: a loss that sows an intermediate gets a clear error."""
+    model = ToyLM(nnx.Rngs(0))
+    opt = nnx.Optimizer(model, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+
+    def sowing(m, batch):
+        logits = m(jnp.asarray(batch["input_ids"]))
+        m.sow(nnx.Intermediate, "logits", logits)
+        return causal_lm_loss(logits, jnp.asarray(batch["input_ids"]), jnp.asarray(batch["loss_mask"]))[0], {}
+
+    with pytest.raises(ValueError, match=r"the step created variables \['logits'\].*nnx.pop"):
+        train_step(model, opt, _batch(3), loss_fn=sowing)
