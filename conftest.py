@@ -7,7 +7,6 @@ is an error here rather than a quiet change of numbers.
 import os
 
 import jax
-import pytest
 
 # The training loop turns on a persistent compilation cache under ~/.cache; tests must not write there
 # (nor share executables between runs): off for this process and the CLI subprocesses it starts.
@@ -19,12 +18,3 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _release_compiled_programs():
-    """Drop JAX's compiled executables after each test module. One process runs ~1000 tests; with every
-    program kept loaded, XLA aborted (SIGABRT inside its CPU compiler) compiling a gradient in
-    parity_tests/test_tied_parity.py late in the suite, while the same test passes in a fresh process."""
-    yield
-    jax.clear_caches()
