@@ -1,7 +1,7 @@
 """jaxlora: LoRA and QLoRA for JAX / Flax NNX, byte-compatible with bitsandbytes and PEFT."""
 
 from jaxlora import lora
-from jaxlora.adapter import LoRAAdapter
+from jaxlora.adapter import LoRAAdapter, TiedAdapter
 from jaxlora.generate import generate
 from jaxlora.embedding import LoRAEmbedding
 from jaxlora.layers import LoRALinear, QLoRALinear, qlora_linear
@@ -62,6 +62,7 @@ __all__ = [
     "QuantizedLinear",
     "QuantizedTensor",
     "QuantizedWeight",
+    "TiedAdapter",
     "adapter_rows",
     "add_adapter",
     "add_weighted_adapter",

@@ -45,12 +45,16 @@ class LoRAEmbedding(LoRALinear):
         adapter.set_weights(a, jax.random.normal(b_key, (r, self.out_features), param_dtype))
         return adapter
 
+    def _tied_adapter(self, source, **_):
+        raise ValueError("an embedding owns its adapter: only a tied output head reads another layer's")
+
     # The forward is LoRALinear's: y = embed(ids) + delta, summed in the wider dtype (PEFT's
     # result + after_A @ B * scaling), in a mixed batch too (PEFT's result[rows] += adapter_output).
     _add_rows = staticmethod(wide_add)
 
     def _delta(self, adapter: LoRAAdapter, ids: jax.Array) -> jax.Array:  # (...) int -> (..., hidden)
-        delta = adapter.lora_a.get_value()[ids] @ adapter.lora_b.get_value()
+        a, b = adapter.weights()
+        delta = a[ids] @ b
         return delta * jnp.asarray(adapter.scaling, adapter.dtype)
 
     # Merging, unmerging and unloading are LoRALinear's: EmbedBase reads the table as the kernel. A tied

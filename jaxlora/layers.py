@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxlora import inits, lora
-from jaxlora.adapter import LoRAAdapter
+from jaxlora.adapter import Adapter, LoRAAdapter, TiedAdapter
 from jaxlora.base import DenseBase, LinearBase, as_base
 from jaxlora.mixed import Active, AdapterRows, Selection, only, where_rows
 from jaxlora.qlinear import QuantizedLinear
@@ -58,7 +58,8 @@ class LoRALinear(nnx.Module):
 
     def __init__(self, base: nnx.Module, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                  use_rslora: bool = False, use_dora: bool = False, init_lora_weights: lora.InitLoraWeights = True,
-                 loftq_iter: int = 1, adapter_name: str = "default", param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 loftq_iter: int = 1, adapter_name: str = "default", param_dtype=jnp.float32,
+                 tied: LoRAAdapter | None = None, rngs: nnx.Rngs):
         self.base = as_base(base)
         if not isinstance(self.base, self.base_kind):
             raise TypeError(f"{type(self).__name__} cannot adapt a {type(base).__name__}: it needs a "
@@ -67,7 +68,7 @@ class LoRALinear(nnx.Module):
         self.merged_adapters: tuple[str, ...] = ()
         self.add_adapter(adapter_name, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          use_rslora=use_rslora, use_dora=use_dora, init_lora_weights=init_lora_weights,
-                         loftq_iter=loftq_iter, param_dtype=param_dtype, rngs=rngs)
+                         loftq_iter=loftq_iter, param_dtype=param_dtype, tied=tied, rngs=rngs)
 
     @property
     def in_features(self) -> int:
@@ -82,15 +83,37 @@ class LoRALinear(nnx.Module):
     def add_adapter(self, name: str, *, r: int = 8, lora_alpha: float = 8, lora_dropout: float = 0.0,
                     use_rslora: bool = False, use_dora: bool = False,
                     init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
-                    param_dtype=jnp.float32, rngs: nnx.Rngs) -> LoRAAdapter:
-        """Add an adapter (which adapter runs is the caller's choice, see `_selected`)."""
+                    param_dtype=jnp.float32, tied: LoRAAdapter | None = None, rngs: nnx.Rngs) -> Adapter:
+        """Add an adapter (which adapter runs is the caller's choice, see `_selected`). `tied`: a tied
+        embedding's adapter this layer (a tied head) reads instead of drawing its own (`TiedAdapter`; r, the
+        init and param_dtype are the embedding's)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
-        adapter = self._new_adapter(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-                                    use_dora=use_dora, init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
-                                    param_dtype=param_dtype, rngs=rngs)
+        if tied is None:
+            adapter = self._new_adapter(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                        use_rslora=use_rslora, use_dora=use_dora,
+                                        init_lora_weights=init_lora_weights, loftq_iter=loftq_iter,
+                                        param_dtype=param_dtype, rngs=rngs)
+        else:
+            adapter = self._tied_adapter(tied, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                         use_rslora=use_rslora, use_dora=use_dora, rngs=rngs)
         self.adapters[name] = adapter
         return adapter
+
+    def _tied_adapter(self, source: LoRAAdapter, *, r, lora_alpha, lora_dropout, use_rslora, use_dora,
+                      rngs) -> TiedAdapter:
+        """A `TiedAdapter` over `source`, the adapter of the embedding whose table this layer's base (a tied
+        head, `shared_weight`) reads transposed."""
+        if not self.base.shared_weight or (source.in_features, source.out_features) != (self.out_features,
+                                                                                        self.in_features):
+            raise ValueError(f"a tied adapter needs a tied head over the embedding it reads: this layer is "
+                             f"({self.in_features} -> {self.out_features}), the source adapter "
+                             f"({source.in_features} -> {source.out_features})")
+        if r != source.r or use_dora:
+            raise ValueError(f"a tied head's adapter is the embedding's: it takes the embedding's r={source.r} "
+                             f"and no DoRA (got r={r}, use_dora={use_dora})")
+        return TiedAdapter(source, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                           rngs=rngs)
 
     def _new_adapter(self, *, r, lora_alpha, lora_dropout, use_rslora, use_dora, init_lora_weights, loftq_iter,
                      param_dtype, rngs) -> LoRAAdapter:
@@ -111,7 +134,7 @@ class LoRALinear(nnx.Module):
             adapter.init_dora(self.base.dense_kernel(adapter.dtype))
         return adapter
 
-    def _adapter(self, name: str) -> LoRAAdapter:
+    def _adapter(self, name: str) -> Adapter:
         if name not in self.adapters:
             raise ValueError(f"unknown adapter {name!r}; have {sorted(self.adapters)}")
         return self.adapters[name]
@@ -131,7 +154,10 @@ class LoRALinear(nnx.Module):
         sources = [self._adapter(n) for n in adapters]
         if any(s.use_dora for s in sources):
             raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
-        triples = [(s.lora_a.get_value(), s.lora_b.get_value(), s.scaling) for s in sources]
+        if any(s.shares_delta for s in sources):
+            raise ValueError(f"adapters {adapters} include a tied head's adapter (ensure_weight_tying): its weights "
+                             "are the embedding's, and a combination of them would be trained and merged apart")
+        triples = [(*s.weights(), s.scaling) for s in sources]
         if combination_type == "linear" or len(adapters) == 1:  # PEFT: one adapter always combines linearly
             a, b = lora.combine_linear(triples, weights)
         elif combination_type == "svd":
@@ -145,7 +171,7 @@ class LoRALinear(nnx.Module):
                                param_dtype=sources[0].dtype, rngs=nnx.Rngs(0))
         new.set_weights(a, b)
 
-    def _selected(self, adapters: Active | None) -> LoRAAdapter | None:
+    def _selected(self, adapters: Active | None) -> Adapter | None:
         """The adapter whose delta this call adds: the named one (None if this layer lacks it or the name is
         None), this layer's only one when nothing is named; none while an adapter is merged into the base."""
         name = self._only() if adapters is None else adapters.name
@@ -171,18 +197,18 @@ class LoRALinear(nnx.Module):
             return y
         return wide_add(y, self._dora_delta(x, adapter) if adapter.use_dora else self._delta(adapter, x))
 
-    def _delta(self, adapter: LoRAAdapter, x: jax.Array) -> jax.Array:
+    def _delta(self, adapter: Adapter, x: jax.Array) -> jax.Array:
         return adapter(x)
 
-    def _dora_delta(self, x: jax.Array, adapter: LoRAAdapter) -> jax.Array:
+    def _dora_delta(self, x: jax.Array, adapter: Adapter) -> jax.Array:
         h = adapter.dropped(x)
         kernel = self.base.dense_kernel(adapter.dtype)
         if adapter.dropout_active():  # PEFT recomputes the base term on the dropped-out input
             base_out = h @ jax.lax.stop_gradient(kernel)
         else:  # the base's own product without its bias (PEFT subtracts the bias from the output instead)
             base_out = self.base.matmul(x).astype(adapter.dtype)
-        return lora.dora_delta(h, base_out, kernel, adapter.lora_a.get_value(), adapter.lora_b.get_value(),
-                               adapter.magnitude.get_value(), adapter.scaling)
+        return lora.dora_delta(h, base_out, kernel, *adapter.weights(), adapter.magnitude.get_value(),
+                               adapter.scaling)
 
     @staticmethod
     def _add_rows(y: jax.Array, extra: jax.Array) -> jax.Array:
@@ -206,10 +232,10 @@ class LoRALinear(nnx.Module):
 
     # --- merging --------------------------------------------------------------------------------------
 
-    def _merged_kernel(self, adapter: LoRAAdapter) -> tuple[jax.Array, jax.Array | None]:
+    def _merged_kernel(self, adapter: Adapter) -> tuple[jax.Array, jax.Array | None]:
         """The base kernel ``(in, out)`` with `adapter` folded in (adapter dtype), and DoRA's weight norm."""
         kernel = self.base.dense_kernel(adapter.dtype)
-        a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
+        a, b = adapter.weights()
         if adapter.use_dora:
             return lora.dora_merge(kernel, a, b, adapter.magnitude.get_value(), adapter.scaling)
         return lora.merge(kernel, a, b, adapter.scaling), None
@@ -217,23 +243,29 @@ class LoRALinear(nnx.Module):
     def merge(self, name: str | None = None) -> None:
         """Fold adapter `name` (default: the only one) into the base (`set_kernel`). A quantized base is
         re-quantized with the config its weight records (as PEFT does; `QuantizedLinear.requantize`): the
-        merged weight carries a fresh quantization error, measured in tests/test_layers.py."""
+        merged weight carries a fresh quantization error, measured in tests/test_layers.py. A tied head's
+        adapter (`TiedAdapter`) writes nothing: its delta is the embedding's, which that layer's merge writes
+        into the table this head reads (merge both, as `jaxlora.PeftModel.merge_adapter` does)."""
         if self.merged_adapters:
             raise ValueError(f"adapter {self.merged_adapters[0]!r} is already merged")
         name = self._only() if name is None else name
         adapter = self._adapter(name)
-        kernel, norm = self._merged_kernel(adapter)
-        if adapter.use_dora:  # unmerging divides by the norm the merge used
-            adapter.dora_norm.set_value(norm)
-        self.base.set_kernel(kernel)
+        if not adapter.shares_delta:
+            kernel, norm = self._merged_kernel(adapter)
+            if adapter.use_dora:  # unmerging divides by the norm the merge used
+                adapter.dora_norm.set_value(norm)
+            self.base.set_kernel(kernel)
         self.merged_adapters = (name,)
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
             raise ValueError("no adapter is merged")
         adapter = self.adapters[self.merged_adapters[0]]
+        if adapter.shares_delta:  # the embedding's unmerge takes the delta out of the shared table
+            self.merged_adapters = ()
+            return
         kernel = self.base.dense_kernel(adapter.dtype)
-        a, b = adapter.lora_a.get_value(), adapter.lora_b.get_value()
+        a, b = adapter.weights()
         if adapter.use_dora:
             norm = adapter.dora_norm.get_value()
             kernel = lora.dora_unmerge(kernel, a, b, adapter.magnitude.get_value(), norm, adapter.scaling)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -32,7 +33,7 @@ from jaxlora.modules_to_save import ModulesToSave, module_tensors, original_of
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
 from jaxlora.targets import (OUTPUT_HEAD, base_of, embedding_modules, find_saved_modules, find_targets,
-                             linear_modules, lora_layers, saved_modules, trained_biases)
+                             linear_modules, lora_layers, peft_target_modules, saved_modules, trained_biases)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -57,8 +58,9 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
                 for key, value in layer.peft_state(name).items():
                     tensors[f"{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
         adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
+        tables = _writes_tables(peft.base_model.model, configs[name])
         for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's or head's weight too
-            if name in layer.adapters and _saves_base_weight(path, layer.base):
+            if tables and name in layer.adapters and _saves_base_weight(path, layer.base):
                 tensors[f"{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(_base_weight(layer.base)))
         for path, base in trained_biases(peft, configs[name], name).items():  # in the base's dtype, as PEFT
             tensors[_bias_key(path, path in adapted)] = np.ascontiguousarray(np.asarray(base.bias.get_value()))
@@ -92,6 +94,21 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 # resized vocabulary) and loads it into the base -- the shared table, on a tied model; jaxlora does both (a
 # file without it loads too).
 _TABLE = "base_layer.weight"
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
+
+
+def _writes_tables(model: nnx.Module, config: LoraConfig) -> bool:
+    """PEFT's ``embedding_is_targeted`` (get_peft_model_state_dict): the adapted embeddings' and heads' base
+    weights are written when target_modules as PEFT holds them (`targets.peft_target_modules`) contain
+    "embed_tokens" or "lm_head" themselves -- a longer name such as "model.embed_tokens" does not count --
+    or, as a regex, full-match a module path ending in one. ("all-linear" adapts neither.)"""
+    names = peft_target_modules(model, config)
+    if names == ALL_LINEAR:
+        return False
+    if isinstance(names, str):
+        paths = linear_modules(model) | embedding_modules(model)
+        return any(re.fullmatch(names, p) for p in paths if p.rsplit(".", 1)[-1] in _EMBEDDING_LAYER_NAMES)
+    return any(end in names for end in _EMBEDDING_LAYER_NAMES)
 
 
 def _saves_base_weight(path: str, base: nnx.Module) -> bool:
@@ -124,12 +141,15 @@ def _bias_key(path: str, adapted: bool) -> str:
     return f"{path}.base_layer.bias" if adapted else f"{path}.bias"
 
 
-def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[int, ...]], dict, dict[str, str]]:
+def _expected(model: nnx.Module, config: LoraConfig
+              ) -> tuple[dict[str, tuple[int, ...]], dict, dict[str, str], list[tuple[str, str]]]:
     """File key -> shape, for the layers `config` selects in the user's `model` (call it inside `unstacked`):
     the tensors a file must hold, those it may hold (an adapted embedding's table), and the other name a file
     may give each trained bias (``base_layer.bias`` or ``bias``: PEFT names it by which layers some adapter
-    wraps when it saves, so a file from a model with other adapters may use either)."""
-    shapes, optional, aliases = {}, {}, {}
+    wraps when it saves, so a file from a model with other adapters may use either); and the (head key,
+    embedding key) pairs a tied LoRA stores twice, the one the other's transpose (PEFT saves views of one
+    storage under both names)."""
+    shapes, optional, aliases, tied = {}, {}, {}, []
     targets = find_targets(model, config)
     embeddings = embedding_modules(model)
     for t in targets:
@@ -142,6 +162,9 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
         if _saves_base_weight(t.name, base_of(t.module)):  # a head: PEFT writes its weight (the tied table) too
             optional[f"{PREFIX}{t.name}.{_TABLE}"] = tuple(_base_weight(base_of(t.module)).shape)
         in_f, out_f = t.module.in_features, t.module.out_features
+        if t.tied_to is not None:  # head A (r, hidden) = embedding B.T, head B (vocab, r) = embedding A.T
+            tied += [(f"{PREFIX}{t.name}.lora_A.weight", f"{PREFIX}{t.tied_to}.lora_embedding_B"),
+                     (f"{PREFIX}{t.name}.lora_B.weight", f"{PREFIX}{t.tied_to}.lora_embedding_A")]
         shapes[f"{PREFIX}{t.name}.lora_A.weight"] = (t.r, in_f)
         shapes[f"{PREFIX}{t.name}.lora_B.weight"] = (out_f, t.r)
         if config.use_dora:
@@ -156,7 +179,7 @@ def _expected(model: nnx.Module, config: LoraConfig) -> tuple[dict[str, tuple[in
     for name, (_, module) in find_saved_modules(model, config).items():
         original = original_of(module)
         shapes.update({f"{PREFIX}{name}.{k}": tuple(v.shape) for k, v in module_tensors(original).items()})
-    return shapes, optional, aliases
+    return shapes, optional, aliases, tied
 
 
 @per_layer
@@ -180,7 +203,7 @@ def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
     # PiSSA / LoftQ initialisation would rewrite the base weights; the file already holds the result.
     init = config.init_lora_weights if isinstance(config.init_lora_weights, bool) else True
     inject = dataclasses.replace(config, init_lora_weights=init)
-    expected, optional, aliases = _expected(peft.base_model.model, inject)
+    expected, optional, aliases, tied = _expected(peft.base_model.model, inject)
     try:
         with safe_open(file, framework="np") as f:
             stored = set(f.keys())
@@ -204,6 +227,10 @@ def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
         tensors = {renamed.get(k, k): v for k, v in _read(file).items()}
     except SafetensorError as e:
         raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
+    for head_key, embed_key in tied:  # one pair of matrices here: two different copies would lose one
+        if not np.array_equal(np.asarray(tensors[head_key]), np.asarray(tensors[embed_key]).T):
+            raise ValueError(f"{file}: {head_key} is not {embed_key} transposed, but ensure_weight_tying=True ties "
+                             "the head's LoRA to the embedding's (one pair of matrices); the file's two copies differ")
     peft.add_adapter(adapter_name, inject, rngs=rngs)
     peft._register(adapter_name, config)  # the file's config, not the injection's
     for path, layer in lora_layers(peft).items():

@@ -177,19 +177,21 @@ class PeftModel(nnx.Module):
         tie = targets.check_weight_tying(model, config, adapted={t.name for t in found})
         saved = targets.find_saved_modules(model, config)
         copies = trained_copies({name: module for name, (_, module) in saved.items()}, tie)
-        new_layers, grown = [], []
+        new_layers, grown, built = [], [], {}
         try:
-            for t in found:
+            for t in found:  # a tied head after its embedding (targets.find_targets): it reads that adapter
                 kw = dict(r=t.r, lora_alpha=t.lora_alpha, lora_dropout=config.lora_dropout,
                           use_rslora=config.use_rslora, use_dora=config.use_dora,
                           init_lora_weights=config.init_lora_weights,
-                          loftq_iter=config.loftq_config.get("loftq_iter", 1), rngs=rngs)
+                          loftq_iter=config.loftq_config.get("loftq_iter", 1),
+                          tied=None if t.tied_to is None else built[t.tied_to], rngs=rngs)
                 if isinstance(t.module, LoRALinear):
                     grown.append((t.module, t.module.base))  # PiSSA / LoftQ give the layer a new base
-                    t.module.add_adapter(adapter_name, **kw)
+                    built[t.name] = t.module.add_adapter(adapter_name, **kw)
                 else:  # built beside the model (its own copy of the base), put in place below
                     layer = next(c for base, c in _LORA_LAYER.items() if isinstance(t.module, base))
                     new_layers.append((t.path, layer(t.module, adapter_name=adapter_name, **kw)))
+                    built[t.name] = new_layers[-1][1].adapters[adapter_name]
         except Exception:
             for layer, base in grown:
                 if adapter_name in layer.adapters:
@@ -254,8 +256,14 @@ class PeftModel(nnx.Module):
             raise ValueError(f"adapter {adapter_name!r} already exists")
         if any(configs[a].use_dora for a in adapters):
             raise ValueError("DoRA adapters cannot be combined (their magnitude has no weighted sum)")
+        layers = targets.lora_layers(self.base_model.model)
+        tied = sorted({a for layer in layers.values() for a in adapters
+                       if a in layer.adapters and layer.adapters[a].shares_delta})
+        if tied:  # checked before any layer changes
+            raise ValueError(f"adapters {tied} tie a head's LoRA to the embedding's (ensure_weight_tying): combining "
+                             "them is not supported (the combination would train and merge the two apart)")
         ranks = {}
-        for name, layer in targets.lora_layers(self.base_model.model).items():
+        for name, layer in layers.items():
             present = [(a, w) for a, w in zip(adapters, weights) if a in layer.adapters]
             if present:
                 layer.add_weighted_adapter([a for a, _ in present], [w for _, w in present], adapter_name,

@@ -8,6 +8,7 @@ its stacked decoder layers (`jaxlora.models.stack.per_layer`). Nothing here chan
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -37,6 +38,8 @@ class Target(NamedTuple):
     module: nnx.Module  # nnx.Linear, a LinearBase, nnx.Embed, or a LoRA layer that gets one more adapter
     r: int
     lora_alpha: float
+    # A tied head under ensure_weight_tying: the name of the embedding whose adapter it reads (`tied_lora`).
+    tied_to: str | None = None
 
 
 def dotted(path) -> str:
@@ -87,18 +90,25 @@ def adapter_layers(model: nnx.Module) -> dict[str, LoRALinear | ModulesToSave]:
 
 @per_layer
 def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
-    """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big."""
+    """The layers `config` selects, each with its rank and alpha; ValueError if none or a rank is too big.
+    Under ``ensure_weight_tying`` with LoRA on a tied model's embedding or head (`tied_lora`) the embedding
+    is a target and the head comes last, ``tied_to`` the embedding."""
     targets = []
     linears = linear_modules(model)
+    tie = tied_lora(model, config)
     # Embeddings are adapted when named, never by "all-linear" (PEFT's rule as well).
     embeddings = {} if config.target_modules == ALL_LINEAR else embedding_modules(model)
     for name, (path, module) in (linears | embeddings).items():
-        if not config.targets(name, is_output_head=name == OUTPUT_HEAD):
+        if tie is not None and name == tie[1]:
+            continue  # the tied head: after its embedding, below
+        if not (config.targets(name, is_output_head=name == OUTPUT_HEAD) or tie is not None and name == tie[0]):
             continue
         r = config.r_for(name)  # may exceed min(in, out): PEFT accepts that too
         if name in embeddings and (config.use_dora or config.init_lora_weights not in (True, False, "gaussian")):
-            raise ValueError(f"{name} is an embedding: LoRA there takes init_lora_weights True, False or 'gaussian' "
-                             f"and no DoRA, as in PEFT (got {config.init_lora_weights!r}, use_dora={config.use_dora})")
+            why = "" if tie is None else f" (ensure_weight_tying puts the tied {tie[1]}'s LoRA on it)"
+            raise ValueError(f"{name} is an embedding{why}: LoRA there takes init_lora_weights True, False or "
+                             f"'gaussian' and no DoRA, as in PEFT (got {config.init_lora_weights!r}, "
+                             f"use_dora={config.use_dora})")
         needs_dense = config.init_lora_weights in ("pissa", "loftq") or pissa_niter(config.init_lora_weights)
         if needs_dense and isinstance(base_of(module), TiedHead):
             raise ValueError(f"{name} is tied to the embedding: init_lora_weights={config.init_lora_weights!r} "
@@ -108,6 +118,9 @@ def find_targets(model: nnx.Module, config: LoraConfig) -> list[Target]:
                              "this layer is already quantized; inject into the dense model and quantize with "
                              "jaxlora.qlora_linear")
         targets.append(Target(path, name, module, r, config.alpha_for(name)))
+    if tie is not None:
+        path, module = linears[tie[1]]
+        targets.append(Target(path, tie[1], module, config.r_for(tie[0]), config.alpha_for(tie[1]), tied_to=tie[0]))
     if config.exclude_modules and not any(config.excludes(name) for name in linears):
         # PEFT's inject_adapter warns the same way: an exclusion that names nothing is likely a typo.
         warnings.warn(f"exclude_modules={config.exclude_modules!r} excludes no linear layer of the model; "
@@ -135,10 +148,56 @@ def tied_pair(model: nnx.Module) -> tuple[str, str] | None:
     return None
 
 
-def _lora_on_tied(pair: tuple[str, str]) -> str:
-    return (f"ensure_weight_tying=True with LoRA on the tied {sorted(pair)} is not supported (PEFT gives the "
-            "head a LoRA whose weights are views of the embedding's and merges the shared delta twice); use "
-            "ensure_weight_tying=False, or train the tied layers in full with modules_to_save")
+def _names_tied_layer(target_modules: str | tuple[str, ...], pair: tuple[str, str]) -> bool:
+    """PEFT's ``is_embedding_in_target``, decided from the names alone: a listed name ending in the embedding's
+    or the head's last segment, or a regex full-matching that segment ("all-linear" names neither)."""
+    ends = {name.rsplit(".", 1)[-1] for name in pair}
+    if target_modules == ALL_LINEAR:
+        return False
+    if isinstance(target_modules, str):
+        return any(re.fullmatch(target_modules, end) for end in ends)
+    return any(name.rsplit(".", 1)[-1] in ends for name in target_modules)
+
+
+@per_layer
+def tied_lora(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
+    """The (embedding, head) ``ensure_weight_tying`` ties with LoRA -- `config` names either of a tied model's
+    pair in target_modules (and neither in modules_to_save, which ties copies instead: `tied_saved`) -- or
+    None. Then, as PEFT's ``_add_targets_to_tie``, the embedding gets the LoRA (named or not) and the head a
+    `jaxlora.adapter.TiedAdapter` reading it (`Target.tied_to`). ValueError if the embedding is excluded or
+    rank_pattern gives the two different ranks (one pair of matrices serves both)."""
+    pair = tied_pair(model)
+    if not config.ensure_weight_tying or pair is None or any(config.saves(n) for n in pair) \
+            or not _names_tied_layer(config.target_modules, pair):
+        return None
+    embed, head = pair
+    trained_in_full = sorted(set(pair) & set(saved_modules(model)))
+    if trained_in_full:
+        raise ValueError(f"ensure_weight_tying=True would tie LoRA on {list(pair)}, but another adapter trains "
+                         f"{trained_in_full} in full (modules_to_save); delete that adapter first")
+    if config.excludes(embed):
+        raise ValueError(f"ensure_weight_tying=True puts the tied {head}'s LoRA on {embed}, but exclude_modules="
+                         f"{config.exclude_modules!r} excludes it")
+    if config.r_for(embed) != config.r_for(head):
+        raise ValueError(f"ensure_weight_tying=True: the tied {embed} and {head} share one LoRA, but rank_pattern "
+                         f"gives them r={config.r_for(embed)} and r={config.r_for(head)}; give them one rank")
+    return pair
+
+
+@per_layer
+def peft_target_modules(model: nnx.Module, config: LoraConfig) -> str | frozenset[str]:
+    """`config`'s target_modules as PEFT holds them after injecting it into `model` (what its
+    ``save_embedding_layers="auto"`` reads): a set of names, or the regex; under a tied LoRA (`tied_lora`) the
+    embedding's name added and the first name matching the head taken out (PEFT's ``_add_targets_to_tie``)."""
+    names = config.target_modules
+    tie = tied_lora(model, config)
+    if isinstance(names, str):
+        return names if tie is None else rf"(?:{names}|^{re.escape(tie[0])}$)"
+    names = set(names)
+    if tie is not None:
+        names.add(tie[0])
+        names.discard(next((n for n in sorted(names) if re.match(rf"(^|.*\.){n}($|\..*)", tie[1])), None))
+    return frozenset(names)
 
 
 @per_layer
@@ -149,9 +208,12 @@ def tied_saved(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     pair = tied_pair(model)
     if not config.ensure_weight_tying or pair is None or not any(config.saves(n) for n in pair):
         return None
-    adapted = set(pair) & ({t.name for t in find_targets(model, config)} | set(lora_layers(model)))
+    adapted = sorted(set(pair) & ({t.name for t in find_targets(model, config)} | set(lora_layers(model))))
     if adapted:
-        raise ValueError(_lora_on_tied(tuple(sorted(adapted))))
+        raise ValueError(f"ensure_weight_tying=True with {list(config.modules_to_save)} in modules_to_save trains "
+                         f"the tied {list(pair)} in full, as one copy; LoRA on {adapted} as well is not supported "
+                         "(drop it from target_modules, or tie the pair's LoRA instead: without the pair in "
+                         "modules_to_save, ensure_weight_tying ties LoRA on it)")
     return pair
 
 
@@ -183,9 +245,9 @@ def find_saved_modules(model: nnx.Module, config: LoraConfig) -> dict[str, tuple
 
 
 def check_weight_tying(model: nnx.Module, config: LoraConfig, *, adapted: set[str]) -> tuple[str, str] | None:
-    """PEFT's checks of ``ensure_weight_tying`` (tuners_utils ``_check_tied_modules``), as its warnings;
-    ValueError for LoRA on a tied layer under it (not implemented). `adapted`: the names `config` puts LoRA
-    on (`find_targets`). Returns the pair to tie (`tied_saved`)."""
+    """PEFT's checks of ``ensure_weight_tying`` (tuners_utils ``_check_tied_modules``), as its warnings.
+    `adapted`: the names `config` puts LoRA on (`find_targets`). Returns the pair whose trained copies to tie
+    (`tied_saved`, which refuses LoRA on a pair trained in full)."""
     pair = tied_pair(model)
     if pair is None:
         if config.ensure_weight_tying:
@@ -200,8 +262,6 @@ def check_weight_tying(model: nnx.Module, config: LoraConfig, *, adapted: set[st
                           "layers are trained apart (as PEFT does; README 'Tied embeddings')", UserWarning,
                           stacklevel=4)
         return None
-    if set(pair) & adapted:
-        raise ValueError(_lora_on_tied(tuple(sorted(set(pair) & adapted))))
     if not in_adapter:
         warnings.warn(f"ensure_weight_tying=True, but neither {pair[0]} nor {pair[1]} is in modules_to_save or "
                       "target_modules: nothing to tie", UserWarning, stacklevel=4)

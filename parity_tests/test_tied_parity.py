@@ -196,18 +196,22 @@ def test_lora_on_untied_head_round_trip(tmp_path):
     assert_same_file(model, theirs_file, tmp_path / "ours")
 
 
-def shared_table_grad_parity(peft, model, tokens, peft_param, our_path) -> None:
-    """d/dW of sum(logits * R) for one trained table, both sides, R a fixed random weighting: the copy's
-    gradient has its embedding-lookup part, and its head part where the head reads it too."""
+def weighted_grads(peft, model, tokens) -> dict[tuple, np.ndarray]:
+    """The gradient of sum(logits * R), R a fixed random weighting, on both sides: PEFT's fills each
+    Parameter's .grad, ours is returned (flat state path -> array)."""
     weights = np.random.default_rng(0).standard_normal(torch_logits(peft, tokens).shape).astype(np.float32)
     peft.zero_grad()
     (peft(torch.tensor(tokens)).logits * torch.tensor(weights)).sum().backward()
-    theirs = peft_param.grad.numpy()
     # Compiled: an eager nnx.grad through the scanned layers compiles each scan's linearization on its own.
     grad = nnx.grad(lambda m: (m(jnp.asarray(tokens)) * weights).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))
-    grads = nnx.jit(grad)(model)
-    ours = dict(nnx.to_flat_state(grads))[our_path].get_value()
-    assert rel_err(ours, theirs) < TOL
+    return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.jit(grad)(model))}
+
+
+def shared_table_grad_parity(peft, model, tokens, peft_param, our_path) -> None:
+    """d/dW of sum(logits * R) for one trained table, both sides: the copy's gradient has its
+    embedding-lookup part, and its head part where the head reads it too."""
+    ours = weighted_grads(peft, model, tokens)[our_path]
+    assert rel_err(ours, peft_param.grad.numpy()) < TOL
 
 
 def test_modules_to_save_tied_embedding_matches_peft(tied, tmp_path):
@@ -286,3 +290,66 @@ def test_ensure_weight_tying_modules_to_save_matches_peft(tied, tmp_path, saved)
     assert merged.config.tie_word_embeddings and type(merged.lm_head.embedding) is nnx.Param
     np.testing.assert_array_equal(table(merged), theirs.model.embed_tokens.weight.detach().numpy())
     assert_merged_checkpoint(merged, theirs, tokens, tmp_path / "merged", tied=True)
+
+
+@pytest.mark.parametrize("named", ["lm_head", "embed_tokens"])
+def test_ensure_weight_tying_lora_matches_peft(tied, tmp_path, named):
+    """ensure_weight_tying=True with LoRA on either tied layer: PEFT puts the LoRA on the embedding and gives
+    lm_head a LoRA whose A and B are views of the embedding's B and A; jaxlora's head reads the embedding's
+    adapter transposed (TiedAdapter). The same logits, the head's part moving them; PEFT's file bit for bit
+    both ways (the tables only where target_modules says "embed_tokens": PEFT's save_embedding_layers rule);
+    the one pair's gradient is the sum of PEFT's two views' gradients (so an SGD step is PEFT's); merging adds
+    the delta once, where PEFT's merge_and_unload adds it twice (README "Tied embeddings")."""
+    peft = peft_ref.random_adapter(hf_ref.load_model(tied), seed=15, r=4, lora_alpha=8,
+                                   target_modules=["q_proj", named], ensure_weight_tying=True)
+    embed, head = peft.base_model.model.model.embed_tokens, peft.base_model.model.lm_head
+    assert head.lora_A["default"].weight.data_ptr() == embed.lora_embedding_B["default"].data_ptr()
+    assert head.lora_B["default"].weight.data_ptr() == embed.lora_embedding_A["default"].data_ptr()
+    peft.save_pretrained(tmp_path / "peft")
+    theirs_file = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert f"{HEAD}.lora_A.weight" in theirs_file and "base_model.model.model.embed_tokens.lora_embedding_A" in theirs_file
+    assert (f"{HEAD}.base_layer.weight" in theirs_file) is (named == "embed_tokens")
+
+    model = load_adapter(from_pretrained(tied), tmp_path / "peft")
+    user = model.base_model.model
+    assert user.lm_head.adapters["default"].source is user.model.embed_tokens.adapters["default"]
+    tokens = ids(8)
+    ours = model(jnp.asarray(tokens))
+    assert rel_err(ours, torch_logits(peft, tokens)) < TOL
+    h, _ = model.hidden_states(jnp.asarray(tokens))
+    assert_adapted(ours, user.lm_head.base(h))  # the head's delta matters: the lookup's alone is not enough
+
+    grads = weighted_grads(peft, model, tokens)
+    source = ("base_model", "model", "lm_head", "adapters", "default", "source")
+    head_a, head_b = head.lora_A["default"].weight.grad, head.lora_B["default"].weight.grad
+    assert float(head_b.abs().max()) > 1e-3  # PEFT's head view has a part of its own
+    theirs_a = embed.lora_embedding_A["default"].grad + head_b.T  # (r, vocab), PEFT's storage of A
+    theirs_b = embed.lora_embedding_B["default"].grad + head_a.T  # (hidden, r)
+    assert rel_err(grads[(*source, "lora_a")], theirs_a.numpy().T) < TOL
+    assert rel_err(grads[(*source, "lora_b")], theirs_b.numpy().T) < TOL
+
+    assert_same_file(model, theirs_file, tmp_path / "ours")
+    again = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "ours")
+    assert again.base_model.model.lm_head.lora_A["default"].weight.data_ptr() == \
+        again.base_model.model.model.embed_tokens.lora_embedding_B["default"].data_ptr()
+    assert rel_err(torch_logits(again, tokens), ours) < TOL
+    ours_new = get_peft_model(from_pretrained(tied), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", named],
+                                                                ensure_weight_tying=True, init_lora_weights=False),
+                              rngs=nnx.Rngs(0))
+    save_adapter(ours_new, tmp_path / "new")  # jaxlora's own file: PEFT reads it as its own
+    assert set(load_file(tmp_path / "new" / "adapter_model.safetensors")) == set(theirs_file)
+    theirs_new = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "new")
+    assert rel_err(torch_logits(theirs_new, tokens), ours_new(jnp.asarray(tokens))) < TOL
+
+    w = np.asarray(user.lm_head.base.embedding.get_value())  # the shared table, unmerged
+    theirs = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "peft").merge_and_unload()
+    assert theirs.lm_head.weight is theirs.model.embed_tokens.weight and theirs.config.tie_word_embeddings
+    merged = merge_and_unload(model)
+    assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
+    theirs_delta = theirs.model.embed_tokens.weight.detach().numpy() - w  # PEFT's: both layers' merge, 2 delta
+    np.testing.assert_allclose(table(merged) - w, theirs_delta / 2, rtol=1e-5, atol=1e-6)
+    merged_logits = merged(jnp.asarray(tokens))
+    assert rel_err(merged_logits, ours) < TOL  # merged once: the adapted model's logits
+    save_pretrained(merged, tmp_path / "merged")
+    assert "lm_head.weight" not in load_file(tmp_path / "merged" / "model.safetensors")
+    assert rel_err(torch_logits(hf_ref.load_model(tmp_path / "merged"), tokens), merged_logits) < TOL

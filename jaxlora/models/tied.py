@@ -15,8 +15,11 @@ default; measured with transformers 5 and recorded in README "Tied embeddings"),
   table; unloading keeps the copy, so the head is left over a table no embedding holds, and `sync_tie`
   makes it an untied ``nnx.Linear`` over that table (PEFT's lm_head keeps the original matrix).
 * ``ensure_weight_tying=True`` with either name in ``modules_to_save``: one trained copy of the table, read
-  by the embedding's copy and by a `TiedHead` over it (`jaxlora.targets.tied_head_copy`); unloading keeps
-  both, still tied.
+  by the embedding's copy and by a `TiedHead` over it (`jaxlora.modules_to_save.trained_copies`); unloading
+  keeps both, still tied.
+* ``ensure_weight_tying=True`` with LoRA on either: the embedding's LoRA, and on the head a
+  `jaxlora.adapter.TiedAdapter` reading it transposed (`jaxlora.targets.tied_lora`); merging writes the
+  delta into the table once.
 
 Flax sorts a module's attributes when it walks the graph, so the shared variable's first path -- the one
 ``nnx.state`` reports -- is ``lm_head.embedding``, not ``model.embed_tokens.embedding``; code that finds

@@ -9,6 +9,7 @@ and subtracts (half a float32 ulp of the merged values each).
 
 import dataclasses
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -206,20 +207,21 @@ def test_a_refused_tied_adapter_leaves_the_model_as_it_was():
     model = tied()
     peft = get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"]), rngs=nnx.Rngs(1))
     before = jax.tree.map(np.asarray, nnx.state(model))
-    with pytest.raises(ValueError, match=r"ensure_weight_tying=True with LoRA on the tied \['model.embed_tokens'\]"):
+    with pytest.raises(ValueError, match=r"in full, as one copy; LoRA on \['model.embed_tokens'\] as well"):
         peft.add_adapter("b", LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"],
                                          ensure_weight_tying=True), rngs=nnx.Rngs(2))
     assert list(peft.peft_config) == ["default"]
     assert list(model.model.layers[0].self_attn.q_proj.adapters) == ["default"]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
-    with pytest.raises(ValueError, match=r"ensure_weight_tying=True with LoRA on the tied \['lm_head'\]"):
+    with pytest.raises(ValueError, match=r"in full, as one copy; LoRA on \['lm_head'\] as well"):
         get_peft_model(tied(), LoraConfig(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"],
                                           ensure_weight_tying=True), rngs=nnx.Rngs(0))
 
 
 def test_ensure_weight_tying_checks():
     """As PEFT: a warning where there is nothing to tie; a tied layer in the adapter without
-    ensure_weight_tying warns; LoRA on a tied layer with it is refused (not implemented)."""
+    ensure_weight_tying warns; with it, LoRA on either tied layer ties the head's adapter to the
+    embedding's; one rank for both, the embedding not excluded."""
     config = dict(target_modules=["q_proj"], ensure_weight_tying=True)
     with pytest.warns(UserWarning, match="has no tied embeddings"):
         get_peft_model(tiny(), LoraConfig(**config, modules_to_save=["lm_head"]), rngs=nnx.Rngs(0))
@@ -227,10 +229,18 @@ def test_ensure_weight_tying_checks():
         get_peft_model(tied(), LoraConfig(**config), rngs=nnx.Rngs(0))
     with pytest.warns(UserWarning, match="ensure_weight_tying is not set"):
         get_peft_model(tied(), LoraConfig(target_modules=["q_proj", "lm_head"]), rngs=nnx.Rngs(0))
-    for name in ("embed_tokens", "lm_head"):
+    for names in (["q_proj", "embed_tokens"], ["q_proj", "lm_head"], r".*\.q_proj|lm_head"):
         model = tied()
-        with pytest.raises(ValueError, match=rf"ensure_weight_tying=True with LoRA on the tied \['.*{name}'\]"):
-            get_peft_model(model, LoraConfig(target_modules=["q_proj", name], ensure_weight_tying=True),
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # tied as asked: nothing to warn about
+            get_peft_model(model, LoraConfig(target_modules=names, ensure_weight_tying=True), rngs=nnx.Rngs(0))
+        assert model.lm_head.adapters["default"].source is model.model.embed_tokens.adapters["default"]
+    for bad, match in ((dict(rank_pattern={"lm_head": 2}), r"rank_pattern gives them r=8 and r=2"),
+                       (dict(exclude_modules=["embed_tokens"]), "excludes it"),
+                       (dict(use_dora=True), r"embedding \(ensure_weight_tying puts the tied lm_head's LoRA on it\)")):
+        model = tied()
+        with pytest.raises(ValueError, match=match):
+            get_peft_model(model, LoraConfig(target_modules=["q_proj", "lm_head"], ensure_weight_tying=True, **bad),
                            rngs=nnx.Rngs(0))
         assert isinstance(model.lm_head, TiedHead) and not nnx.state(model, nnx.LoRAParam)  # left as it was
     with pytest.raises(TypeError, match="ensure_weight_tying"):
@@ -259,3 +269,119 @@ def test_checkpoint_quantization_generation_and_sharding_stay_tied(tmp_path):
     out = generate(peft, x[:, :4], max_new_tokens=3)
     first = jnp.argmax(peft(x[:, :4])[:, -1], axis=-1)  # greedy: the cached decode's first token is the argmax
     np.testing.assert_array_equal(out[:, 4], first)
+
+
+def tied_lora(target_modules=("q_proj", "lm_head"), seed=1, **kw):
+    """A tied model with ensure_weight_tying LoRA (A and B random, as if trained) and the base's table."""
+    model = tied()
+    w = table(model)
+    peft = get_peft_model(model, LoraConfig(**RANDOM, target_modules=list(target_modules), ensure_weight_tying=True,
+                                            **kw), rngs=nnx.Rngs(seed))
+    return peft, model, w
+
+
+def test_ensure_weight_tying_lora_is_one_adapter_read_twice():
+    """LoRA on a tied layer under ensure_weight_tying (PEFT's tied target_modules): the embedding gets the
+    LoRA, the head a TiedAdapter over it. The lookup adds Δ = s·A B rows and the head multiplies by (W + Δ).T,
+    one table read both ways; one pair of variables holds A and B (state, gradient), written through either
+    layer; and neither ranks nor tensors can drift apart."""
+    from jaxlora.adapter import TiedAdapter
+
+    peft, model, w = tied_lora()
+    x = tokens()
+    embed, head = model.model.embed_tokens.adapters["default"], model.lm_head.adapters["default"]
+    assert isinstance(head, TiedAdapter) and head.source is embed and isinstance(model.lm_head.base, TiedHead)
+    delta = embed.delta_weight()  # (vocab, hidden)
+    assert float(jnp.abs(delta).max()) > 1e-2
+    a, b = head.weights()
+    np.testing.assert_array_equal(a, embed.lora_b.get_value().T)
+    np.testing.assert_array_equal(b, embed.lora_a.get_value().T)
+    np.testing.assert_allclose(head.delta_weight(), delta.T, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(model.model.embed_tokens(x, adapters=None), (w + delta)[x], rtol=1e-6, atol=1e-6)
+    h, _ = peft.hidden_states(x)
+    np.testing.assert_allclose(peft.logits(h), h @ (w + delta).T, rtol=2e-5, atol=2e-5)
+    adapters = nnx.to_flat_state(nnx.state(peft, nnx.LoRAParam))
+    tied_vars = [path for path, _ in adapters if "embed_tokens" in path or "lm_head" in path]
+    assert len(tied_vars) == 2 and all("source" in path for path in tied_vars)  # one pair, once
+    grads = nnx.grad(lambda m: m(x).sum(), argnums=nnx.DiffState(0, nnx.LoRAParam))(peft)
+    assert len([p for p, _ in nnx.to_flat_state(grads) if "embed_tokens" in p or "lm_head" in p]) == 2
+    head.set_weights(a * 2, b)  # through the head: the embedding's B
+    np.testing.assert_array_equal(embed.lora_b.get_value(), 2 * a.T)
+    trainable, _ = peft.get_nb_trainable_parameters()
+    q_proj = 2 * 4 * (32 + 32)  # 2 layers, q_proj (32 -> 32), r=4
+    assert trainable == q_proj + 4 * (64 + 32)  # the tied pair counted once
+
+
+def test_ensure_weight_tying_lora_merges_once():
+    """Merging writes Δ into the shared table once (the embedding's merge; the head's writes nothing), so the
+    merged model is the adapted one -- PEFT adds it twice (W + 2Δ, README "Tied embeddings") -- and stays tied;
+    unmerging restores W; a mixed batch, disabling and deleting the adapter behave as on any layer."""
+    peft, model, w = tied_lora()
+    x = tokens()
+    adapted = peft(x)
+    delta = model.model.embed_tokens.adapters["default"].delta_weight()
+    with peft.disable_adapter():
+        base = peft(x)
+    assert diff(adapted, base) > 1e-2
+    mixed = peft(x, adapter_names=["default", "__base__"])
+    assert diff(mixed[0], adapted[0]) < 1e-5 and diff(mixed[1], base[1]) < 1e-5
+    peft.merge_adapter()
+    assert peft.merged_adapters == ["default"]
+    np.testing.assert_allclose(table(model), w + delta, rtol=1e-6, atol=1e-6)
+    assert diff(peft(x), adapted) < 1e-4
+    peft.unmerge_adapter()
+    np.testing.assert_allclose(table(model), w, rtol=1e-6, atol=1e-6)
+    merged = peft.merge_and_unload()
+    assert isinstance(merged.lm_head, TiedHead) and merged.lm_head.embedding is merged.model.embed_tokens.embedding
+    assert type(merged.model.embed_tokens) is nnx.Embed and merged.config.tie_word_embeddings
+    assert diff(merged(x), adapted) < 1e-4
+
+    peft, model, _ = tied_lora()
+    peft.delete_adapter("default")
+    assert isinstance(model.lm_head, TiedHead) and type(model.model.embed_tokens) is nnx.Embed
+    assert model.lm_head.embedding is model.model.embed_tokens.embedding and diff(peft(x), base) < 1e-5
+
+
+def test_ensure_weight_tying_lora_trains_through_the_trainers_step_and_saves(tmp_path):
+    """The donating step trains the one pair (both readers see the update); the adapter file round-trips; a
+    file whose head copy is not the embedding's transposed is refused before the model changes; combining a
+    tied adapter is refused before any layer changes."""
+    from jaxlora.peft_model import load_adapter, save_adapter
+    from jaxlora.train.optim import OptimizerConfig, make_optimizer
+    from jaxlora.train.step import donating_train_step
+    from safetensors.numpy import save_file
+
+    peft, model, _ = tied_lora(seed=2)
+    embed = model.model.embed_tokens.adapters["default"]
+    before = np.array(embed.lora_a.get_value())
+    ids = np.asarray(tokens())
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones(ids.shape, bool)}
+    opt = nnx.Optimizer(peft, make_optimizer(OptimizerConfig(learning_rate=1e-2, max_steps=4)), wrt=nnx.LoRAParam)
+    run = donating_train_step.bind(peft, opt)
+    losses = [float(run(batch)["loss"]) for _ in range(3)]
+    assert losses[2] < losses[0] and diff(embed.lora_a.get_value(), before) > 1e-4
+    assert model.lm_head.adapters["default"].source is embed
+    x = tokens(1)
+    trained = peft(x)
+
+    save_adapter(peft, tmp_path / "a")
+    again = load_adapter(tied(), tmp_path / "a")
+    assert again.base_model.model.lm_head.adapters["default"].source is \
+        again.base_model.model.model.embed_tokens.adapters["default"]
+    assert diff(again(x), trained) == 0
+
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    tensors["base_model.model.lm_head.lora_A.weight"] = tensors["base_model.model.lm_head.lora_A.weight"] + 1
+    save_file(tensors, file)
+    other = get_peft_model(tied(), LoraConfig(target_modules=["q_proj"]), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"lm_head.lora_A.weight is not .*embed_tokens.lora_embedding_B transposed"):
+        load_adapter(other, tmp_path / "a", adapter_name="b")
+    assert list(other.peft_config) == ["default"] and isinstance(other.base_model.model.lm_head, TiedHead)
+
+    peft.add_adapter("b", LoraConfig(target_modules=["q_proj"]), rngs=nnx.Rngs(3))
+    with pytest.raises(ValueError, match=r"adapters \['default'\] tie a head's LoRA"):
+        peft.add_weighted_adapter(["default", "b"], [0.5, 0.5], "mix")
+    assert list(peft.peft_config) == ["default", "b"]
+    assert not any("mix" in layer.adapters for layer in (model.lm_head, model.model.embed_tokens,
+                                                        model.model.layers[0].self_attn.q_proj))
