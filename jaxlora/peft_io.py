@@ -33,7 +33,8 @@ from jaxlora.modules_to_save import ModulesToSave, module_tensors, original_of
 from jaxlora.lora_config import ALL_LINEAR, LoraConfig
 from jaxlora.models.stack import per_layer, unstacked
 from jaxlora.targets import (OUTPUT_HEAD, base_of, embedding_modules, find_saved_modules, find_targets,
-                             linear_modules, lora_layers, peft_target_modules, saved_modules, trained_biases)
+                             linear_modules, lora_layers, peft_modules_to_save, peft_target_modules, saved_modules,
+                             trained_biases)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -71,11 +72,18 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
     config = configs[name].to_peft_dict()
     if config["target_modules"] == ALL_LINEAR:
         config["target_modules"] = [k[len(PREFIX):] for k in adapted]
+    else:  # under ensure_weight_tying PEFT saves the names it rewrote to tie (either reads the other's)
+        config["target_modules"] = _listed(peft_target_modules(peft.base_model.model, configs[name]))
+    config["modules_to_save"] = _listed(peft_modules_to_save(peft.base_model.model, configs[name]))
     target = Path(directory)
     with atomic_directory(target) as tmp:
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return target
+
+
+def _listed(names):
+    return list(names) if isinstance(names, tuple) else names  # JSON's list; a regex or None as it is
 
 
 def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:

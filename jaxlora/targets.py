@@ -167,7 +167,7 @@ def tied_lora(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     `jaxlora.adapter.TiedAdapter` reading it (`Target.tied_to`). ValueError if the embedding is excluded or
     rank_pattern gives the two different ranks (one pair of matrices serves both)."""
     pair = tied_pair(model)
-    if not config.ensure_weight_tying or pair is None or any(config.saves(n) for n in pair) \
+    if not config.ensure_weight_tying or pair is None or _ties_copies(config, pair) \
             or not _names_tied_layer(config.target_modules, pair):
         return None
     embed, head = pair
@@ -184,20 +184,43 @@ def tied_lora(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     return pair
 
 
+def _ties_copies(config: LoraConfig, pair: tuple[str, str] | None) -> bool:
+    """Whether ``ensure_weight_tying`` ties trained copies (PEFT's ``modules_to_tie``): a tied `pair` and
+    either of it in modules_to_save."""
+    return config.ensure_weight_tying and pair is not None and any(config.saves(n) for n in pair)
+
+
+def _tied_names(names: list[str], embed: str, head: str) -> list[str]:
+    """`names` as PEFT rewrites them to tie (``_add_targets_to_tie``, ``_add_modules_to_save_to_tie``): the
+    embedding's name added, and the first name that matches the head taken out (the tie handles it)."""
+    names = list(names) if embed in names else [*names, embed]
+    hit = next((n for n in names if re.match(rf"(^|.*\.){n}($|\..*)", head)), None)
+    if hit is not None:
+        names.remove(hit)  # its first occurrence, as PEFT's
+    return names
+
+
 @per_layer
-def peft_target_modules(model: nnx.Module, config: LoraConfig) -> str | frozenset[str]:
-    """`config`'s target_modules as PEFT holds them after injecting it into `model` (what its
-    ``save_embedding_layers="auto"`` reads): a set of names, or the regex; under a tied LoRA (`tied_lora`) the
-    embedding's name added and the first name matching the head taken out (PEFT's ``_add_targets_to_tie``)."""
-    names = config.target_modules
-    tie = tied_lora(model, config)
+def peft_target_modules(model: nnx.Module, config: LoraConfig) -> str | tuple[str, ...]:
+    """`config`'s target_modules as PEFT holds (and saves) them after injecting it into `model`, which its
+    ``save_embedding_layers="auto"`` reads: as given, but under a tied LoRA (`tied_lora`) rewritten to tie
+    (`_tied_names`; a regex gets ``|^<embedding>$``)."""
+    names, tie = config.target_modules, tied_lora(model, config)
+    if tie is None or names == ALL_LINEAR:
+        return names
     if isinstance(names, str):
-        return names if tie is None else rf"(?:{names}|^{re.escape(tie[0])}$)"
-    names = set(names)
-    if tie is not None:
-        names.add(tie[0])
-        names.discard(next((n for n in sorted(names) if re.match(rf"(^|.*\.){n}($|\..*)", tie[1])), None))
-    return frozenset(names)
+        return rf"(?:{names}|^{re.escape(tie[0])}$)"
+    return tuple(_tied_names(list(names), *tie))
+
+
+@per_layer
+def peft_modules_to_save(model: nnx.Module, config: LoraConfig) -> tuple[str, ...] | None:
+    """`config`'s modules_to_save as PEFT saves them: as given, but rewritten to tie (`_tied_names`) where
+    ``ensure_weight_tying`` ties the copies (``["lm_head"]`` becomes ``["model.embed_tokens"]``)."""
+    pair = tied_pair(model)
+    if not _ties_copies(config, pair):
+        return config.modules_to_save
+    return tuple(_tied_names(list(config.modules_to_save), *pair))
 
 
 @per_layer
@@ -206,7 +229,7 @@ def tied_saved(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     `config` names in modules_to_save, both are trained as one copy (`jaxlora.modules_to_save.trained_copies`);
     None otherwise. ValueError if either carries LoRA (from `config` or an adapter added before)."""
     pair = tied_pair(model)
-    if not config.ensure_weight_tying or pair is None or not any(config.saves(n) for n in pair):
+    if not _ties_copies(config, pair):
         return None
     adapted = sorted(set(pair) & ({t.name for t in find_targets(model, config)} | set(lora_layers(model))))
     if adapted:

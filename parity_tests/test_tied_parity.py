@@ -65,6 +65,14 @@ def assert_same_file(model, theirs_file, path):
     assert all(np.array_equal(ours_file[k], theirs_file[k]) for k in theirs_file)
 
 
+def assert_same_tied_lists(ours_dir, theirs_dir) -> None:
+    """adapter_config.json's target_modules and modules_to_save as PEFT rewrites them to tie (PEFT writes a
+    set: order aside)."""
+    ours, theirs = (json.loads((d / "adapter_config.json").read_text()) for d in (ours_dir, theirs_dir))
+    for key in ("target_modules", "modules_to_save"):
+        assert (theirs[key] is None and ours[key] is None) or sorted(ours[key]) == sorted(theirs[key]), key
+
+
 def assert_merged_checkpoint(merged, theirs, tokens, path, *, tied: bool) -> np.ndarray:
     """A merged model has PEFT's merged logits, and its checkpoint is tied or untied as PEFT's (lm_head.weight
     written iff untied, tie_word_embeddings saying so) and loads in transformers with the same logits."""
@@ -280,6 +288,7 @@ def test_ensure_weight_tying_modules_to_save_matches_peft(tied, tmp_path, saved)
                               rngs=nnx.Rngs(0))
     save_adapter(ours_new, tmp_path / "new")  # jaxlora's own file: PEFT reads it as its own
     assert json.loads((tmp_path / "new" / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    assert_same_tied_lists(tmp_path / "new", tmp_path / "peft")
     assert set(load_file(tmp_path / "new" / "adapter_model.safetensors")) == set(theirs_file)
     peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "new")
 
@@ -337,6 +346,7 @@ def test_ensure_weight_tying_lora_matches_peft(tied, tmp_path, named):
                                                                 ensure_weight_tying=True, init_lora_weights=False),
                               rngs=nnx.Rngs(0))
     save_adapter(ours_new, tmp_path / "new")  # jaxlora's own file: PEFT reads it as its own
+    assert_same_tied_lists(tmp_path / "new", tmp_path / "peft")
     assert set(load_file(tmp_path / "new" / "adapter_model.safetensors")) == set(theirs_file)
     theirs_new = peft_ref.load_adapter(hf_ref.load_model(tied), tmp_path / "new")
     assert rel_err(torch_logits(theirs_new, tokens), ours_new(jnp.asarray(tokens))) < TOL
