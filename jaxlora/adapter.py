@@ -143,12 +143,13 @@ class TiedAdapter(Adapter):
     """A tied output head's adapter (``ensure_weight_tying=True`` with LoRA on a tied model's embedding or
     head): it reads the embedding's adapter `source`, transposed, so the head's delta is the embedding's
     ``scale * (a @ b).T`` and one pair of variables trains through both uses (their gradient sums both).
+    `jaxlora.targets.tied_lora` gives both one rank and one scaling: merging writes that delta once.
 
     PEFT's tied ``lm_head`` LoRA: ``lora_A.weight`` is a view of the embedding's ``lora_embedding_B`` (so here
     a = source b.T ``(hidden, r)``), ``lora_B.weight`` of ``lora_embedding_A`` (b = source a.T ``(r, vocab)``).
-    Its own are the head's dropout and scaling (its lora_alpha; r is the source's). It owns no weights:
-    `set_weights` writes into the source, and merging it writes nothing (`shares_delta`): the embedding's
-    merge puts the delta into the table the head reads."""
+    Its own are the head's dropout and scaling (equal to the source's when built by a `jaxlora.PeftModel`).
+    It owns no weights: `set_weights` writes into the source, and merging it writes nothing (`shares_delta`):
+    the embedding's merge puts the delta into the table the head reads."""
 
     shares_delta = True
     use_dora = False  # DoRA is for linear layers that own their adapter (and LoRA on an embedding has none)

@@ -85,8 +85,8 @@ class LoRALinear(nnx.Module):
                     init_lora_weights: lora.InitLoraWeights = True, loftq_iter: int = 1,
                     param_dtype=jnp.float32, tied: LoRAAdapter | None = None, rngs: nnx.Rngs) -> Adapter:
         """Add an adapter (which adapter runs is the caller's choice, see `_selected`). `tied`: a tied
-        embedding's adapter this layer (a tied head) reads instead of drawing its own (`TiedAdapter`; r, the
-        init and param_dtype are the embedding's)."""
+        embedding's adapter this layer (a tied head) reads instead of drawing its own (`TiedAdapter`: its
+        weights, init and dtype are the embedding's; `r` must be the embedding's, no DoRA)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists")
         if tied is None:
@@ -104,10 +104,12 @@ class LoRALinear(nnx.Module):
                       rngs) -> TiedAdapter:
         """A `TiedAdapter` over `source`, the adapter of the embedding whose table this layer's base (a tied
         head, `shared_weight`) reads transposed."""
-        if not self.base.shared_weight or (source.in_features, source.out_features) != (self.out_features,
-                                                                                        self.in_features):
-            raise ValueError(f"a tied adapter needs a tied head over the embedding it reads: this layer is "
-                             f"({self.in_features} -> {self.out_features}), the source adapter "
+        if not self.base.shared_weight:
+            raise ValueError(f"a tied adapter reads an embedding's adapter for a tied output head "
+                             f"(jaxlora.models.tied.TiedHead); this layer's base is a {type(self.base).__name__}")
+        if (source.in_features, source.out_features) != (self.out_features, self.in_features):
+            raise ValueError(f"a tied head ({self.in_features} -> {self.out_features}) reads an embedding's adapter "
+                             f"transposed, ({self.out_features} -> {self.in_features}); this source adapter is "
                              f"({source.in_features} -> {source.out_features})")
         if r != source.r or use_dora:
             raise ValueError(f"a tied head's adapter is the embedding's: it takes the embedding's r={source.r} "

@@ -236,7 +236,7 @@ def load_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
     except SafetensorError as e:
         raise ValueError(f"{file}: corrupt or truncated safetensors file ({e})") from e
     for head_key, embed_key in tied:  # one pair of matrices here: two different copies would lose one
-        if not np.array_equal(np.asarray(tensors[head_key]), np.asarray(tensors[embed_key]).T):
+        if not np.array_equal(np.asarray(tensors[head_key]), np.asarray(tensors[embed_key]).T, equal_nan=True):
             raise ValueError(f"{file}: {head_key} is not {embed_key} transposed, but ensure_weight_tying=True ties "
                              "the head's LoRA to the embedding's (one pair of matrices); the file's two copies differ")
     peft.add_adapter(adapter_name, inject, rngs=rngs)

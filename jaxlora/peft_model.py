@@ -1,7 +1,7 @@
 """`PeftModel`: PEFT's wrapper in NNX, the one owner of a model's adapter configs and of which adapter runs.
 
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32), rngs=nnx.Rngs(0))
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)  # adapters move, nothing else
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=model.trainable)  # the active adapter moves
 
 The user's model sits at ``base_model.model`` (PEFT's PeftModel -> LoraModel -> model), so every module path
 is PEFT's state-dict name, ``base_model.model.model.layers.0.self_attn.q_proj``, and the adapter file's keys
@@ -39,6 +39,18 @@ from jaxlora.qlinear import QuantizedLinear
 
 # The LoRA layer each kind of base gets: any LinearBase (QuantizedLinear, a tied head) a LoRALinear.
 _LORA_LAYER = {nnx.Linear: LoRALinear, LinearBase: LoRALinear, nnx.Embed: LoRAEmbedding}
+
+
+@dataclasses.dataclass(frozen=True)
+class OwnedBy:
+    """An nnx filter predicate: a variable no adapter but `name` owns -- none of the model's ``adapters``
+    dicts (`LoRALinear`'s, `ModulesToSave`'s) holds it under another name. Trained base biases belong to no
+    adapter. Frozen, so filters built from it compare and hash by the name."""
+
+    name: str | None
+
+    def __call__(self, path: tuple, _) -> bool:
+        return all(path[i + 1] == self.name for i, key in enumerate(path[:-1]) if key == "adapters")
 
 
 class LoraModel(nnx.Module):
@@ -91,6 +103,15 @@ class PeftModel(nnx.Module):
     @property
     def active_adapters(self) -> list[str]:
         return [] if self.active_adapter is None else [self.active_adapter]
+
+    @property
+    def trainable(self):
+        """The nnx filter of what trains: the active adapter's ``nnx.LoRAParam`` variables (A, B, DoRA's
+        magnitude, its trained copies) and the trained base biases -- what PEFT's ``set_adapter`` leaves with
+        ``requires_grad``. ``nnx.Optimizer(model, tx, wrt=model.trainable)`` leaves the other adapters alone
+        (no weight decay); the Trainer uses it. Built from the active adapter when read: after `set_adapter`,
+        build the optimizer again."""
+        return nnx.All(nnx.LoRAParam, OwnedBy(self.active_adapter))
 
     @property
     def config(self):
@@ -382,12 +403,13 @@ class PeftModel(nnx.Module):
 
     @per_layer  # a stacked QuantizedLinear's packed weight has no per-layer (out * in) shape to count
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, all). Trainable = ``nnx.LoRAParam`` elements (A, B, DoRA magnitude, trained biases and
-        copies). All = every ``nnx.Param`` plus each quantized layer's bias and its weight counted as out * in
-        elements -- PEFT's convention for bitsandbytes 4-bit (packed bytes x 2); absmax and other quantization
-        state are not counted, as in PEFT."""
+        """(trainable, all). Trainable = the elements of `trainable` (the active adapter's A, B, DoRA magnitude
+        and trained copies, and the trained biases), as PEFT counts ``requires_grad``. All = every ``nnx.Param``
+        (every adapter's too) plus each quantized layer's bias and its weight counted as out * in elements --
+        PEFT's convention for bitsandbytes 4-bit (packed bytes x 2); absmax and other quantization state are
+        not counted, as in PEFT."""
         count = lambda state: sum(math.prod(x.shape) for x in nnx.to_flat_state(state).leaves)  # noqa: E731
-        trainable = count(nnx.state(self, nnx.LoRAParam))
+        trainable = count(nnx.state(self, self.trainable))
         total = count(nnx.state(self, nnx.Param))
         for _, module in nnx.iter_graph(self):
             if isinstance(module, QuantizedLinear):

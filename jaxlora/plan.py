@@ -28,7 +28,7 @@ from jaxlora.models.config import LlamaConfig
 from jaxlora.models.loading import from_config
 from jaxlora.models.quantize import QuantConfig
 from jaxlora.train.optim import OptimizerConfig, make_optimizer
-from jaxlora.train.step import donating_train_step
+from jaxlora.train.step import donating_train_step, split_state
 
 GiB = 2**30
 
@@ -77,7 +77,7 @@ def lowered_step(model, optimizer, *, seq: int, batch: int = 1, platform: str | 
     """The Trainer's step (`donating_train_step`: the trained state donated) for the abstract (model,
     optimizer) traced and lowered (for `platform`, default this machine's backend). Returns (lowered,
     (trained, opt_state, frozen))."""
-    _, trained, opt_state, frozen = nnx.split((model, optimizer), optimizer.wrt, nnx.OptState, ...)
+    _, trained, opt_state, frozen = split_state(model, optimizer)  # what the step takes
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     data = dict(input_ids=tokens, attention_mask=tokens, loss_mask=jax.ShapeDtypeStruct((batch, seq), bool))
     return donating_train_step.lower(model, optimizer, data, platform=platform), (trained, opt_state, frozen)

@@ -165,7 +165,7 @@ def tied_lora(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     pair in target_modules (and neither in modules_to_save, which ties copies instead: `tied_saved`) -- or
     None. Then, as PEFT's ``_add_targets_to_tie``, the embedding gets the LoRA (named or not) and the head a
     `jaxlora.adapter.TiedAdapter` reading it (`Target.tied_to`). ValueError if the embedding is excluded or
-    rank_pattern gives the two different ranks (one pair of matrices serves both)."""
+    rank_pattern / alpha_pattern give the two different ranks or scalings (one delta serves both)."""
     pair = tied_pair(model)
     if not config.ensure_weight_tying or pair is None or _ties_copies(config, pair) \
             or not _names_tied_layer(config.target_modules, pair):
@@ -178,9 +178,11 @@ def tied_lora(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     if config.excludes(embed):
         raise ValueError(f"ensure_weight_tying=True puts the tied {head}'s LoRA on {embed}, but exclude_modules="
                          f"{config.exclude_modules!r} excludes it")
-    if config.r_for(embed) != config.r_for(head):
-        raise ValueError(f"ensure_weight_tying=True: the tied {embed} and {head} share one LoRA, but rank_pattern "
-                         f"gives them r={config.r_for(embed)} and r={config.r_for(head)}; give them one rank")
+    if config.r_for(embed) != config.r_for(head) or config.scaling_for(embed) != config.scaling_for(head):
+        # One delta read both ways: merged once into the table, it must be the head's delta too.
+        raise ValueError(f"ensure_weight_tying=True: the tied {embed} and {head} share one LoRA, but rank_pattern / "
+                         f"alpha_pattern give them r={config.r_for(embed)}, lora_alpha={config.alpha_for(embed)} and "
+                         f"r={config.r_for(head)}, lora_alpha={config.alpha_for(head)}; give them one rank and alpha")
     return pair
 
 
@@ -231,12 +233,15 @@ def tied_saved(model: nnx.Module, config: LoraConfig) -> tuple[str, str] | None:
     pair = tied_pair(model)
     if not _ties_copies(config, pair):
         return None
-    adapted = sorted(set(pair) & ({t.name for t in find_targets(model, config)} | set(lora_layers(model))))
-    if adapted:
+    asked = sorted(set(pair) & {t.name for t in find_targets(model, config)})
+    held = {name: sorted(layer.adapters) for name, layer in lora_layers(model).items() if name in pair}
+    if asked or held:
+        where = (f"target_modules puts LoRA on {asked} as well (drop it there, or tie the pair's LoRA instead: "
+                 "without the pair in modules_to_save, ensure_weight_tying ties LoRA on it)" if asked else
+                 f"{sorted(held)} carry LoRA of adapters {sorted({a for v in held.values() for a in v})} (delete "
+                 "them first)")
         raise ValueError(f"ensure_weight_tying=True with {list(config.modules_to_save)} in modules_to_save trains "
-                         f"the tied {list(pair)} in full, as one copy; LoRA on {adapted} as well is not supported "
-                         "(drop it from target_modules, or tie the pair's LoRA instead: without the pair in "
-                         "modules_to_save, ensure_weight_tying ties LoRA on it)")
+                         f"the tied {list(pair)} in full, as one copy, but {where}")
     return pair
 
 

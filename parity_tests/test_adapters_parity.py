@@ -301,3 +301,22 @@ def test_mixed_adapter_generation_matches_peft(two_adapters):
         theirs = peft.generate(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask), max_new_tokens=8,
                                do_sample=False, eos_token_id=None, pad_token_id=0, adapter_names=MIXED)
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def test_trainable_count_follows_the_active_adapter_as_peft(llama):
+    """get_nb_trainable_parameters counts what trains -- the active adapter's A and B and its trained copy of
+    lm_head, as PEFT counts requires_grad after add_adapter and set_adapter -- and every parameter in all."""
+    from peft import LoraConfig as TheirConfig
+    from peft import get_peft_model as their_peft_model
+
+    first = dict(r=4, lora_alpha=8, target_modules=["q_proj"])
+    second = dict(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+    peft = their_peft_model(hf_ref.load_model(llama), TheirConfig(**first))
+    peft.add_adapter("b", TheirConfig(**second))
+    model = get_peft_model(from_pretrained(llama), LoraConfig(**first), rngs=nnx.Rngs(0))
+    model.add_adapter("b", LoraConfig(**second), rngs=nnx.Rngs(1))
+    assert model.get_nb_trainable_parameters() == peft.get_nb_trainable_parameters()
+    peft.set_adapter("b")
+    model.set_adapter("b")
+    assert model.get_nb_trainable_parameters() == peft.get_nb_trainable_parameters()
+    assert model.get_nb_trainable_parameters()[0] > 2 * 4 * 2 * 64  # b's: more than the first adapter's

@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxlora.checks import number
 from jaxlora.evaluate import eval_loss
+from jaxlora.peft_model import PeftModel
 from jaxlora.train import compile_cache
 from jaxlora.train.batching import Batch
 from jaxlora.train.checkpoint import clean_leftovers, list_checkpoints
@@ -139,7 +140,7 @@ def train(
     resume: bool = False,
     run_info: dict | None = None,
     on_step: Callable[[dict], None] | None = None,
-    wrt=nnx.LoRAParam,
+    wrt=None,
     loss_fn: LossFn = lm_loss,
     hooks: Sequence[Hook] = (),
 ) -> dict:
@@ -151,8 +152,9 @@ def train(
     on_step: called with each step's metrics after logging, evaluation and checkpointing.
     write_adapter: `write_adapter(model, path)` fills the (existing, empty) directory `path` of each
     checkpoint with a PEFT adapter; called on process 0 only.
-    wrt: the variables trained — adapters by default; `nnx.Param` trains a dense model in full (the
-    demo pretrains its tiny base this way).
+    wrt: the variables trained (an nnx filter). Default: a `jaxlora.PeftModel`'s `trainable` -- its active
+    adapter, as PEFT trains it (other adapters are left alone) -- else every `nnx.LoRAParam`; `nnx.Param`
+    trains a dense model in full (the demo pretrains its tiny base this way).
     loss_fn: `loss_fn(model, batch) -> (loss, aux)` for training and evaluation (jaxlora.train.step).
     hooks: more `jaxlora.train.hooks.Hook`s, run after the built-in ones.
     """
@@ -166,6 +168,7 @@ def train(
             for p in clean_leftovers(out):  # temporary directories of saves that were killed
                 print(f"removed {p}, left by an interrupted save", file=sys.stderr)
         mesh = make_mesh(data=train_cfg.mesh_data, fsdp=train_cfg.mesh_fsdp) if jax.device_count() > 1 else None
+        wrt = (model.trainable if isinstance(model, PeftModel) else nnx.LoRAParam) if wrt is None else wrt
         state = TrainState.create(model, optim_cfg, wrt=wrt, mesh=mesh, offload_optimizer=train_cfg.offload_optimizer)
         if resume:
             state.restore(out)

@@ -83,7 +83,7 @@ class TrainStep:
         walked once (a walk is ~40% of a small model's CPU step): the split states hold the model's own
         variables, so each call reads their current values and writes the new ones back into them. The
         model's structure must not change between calls (a variable replaced is not seen)."""
-        graphdef, trained, opt_state, frozen = _split(model, optimizer)
+        graphdef, trained, opt_state, frozen = split_state(model, optimizer)
         targets = {name: dict(nnx.to_flat_state(state)) for name, state in
                    (("trained", trained), ("opt_state", opt_state), ("frozen", frozen))}
 
@@ -102,13 +102,13 @@ class TrainStep:
         """The compiled program for these arguments, lowered (``jax.stages.Lowered``; `platform` e.g. "cuda",
         default this machine's backend). They may be abstract (``nnx.eval_shape``, a batch of
         ``jax.ShapeDtypeStruct``): nothing runs (`jaxlora.plan`)."""
-        graphdef, trained, opt_state, frozen = _split(model, optimizer)
+        graphdef, trained, opt_state, frozen = split_state(model, optimizer)
         traced = self._compiled.trace(graphdef, trained, opt_state, frozen, batch, loss_fn=loss_fn,
                                       offload_optimizer=offload_optimizer)
         return traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
 
 
-def _split(model: nnx.Module, optimizer: nnx.Optimizer):
+def split_state(model: nnx.Module, optimizer: nnx.Optimizer):
     """(graphdef, trained, optimizer state, frozen): what the compiled step takes."""
     return nnx.split((model, optimizer), optimizer.wrt, nnx.OptState, ...)
 
@@ -119,7 +119,7 @@ def _compiled_step(graphdef, trained, opt_state, frozen, batch, *, loss_fn: Loss
     inputs = _leaves(frozen)  # before merge, which reuses the variables
     model, optimizer = nnx.merge(graphdef, trained, opt_state, frozen)
     metrics = _update(model, optimizer, batch, loss_fn, offload_optimizer)
-    _, trained, opt_state, after = _split(model, optimizer)
+    _, trained, opt_state, after = split_state(model, optimizer)
     return trained, opt_state, _changed(after, inputs), metrics
 
 

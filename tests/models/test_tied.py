@@ -207,13 +207,14 @@ def test_a_refused_tied_adapter_leaves_the_model_as_it_was():
     model = tied()
     peft = get_peft_model(model, LoraConfig(target_modules=["q_proj", "embed_tokens"]), rngs=nnx.Rngs(1))
     before = jax.tree.map(np.asarray, nnx.state(model))
-    with pytest.raises(ValueError, match=r"in full, as one copy; LoRA on \['model.embed_tokens'\] as well"):
+    held = r"in full, as one copy, but \['model.embed_tokens'\] carry LoRA of adapters \['default'\]"
+    with pytest.raises(ValueError, match=held):
         peft.add_adapter("b", LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"],
                                          ensure_weight_tying=True), rngs=nnx.Rngs(2))
     assert list(peft.peft_config) == ["default"]
     assert list(model.model.layers[0].self_attn.q_proj.adapters) == ["default"]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
-    with pytest.raises(ValueError, match=r"in full, as one copy; LoRA on \['lm_head'\] as well"):
+    with pytest.raises(ValueError, match=r"as one copy, but target_modules puts LoRA on \['lm_head'\] as well"):
         get_peft_model(tied(), LoraConfig(target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"],
                                           ensure_weight_tying=True), rngs=nnx.Rngs(0))
 
@@ -235,7 +236,8 @@ def test_ensure_weight_tying_checks():
             warnings.simplefilter("error")  # tied as asked: nothing to warn about
             get_peft_model(model, LoraConfig(target_modules=names, ensure_weight_tying=True), rngs=nnx.Rngs(0))
         assert model.lm_head.adapters["default"].source is model.model.embed_tokens.adapters["default"]
-    for bad, match in ((dict(rank_pattern={"lm_head": 2}), r"rank_pattern gives them r=8 and r=2"),
+    for bad, match in ((dict(rank_pattern={"lm_head": 2}), r"give them r=8, lora_alpha=8 and r=2, lora_alpha=8"),
+                       (dict(alpha_pattern={"embed_tokens": 16}), r"r=8, lora_alpha=16 and r=8, lora_alpha=8"),
                        (dict(exclude_modules=["embed_tokens"]), "excludes it"),
                        (dict(use_dora=True), r"embedding \(ensure_weight_tying puts the tied lm_head's LoRA on it\)")):
         model = tied()

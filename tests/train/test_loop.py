@@ -38,14 +38,14 @@ def jsonl(tmp_path):
     return path
 
 
-def _run(out, jsonl, *, max_steps, resume=False, save_every=0, lr=3e-2, model=None, on_step=None, **kw):
+def _run(out, jsonl, *, max_steps, resume=False, save_every=0, lr=3e-2, model=None, on_step=None, optim=None, **kw):
     data_cfg = DataConfig(path=str(jsonl), max_seq_len=16, batch_size=4, eval_fraction=0.2, seed=3)
     model = model or ByteLM(nnx.Rngs(params=0, dropout=1))
     return train(
         model,
         load_data(data_cfg, TOK),
         data_cfg=data_cfg,
-        optim_cfg=OptimizerConfig(learning_rate=lr, max_steps=max_steps, warmup_steps=2),
+        optim_cfg=OptimizerConfig(learning_rate=lr, max_steps=max_steps, warmup_steps=2, **(optim or {})),
         train_cfg=TrainConfig(output_dir=str(out), save_every=save_every, eval_every=3, progress=False),
         pad_token_id=TOK.pad_token_id,
         write_adapter=lambda m, path: (path / "marker").write_text("adapter"),
@@ -212,3 +212,25 @@ def test_the_trainers_step_runs_a_model_with_modules_to_save(name="lm_head"):
         losses.append([float(run(batch)["loss"]) for _ in range(3)])
     np.testing.assert_array_equal(losses[1], losses[0])
     assert losses[0][2] < losses[0][0]
+
+
+def test_the_trainer_trains_the_active_adapter_only(tmp_path, jsonl):
+    """A PeftModel holding two adapters: train() moves the active adapter's variables and leaves the other's
+    as they were, weight decay included (PEFT's set_adapter freezes the inactive one); the trainable count
+    is the active adapter's (PEFT's requires_grad count)."""
+    from jaxlora import LlamaForCausalLM, LoraConfig, get_peft_model
+    from tests._models import byte_llama_config
+
+    config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(LlamaForCausalLM(byte_llama_config(), rngs=nnx.Rngs(0)), config, rngs=nnx.Rngs(1))
+    trainable, _ = model.get_nb_trainable_parameters()
+    model.add_adapter("other", LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), rngs=nnx.Rngs(2))
+    assert model.get_nb_trainable_parameters()[0] == trainable  # the active adapter's only
+    other = nnx.All(nnx.LoRAParam, nnx.PathContains("other"))
+    frozen = jax.tree.map(np.array, nnx.state(model, other))
+    active = jax.tree.map(np.array, nnx.state(model, model.trainable))
+    assert len(jax.tree.leaves(frozen)) == 4 and len(jax.tree.leaves(active)) == 2  # A and B, over stacked layers
+    _run(tmp_path, jsonl, max_steps=3, model=model, optim={"weight_decay": 0.1})
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.state(model, other)), frozen)
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), nnx.state(model, model.trainable), active)
+    assert all(jax.tree.leaves(moved))
