@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 .PHONY: install test demo bench
 install: $(STAMP)
 
+# Two worker processes, whole files each (module fixtures are built once), in collection order (conftest.py
+# puts the longest files first; xdist would reorder by test count).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 demo: $(STAMP)
 	$(PY) -m examples.demo $(ARGS)

@@ -42,15 +42,15 @@ _LORA_LAYER = {nnx.Linear: LoRALinear, LinearBase: LoRALinear, nnx.Embed: LoRAEm
 
 
 @dataclasses.dataclass(frozen=True)
-class OwnedBy:
-    """An nnx filter predicate: a variable no adapter but `name` owns -- none of the model's ``adapters``
-    dicts (`LoRALinear`'s, `ModulesToSave`'s) holds it under another name. Trained base biases belong to no
-    adapter. Frozen, so filters built from it compare and hash by the name."""
+class NotOwnedBy:
+    """An nnx filter predicate: a variable none of the adapters `others` owns -- no ``adapters`` dict of a
+    `LoRALinear` or `ModulesToSave` holds it under one of those names. Trained base biases belong to no
+    adapter. Frozen, so filters built from it compare and hash by the names."""
 
-    name: str | None
+    others: frozenset[str]
 
     def __call__(self, path: tuple, _) -> bool:
-        return all(path[i + 1] == self.name for i, key in enumerate(path[:-1]) if key == "adapters")
+        return not any(key == "adapters" and path[i + 1] in self.others for i, key in enumerate(path[:-1]))
 
 
 class LoraModel(nnx.Module):
@@ -110,8 +110,9 @@ class PeftModel(nnx.Module):
         magnitude, its trained copies) and the trained base biases -- what PEFT's ``set_adapter`` leaves with
         ``requires_grad``. ``nnx.Optimizer(model, tx, wrt=model.trainable)`` leaves the other adapters alone
         (no weight decay); the Trainer uses it. Built from the active adapter when read: after `set_adapter`,
-        build the optimizer again."""
-        return nnx.All(nnx.LoRAParam, OwnedBy(self.active_adapter))
+        build the optimizer again. (Base biases are `nnx.LoRAParam` only where the active adapter trains
+        them: `_sync_biases`.)"""
+        return nnx.All(nnx.LoRAParam, NotOwnedBy(frozenset(self.peft_config) - {self.active_adapter}))
 
     @property
     def config(self):
@@ -229,7 +230,13 @@ class PeftModel(nnx.Module):
         self._configs = (*self._configs, (adapter_name, config))
         if self.active_adapter is None:
             self.active_adapter = adapter_name
-        targets.sync_biases(model, self.peft_config)
+        self._sync_biases()
+
+    def _sync_biases(self) -> None:
+        """Each base bias trains iff the active adapter's config says so (PEFT marks them trainable by the
+        active adapter's ``bias``); another adapter's biases are saved from the same base, frozen meanwhile."""
+        active = {n: c for n, c in self.peft_config.items() if n == self.active_adapter}
+        targets.sync_biases(self.base_model.model, active)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Makes `adapter_name` the adapter that runs (layers without it run their base)."""
@@ -238,6 +245,7 @@ class PeftModel(nnx.Module):
         if merged and adapter_name not in merged:
             raise ValueError(f"adapters {merged} are merged; unmerge_adapter() before switching")
         self.active_adapter = adapter_name
+        self._sync_biases()
 
     @per_layer
     def delete_adapter(self, adapter_name: str) -> None:
@@ -256,9 +264,9 @@ class PeftModel(nnx.Module):
                 if not wrapper.adapters:
                     replace_module(model, path, wrapper.original)
         self._configs = tuple((n, c) for n, c in self._configs if n != adapter_name)
-        targets.sync_biases(model, self.peft_config)
         if self.active_adapter == adapter_name:
             self.active_adapter = next(iter(self.peft_config), None)
+        self._sync_biases()
 
     @per_layer
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,

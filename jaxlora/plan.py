@@ -42,7 +42,7 @@ def abstract_qlora(config: LlamaConfig, *, quantization: QuantConfig | None = Qu
         model = from_config(config, dtype=dtype, compute_dtype=dtype, remat=remat, attention=attention,
                             quantization=quantization)
         model = get_peft_model(model, lora, rngs=nnx.Rngs(0))
-        return model, nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.LoRAParam)
+        return model, nnx.Optimizer(model, make_optimizer(optim), wrt=model.trainable)  # the Trainer's
 
     return nnx.eval_shape(build)
 

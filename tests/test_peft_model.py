@@ -94,6 +94,29 @@ def test_bias_trains_saves_and_loads(tmp_path, bias, trained):
     assert not nnx.state(plain, nnx.LoRAParam) and type(plain.model.layers[1].self_attn.k_proj.bias) is nnx.Param
 
 
+def test_biases_train_for_the_active_adapter_only(tmp_path):
+    """Two adapters, one with bias="all": the base biases train (are nnx.LoRAParam, in `trainable`) only while
+    it is active, as PEFT marks them by the active adapter's bias; its file carries them either way."""
+    model = get_peft_model(tiny(model_type="qwen2"), LoraConfig(**RANDOM, target_modules=["q_proj"]),
+                           rngs=nnx.Rngs(1))
+    model.add_adapter("b", LoraConfig(**RANDOM, target_modules=["q_proj"], bias="all"), rngs=nnx.Rngs(2))
+    k_proj = lambda: model.base_model.model.model.layers[0].self_attn.k_proj  # noqa: E731 (a fresh layer view)
+
+    def biases():
+        return [p for p, _ in nnx.to_flat_state(nnx.state(model, model.trainable)) if p[-1] == "bias"]
+
+    assert type(k_proj().bias) is nnx.Param and not biases()
+    model.set_adapter("b")
+    assert type(k_proj().bias) is nnx.LoRAParam and len(biases()) == 3  # q, k, v (stacked over the layers)
+    save_adapter(model, tmp_path / "b")
+    model.set_adapter("default")
+    assert type(k_proj().bias) is nnx.Param and not biases()
+    saved = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.k_proj.bias" in saved
+    model.delete_adapter("default")  # "b" becomes active: its biases train again
+    assert model.active_adapter == "b" and type(k_proj().bias) is nnx.LoRAParam
+
+
 @pytest.mark.parametrize("name, tie", [("lm_head", False), ("embed_tokens", False), ("lm_head", True)])
 def test_modules_to_save_train_a_copy_save_and_load(tmp_path, name, tie):
     """modules_to_save: a full trainable copy (nnx.LoRAParam) beside a frozen original; the copy runs, the

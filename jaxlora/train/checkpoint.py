@@ -122,7 +122,9 @@ def save_checkpoint(
     if write_adapter is not None:
         items[_ADAPTER] = AdapterSave(write_adapter)
     # The PEFT writer turns adapters into numpy, which arrays sharded across processes do not allow.
-    with host_local(model, optimizer.wrt) if write_adapter is not None else contextlib.nullcontext(), _checkpointer() as ckpt:
+    # Every adapter whole, not only what trains: a writer may save the inactive adapters too.
+    gathered = nnx.Any(optimizer.wrt, nnx.LoRAParam)
+    with host_local(model, gathered) if write_adapter is not None else contextlib.nullcontext(), _checkpointer() as ckpt:
         ckpt.save(final, args=ocp.args.Composite(**items))
     if keep is not None and is_primary():
         prune_checkpoints(run_dir, keep, protect=final)

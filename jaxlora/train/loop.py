@@ -27,7 +27,6 @@ from flax import nnx
 
 from jaxlora.checks import number
 from jaxlora.evaluate import eval_loss
-from jaxlora.peft_model import PeftModel
 from jaxlora.train import compile_cache
 from jaxlora.train.batching import Batch
 from jaxlora.train.checkpoint import clean_leftovers, list_checkpoints
@@ -94,6 +93,9 @@ class Trainer:
         `mean_tokens_per_s` and what the hooks add at the end. The step is compiled for the model's structure
         as it is now (its active adapter included): a hook that changes it is seen by the next `fit`."""
         state = self.state
+        if state.follows_model and state.wrt != state.model.trainable:  # set_adapter since create
+            raise ValueError("the model's active adapter changed since its optimizer was built (it trains what "
+                             "model.trainable selected then); build a new TrainState, e.g. call train() again")
         # bind walks the model graph once instead of on every call (~40% of a small step on CPU).
         state.model.train()  # before bind: train mode (dropout on) is part of the structure bind captures
         step_fn = _step_for(state.model, state.optimizer).bind(state.model, state.optimizer)
@@ -168,7 +170,6 @@ def train(
             for p in clean_leftovers(out):  # temporary directories of saves that were killed
                 print(f"removed {p}, left by an interrupted save", file=sys.stderr)
         mesh = make_mesh(data=train_cfg.mesh_data, fsdp=train_cfg.mesh_fsdp) if jax.device_count() > 1 else None
-        wrt = (model.trainable if isinstance(model, PeftModel) else nnx.LoRAParam) if wrt is None else wrt
         state = TrainState.create(model, optim_cfg, wrt=wrt, mesh=mesh, offload_optimizer=train_cfg.offload_optimizer)
         if resume:
             state.restore(out)

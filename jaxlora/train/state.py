@@ -25,16 +25,23 @@ class TrainState:
     step, data position); `restore` puts it back."""
 
     def __init__(self, model: nnx.Module, optimizer: nnx.Optimizer, *, step: int = 0, data: DataState = DataState(),
-                 offloaded: bool = False):
+                 offloaded: bool = False, follows_model: bool = False):
         self.model, self.optimizer = model, optimizer
         self.step, self.data = step, data
         self.offloaded = offloaded  # the optimizer state is in host memory between steps
+        # The optimizer's wrt is the model's `trainable` as it was at create: a set_adapter since is an error.
+        self.follows_model = follows_model
 
     @classmethod
-    def create(cls, model: nnx.Module, optim_cfg: OptimizerConfig, *, wrt=nnx.LoRAParam, mesh: Mesh | None = None,
+    def create(cls, model: nnx.Module, optim_cfg: OptimizerConfig, *, wrt=None, mesh: Mesh | None = None,
                offload_optimizer: bool = False) -> TrainState:
-        """A fresh state training `wrt` (adapters by default; `nnx.Param` trains a dense model in full),
-        placed on `mesh` when given; `offload_optimizer` keeps the optimizer state in host memory."""
+        """A fresh state training `wrt`, placed on `mesh` when given; `offload_optimizer` keeps the optimizer
+        state in host memory. Default: the model's ``trainable`` filter -- a `jaxlora.PeftModel`'s active
+        adapter, as PEFT trains it -- or every ``nnx.LoRAParam`` of a model without one; ``nnx.Param``
+        trains a dense model in full."""
+        follows_model = wrt is None and hasattr(model, "trainable")
+        if wrt is None:
+            wrt = model.trainable if follows_model else nnx.LoRAParam
         if mesh is not None:
             shard_model(model, mesh)
         optimizer = nnx.Optimizer(model, make_optimizer(optim_cfg), wrt=wrt)
@@ -42,7 +49,7 @@ class TrainState:
             shard_model(optimizer, mesh)
         if offload_optimizer:
             offload_optimizer_state(optimizer)
-        return cls(model, optimizer, offloaded=offload_optimizer)
+        return cls(model, optimizer, offloaded=offload_optimizer, follows_model=follows_model)
 
     @property
     def wrt(self):

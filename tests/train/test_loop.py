@@ -234,3 +234,12 @@ def test_the_trainer_trains_the_active_adapter_only(tmp_path, jsonl):
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, nnx.state(model, other)), frozen)
     moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), nnx.state(model, model.trainable), active)
     assert all(jax.tree.leaves(moved))
+
+    from jaxlora.train.loop import Trainer
+    from jaxlora.train.optim import OptimizerConfig as Optim
+    from jaxlora.train.state import TrainState
+
+    state = TrainState.create(model, Optim(learning_rate=1e-2, max_steps=1))  # follows model.trainable
+    model.set_adapter("other")  # the optimizer still holds "default"'s variables: refused, not run
+    with pytest.raises(ValueError, match="active adapter changed since its optimizer was built"):
+        Trainer(state).fit(iter(()), max_steps=1)
