@@ -59,7 +59,8 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
                 for key, value in layer.peft_state(name).items():
                     tensors[f"{path}.{key}"] = np.ascontiguousarray(np.asarray(value, np.float32))
         adapted = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})
-        tables = _writes_tables(peft.base_model.model, configs[name])
+        names = peft_target_modules(peft.base_model.model, configs[name])  # as PEFT holds and saves them
+        tables = _writes_tables(peft.base_model.model, names)
         for path, layer in lora_layers(peft).items():  # PEFT saves an adapted embedding's or head's weight too
             if tables and name in layer.adapters and _saves_base_weight(path, layer.base):
                 tensors[f"{path}.{_TABLE}"] = np.ascontiguousarray(np.asarray(_base_weight(layer.base)))
@@ -73,7 +74,7 @@ def save_adapter(peft: nnx.Module, directory: str | os.PathLike, *, adapter_name
     if config["target_modules"] == ALL_LINEAR:
         config["target_modules"] = [k[len(PREFIX):] for k in adapted]
     else:  # under ensure_weight_tying PEFT saves the names it rewrote to tie (either reads the other's)
-        config["target_modules"] = _listed(peft_target_modules(peft.base_model.model, configs[name]))
+        config["target_modules"] = _listed(names)
     config["modules_to_save"] = _listed(peft_modules_to_save(peft.base_model.model, configs[name]))
     target = Path(directory)
     with atomic_directory(target) as tmp:
@@ -102,15 +103,14 @@ def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
 # resized vocabulary) and loads it into the base -- the shared table, on a tied model; jaxlora does both (a
 # file without it loads too).
 _TABLE = "base_layer.weight"
-_EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's EMBEDDING_LAYER_NAMES
+_EMBEDDING_LAYER_NAMES = ("embed_tokens", OUTPUT_HEAD)  # PEFT's EMBEDDING_LAYER_NAMES
 
 
-def _writes_tables(model: nnx.Module, config: LoraConfig) -> bool:
+def _writes_tables(model: nnx.Module, names: str | tuple[str, ...]) -> bool:
     """PEFT's ``embedding_is_targeted`` (get_peft_model_state_dict): the adapted embeddings' and heads' base
-    weights are written when target_modules as PEFT holds them (`targets.peft_target_modules`) contain
-    "embed_tokens" or "lm_head" themselves -- a longer name such as "model.embed_tokens" does not count --
-    or, as a regex, full-match a module path ending in one. ("all-linear" adapts neither.)"""
-    names = peft_target_modules(model, config)
+    weights are written when target_modules as PEFT holds them (`names`: `targets.peft_target_modules`)
+    contain "embed_tokens" or "lm_head" themselves -- a longer name such as "model.embed_tokens" does not
+    count -- or, as a regex, full-match a module path ending in one. ("all-linear" adapts neither.)"""
     if names == ALL_LINEAR:
         return False
     if isinstance(names, str):
